@@ -1,0 +1,109 @@
+"""`quantize_transformer(transformer, config)`: calibrate -> smooth (fold) -> choose ranges -> rewrite modules.
+
+The one pipeline that the CLI, the benchmark and (later) the diffusers quantizer all call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from diffusers_ptq.calibration import CalibrationStats, LayerStats, calibrate, select_linears
+from diffusers_ptq.config import QuantConfig
+from diffusers_ptq.methods import baselines
+from diffusers_ptq.modules import quantize_linear
+from diffusers_ptq.reparam import apply_smoothing, dit_smoothing_targets
+
+
+@dataclass
+class QuantizationReport:
+    config: dict
+    layers: dict[str, dict] = field(default_factory=dict)  # name -> {"input_scale": float | None, ...}
+    smoothed_targets: list[str] = field(default_factory=list)
+    calibration_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+def activation_range(stats: LayerStats, config: QuantConfig) -> torch.Tensor:
+    """The clipping range of one layer's input under the configured method."""
+    if config.act_range == "minmax":
+        return baselines.minmax_range(stats.absmax)
+    if stats.token_samples is None:
+        raise ValueError(f"act_range={config.act_range!r} needs token samples: calibrate with tokens_per_call > 0")
+    if config.act_range == "percentile":
+        return baselines.percentile_range(stats.token_samples, config.percentile)
+    return baselines.mse_range(stats.token_samples, bits=config.act_bits)
+
+
+def smooth(transformer: nn.Module, layers: dict[str, LayerStats], alpha: float, quantized: set[str]) -> list[str]:
+    """SmoothQuant on every target whose consumers are all quantized; updates `layers` to the smoothed inputs."""
+    modules = dict(transformer.named_modules())
+    done = []
+    for target in dit_smoothing_targets(transformer):
+        if not set(target.consumers) <= quantized:
+            continue
+        act_absmax = layers[target.consumers[0]].absmax.amax(dim=0)  # over timesteps
+        weight_absmax = baselines.weight_input_absmax(*(modules[c].weight for c in target.consumers))
+        s = baselines.smoothquant_factors(act_absmax, weight_absmax, alpha)
+        apply_smoothing(transformer, target, s)
+        for c in target.consumers:
+            layers[c] = layers[c].divided(s)
+        done.append(target.name)
+    return done
+
+
+def rewrite_linears(transformer: nn.Module, config: QuantConfig, input_scales: dict[str, torch.Tensor | None]) -> None:
+    """Replace each named Linear by a frozen QuantLinear (the only place modules are swapped)."""
+    for name, scale in input_scales.items():
+        linear = transformer.get_submodule(name)
+        transformer.set_submodule(name, quantize_linear(linear, config.weight_bits, scale, config.weight_group_size))
+
+
+@torch.no_grad()
+def quantize_transformer(
+    transformer: nn.Module,
+    config: QuantConfig,
+    *,
+    id2label: dict | None = None,
+    scheduler_config: dict | None = None,
+    stats: CalibrationStats | None = None,
+    progress: bool = True,
+) -> QuantizationReport:
+    """Quantize a DiTTransformer2DModel in place and return what was done.
+
+    Calibrates (unless `stats` is given, or the mode is weight-only without smoothing), folds SmoothQuant if
+    configured, computes each layer's static input scale, and rewrites the selected Linears into QuantLinear.
+    """
+    t0 = time.time()
+    report = QuantizationReport(config=config.to_dict())
+    targets = select_linears(transformer, config.include, config.exclude)
+    if not targets:
+        raise ValueError(f"no Linear layer matches include={config.include} exclude={config.exclude}")
+    needs_stats = config.act_bits is not None or config.smoothquant_alpha is not None
+    if needs_stats and stats is None:
+        t_cal = time.time()
+        stats = calibrate(
+            transformer, scheduler=config.scheduler, scheduler_config=scheduler_config,
+            num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+            num_samples=config.num_samples, id2label=id2label, seed=config.seed, batch_size=config.batch_size,
+            include=list(targets), tokens_per_call=config.tokens_per_call if config.act_range != "minmax" else 0,
+            progress=progress,
+        )
+        report.calibration_seconds = time.time() - t_cal
+    layers = dict(stats.layers) if stats is not None else {}
+    if config.smoothquant_alpha is not None:
+        report.smoothed_targets = smooth(transformer, layers, config.smoothquant_alpha, set(targets))
+    input_scales = {}
+    for name in targets:
+        if config.act_bits is None:
+            input_scales[name] = None
+        else:
+            clip = activation_range(layers[name], config)
+            input_scales[name] = baselines.scale_from_range(clip.clamp(min=1e-8), config.act_bits)
+        report.layers[name] = {"input_scale": None if input_scales[name] is None else float(input_scales[name])}
+    rewrite_linears(transformer, config, input_scales)
+    report.total_seconds = time.time() - t0
+    return report

@@ -1,0 +1,169 @@
+"""Side-by-side quality benchmark: full precision and each quantization config on the same noise.
+
+`run_benchmark` writes a JSON (every number, plus versions and the CPU) and a Markdown table beside it.
+Each row is a fresh copy of the float pipeline quantized with one `QuantConfig`; all rows sample the same
+labels from the same noise, so paired metrics (PSNR, relative MSE, paired Fréchet distance) compare each row
+with the full-precision samples, and ratios come from one run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import save
+
+from diffusers_ptq.api import quantize_transformer
+from diffusers_ptq.bundled import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_pipeline
+from diffusers_ptq.config import QuantConfig
+from diffusers_ptq.evaluation import class_ids_of, generate_images, score_images, uses_mnist_classifier, write_json
+from diffusers_ptq.sampling import balanced_labels
+
+
+def default_configs(**calibration) -> list[QuantConfig]:
+    """The baseline grid: W8A8 and W4A8 with each activation range and SmoothQuant, W8A16 and W4A16."""
+    rows = []
+    for weight_bits in (8, 4):
+        for act_range in ("minmax", "percentile", "mse"):
+            rows.append(QuantConfig(weight_bits=weight_bits, act_bits=8, act_range=act_range, **calibration))
+        rows.append(QuantConfig(weight_bits=weight_bits, act_bits=8, smoothquant_alpha=0.5, **calibration))
+    rows += [QuantConfig(weight_bits=8, act_bits=None, **calibration),
+             QuantConfig(weight_bits=4, act_bits=None, **calibration)]
+    return rows
+
+
+def state_dict_bytes(module: torch.nn.Module) -> int:
+    """Size of the module's state dict serialized as safetensors."""
+    return len(save({k: v.contiguous() for k, v in module.state_dict().items()}))
+
+
+def outlier_summary(transformer, *, id2label=None, scheduler_config=None, num_samples: int = 16,
+                    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+                    guidance_scale: float = DEFAULT_GUIDANCE_SCALE, progress: bool = True) -> dict:
+    """Per layer kind (the name after the block index), the outlier profile of its input over the blocks."""
+    from diffusers_ptq.calibration import calibrate
+    from diffusers_ptq.config import DEFAULT_INCLUDE
+    from diffusers_ptq.methods.baselines import outlier_profile
+
+    stats = calibrate(transformer, scheduler_config=scheduler_config, num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale, num_samples=num_samples, id2label=id2label,
+                      include=list(DEFAULT_INCLUDE), progress=progress)
+    kinds: dict[str, list[dict]] = {}
+    for name, layer in stats.layers.items():
+        kind = name.split(".", 2)[2] if name.startswith("transformer_blocks.") else name
+        kinds.setdefault(kind, []).append(outlier_profile(layer.absmax))
+    summary = {}
+    for kind, profiles in kinds.items():
+        ratios = [p["max_over_median"] for p in profiles]
+        summary[kind] = {"layers": len(profiles), "max_over_median_max": max(ratios),
+                         "max_over_median_mean": sum(ratios) / len(ratios),
+                         "median_first_mean": sum(p["median_first"] for p in profiles) / len(profiles),
+                         "median_last_mean": sum(p["median_last"] for p in profiles) / len(profiles)}
+    return summary
+
+
+def run_benchmark(
+    model: str | os.PathLike = "bundled",
+    configs: Sequence[QuantConfig] | None = None,
+    *,
+    scheduler: str = "ddim",
+    num_samples: int = 1000,
+    seed: int = 0,
+    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    batch_size: int = 250,
+    output: str | os.PathLike = "results.json",
+    progress: bool = True,
+) -> dict:
+    from diffusers_ptq.cli import machine_info
+
+    configs = list(configs) if configs is not None else default_configs()
+    fp = load_pipeline(model, scheduler=scheduler)
+    labels = balanced_labels(class_ids_of(fp), num_samples)
+    use_classifier = uses_mnist_classifier(fp)
+    sample = dict(seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                  batch_size=batch_size, progress=progress)
+    t0 = time.time()
+    fp_images = generate_images(fp, labels, **sample)
+    fp_row = {"label": "FP32", "config": None, "sampling_seconds": time.time() - t0, "calibration_seconds": 0.0,
+              "state_dict_bytes": state_dict_bytes(fp.transformer)}
+    fp_row.update(score_images(fp_images, labels, fp_images, use_classifier))
+    rows = [fp_row]
+    id2label = {v: k for k, v in fp.labels.items()} if fp.labels else None
+    outliers = outlier_summary(fp.transformer, id2label=id2label, scheduler_config=fp.scheduler.config,
+                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                               progress=progress)
+    for config in configs:
+        pipe = load_pipeline(model, scheduler=scheduler)
+        report = quantize_transformer(pipe.transformer, config, id2label=id2label,
+                                      scheduler_config=pipe.scheduler.config, progress=progress)
+        t_sample = time.time()
+        images = generate_images(pipe, labels, **sample)
+        row = {"label": config.label, "config": config.to_dict(), "sampling_seconds": time.time() - t_sample,
+               "calibration_seconds": report.calibration_seconds, "quantize_seconds": report.total_seconds,
+               "state_dict_bytes": state_dict_bytes(pipe.transformer)}
+        row.update(score_images(images, labels, fp_images, use_classifier))
+        rows.append(row)
+        if progress:
+            print(format_row(row, fp_row))
+    result = {"model": str(model), "num_samples": num_samples, "seed": seed, "num_inference_steps": num_inference_steps,
+              "guidance_scale": guidance_scale, "scheduler": type(fp.scheduler).__name__, "rows": rows,
+              "outliers": outliers,
+              "versions": _versions(), "machine": machine_info(), "total_seconds": time.time() - t0}
+    write_json(result, output)
+    Path(output).with_suffix(".md").write_text(markdown_table(result))
+    return result
+
+
+def _versions() -> dict:
+    import diffusers
+    import optimum.quanto
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "optimum-quanto": optimum.quanto.__version__}
+
+
+COLUMNS = [
+    ("method", lambda r, fp: r["label"]),
+    ("cFID↓ (real)", lambda r, fp: f"{r['classifier_fid']:.3f}" if "classifier_fid" in r else "–"),
+    ("cFID / FP", lambda r, fp: f"{r['classifier_fid'] / fp['classifier_fid']:.3f}" if "classifier_fid" in r else "–"),
+    ("acc", lambda r, fp: f"{r['classifier_accuracy']:.3f}" if "classifier_accuracy" in r else "–"),
+    ("PSNR vs FP (dB)", lambda r, fp: f"{r['psnr_db']:.2f}"),
+    ("rel. MSE", lambda r, fp: f"{r['relative_mse']:.2e}"),
+    ("paired FD↓", lambda r, fp: f"{r['classifier_fid_to_reference']:.3f}" if "classifier_fid_to_reference" in r else "–"),
+    ("size (MB)", lambda r, fp: f"{r['state_dict_bytes'] / 1e6:.2f}"),
+    ("size / FP", lambda r, fp: f"{r['state_dict_bytes'] / fp['state_dict_bytes']:.3f}"),
+    ("calib (s)", lambda r, fp: f"{r['calibration_seconds']:.1f}"),
+    ("sampling (s)", lambda r, fp: f"{r['sampling_seconds']:.1f}"),
+]
+
+
+def format_row(row: dict, fp_row: dict) -> str:
+    return " | ".join(f"{name} {fn(row, fp_row)}" for name, fn in COLUMNS)
+
+
+def markdown_table(result: dict) -> str:
+    rows = result["rows"]
+    fp_row = rows[0]
+    lines = [
+        f"# Benchmark: {result['model']}",
+        "",
+        f"{result['num_samples']} samples, seed {result['seed']}, {result['num_inference_steps']} "
+        f"{result['scheduler']} steps, guidance {result['guidance_scale']}; every row from the same noise. "
+        f"CPU: {result['machine'].get('cpu_model')}; torch {result['versions']['torch']}, "
+        f"optimum-quanto {result['versions']['optimum-quanto']}. Quantized rows run the `emulated` kernel "
+        "(integer arithmetic in float), so sampling times here are not integer-kernel speed.",
+        "",
+        "| " + " | ".join(name for name, _ in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    lines += ["| " + " | ".join(fn(r, fp_row) for _, fn in COLUMNS) + " |" for r in rows]
+    lines += ["", "Activation outliers of the float model (per input channel absmax; ratio = largest channel over the "
+              "median channel at one step; median = the median channel's absmax at the first / last step):", "",
+              "| layer | layers | max ratio | mean ratio | median first → last |", "|---|---|---|---|---|"]
+    for kind, o in result.get("outliers", {}).items():
+        lines.append(f"| {kind} | {o['layers']} | {o['max_over_median_max']:.1f} | {o['max_over_median_mean']:.1f} | "
+                     f"{o['median_first_mean']:.3g} → {o['median_last_mean']:.3g} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,183 @@
+"""Calibration statistics: forward pre-hooks on the transformer's Linear layers while sampling in latent space.
+
+For every recorded Linear and every sampling step t, over tokens and samples, per input channel:
+`max`, `min` and `absmax` ([T, C] each); optionally the per-sample absmax rows ([T, S, C]), where the S rows
+are the conditional samples 0..N-1 followed, with classifier-free guidance, by their unconditional twins.
+Statistics are small (T × C floats per layer); raw activations are never kept.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from diffusers_ptq.sampling import balanced_labels, make_scheduler, model_class_ids, sample_latents
+
+
+@dataclass
+class LayerStats:
+    """Per-timestep, per-input-channel statistics of one Linear layer's input."""
+
+    max: torch.Tensor  # [T, C]
+    min: torch.Tensor  # [T, C]
+    absmax: torch.Tensor  # [T, C]
+    sample_absmax: torch.Tensor | None = None  # [T, S, C]
+    token_samples: torch.Tensor | None = None  # [M, C]: randomly sampled input rows (tokens) over all steps
+
+    def divided(self, s: torch.Tensor) -> "LayerStats":
+        """The statistics of the input divided by s > 0 per channel (what a smoothed layer sees)."""
+        return LayerStats(*(None if v is None else v / s for v in (self.max, self.min, self.absmax,
+                                                                   self.sample_absmax, self.token_samples)))
+
+
+@dataclass
+class CalibrationStats:
+    timesteps: torch.Tensor  # [T] timestep values in sampling order (first = noisiest)
+    class_labels: list[int]
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+    guidance_scale: float = 4.0
+    seed: int = 0
+    scheduler: str = "ddim"
+
+
+def _matches(name: str, patterns: Sequence[str] | None) -> bool:
+    return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_linears(model: nn.Module, include: Sequence[str] | None = None,
+                   exclude: Sequence[str] | None = None) -> dict[str, nn.Linear]:
+    """Linear submodules by qualified name, filtered by fnmatch patterns (include None = all)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and (include is None or _matches(name, include)) and not _matches(name, exclude)
+    }
+
+
+class StatsRecorder:
+    """Forward pre-hooks that reduce each Linear's input into per-timestep, per-channel statistics.
+
+    The sampler tells it where it is with `set_position(step_index, batch_start, batch_len)`; the rows of a
+    forward batch are [cond samples, uncond samples] when `cfg` is true.
+    """
+
+    def __init__(self, layers: dict[str, nn.Linear], num_steps: int, num_samples: int, cfg: bool,
+                 sample_rows: bool | Sequence[str] = False, tokens_per_call: int = 0, seed: int = 0):
+        self.layers = layers
+        self.num_steps, self.num_samples, self.cfg = num_steps, num_samples, cfg
+        self.sample_rows = sample_rows
+        self.tokens_per_call = tokens_per_call
+        self._token_generator = torch.Generator().manual_seed(seed)
+        self._tokens: dict[str, list[torch.Tensor]] = {}
+        self.stats: dict[str, LayerStats] = {}
+        self._handles = []
+        self._position = (0, 0, 0)
+
+    def _wants_rows(self, name: str) -> bool:
+        if isinstance(self.sample_rows, bool):
+            return self.sample_rows
+        return _matches(name, self.sample_rows)
+
+    def set_position(self, step_index: int, batch_start: int, batch_len: int) -> None:
+        self._position = (step_index, batch_start, batch_len)
+
+    def __enter__(self) -> "StatsRecorder":
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name, module)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _init_stats(self, name: str, channels: int, device, dtype) -> LayerStats:
+        shape = (self.num_steps, channels)
+        rows_count = self.num_samples * (2 if self.cfg else 1)
+        return LayerStats(
+            max=torch.full(shape, -torch.inf, device=device, dtype=dtype),
+            min=torch.full(shape, torch.inf, device=device, dtype=dtype),
+            absmax=torch.zeros(shape, device=device, dtype=dtype),
+            sample_absmax=torch.zeros((self.num_steps, rows_count, channels), device=device, dtype=dtype)
+            if self._wants_rows(name) else None,
+        )
+
+    def _make_hook(self, name: str, module: nn.Linear):
+        def hook(_module, args):
+            x = args[0].detach()
+            flat = x.reshape(x.shape[0], -1, x.shape[-1]).float()  # [B, tokens, C]
+            stats = self.stats.get(name)
+            if stats is None:
+                stats = self.stats[name] = self._init_stats(name, flat.shape[-1], flat.device, torch.float32)
+            t, start, n = self._position
+            torch.maximum(stats.max[t], flat.amax(dim=(0, 1)), out=stats.max[t])
+            torch.minimum(stats.min[t], flat.amin(dim=(0, 1)), out=stats.min[t])
+            per_sample = flat.abs().amax(dim=1)  # [B, C]
+            torch.maximum(stats.absmax[t], per_sample.amax(dim=0), out=stats.absmax[t])
+            if stats.sample_absmax is not None:
+                stats.sample_absmax[t, start : start + n] = per_sample[:n]
+                if self.cfg:
+                    offset = self.num_samples + start
+                    stats.sample_absmax[t, offset : offset + n] = per_sample[n : 2 * n]
+            if self.tokens_per_call:
+                rows = flat.reshape(-1, flat.shape[-1])
+                pick = torch.randint(0, len(rows), (self.tokens_per_call,), generator=self._token_generator)
+                self._tokens.setdefault(name, []).append(rows[pick.to(rows.device)].cpu())
+
+        return hook
+
+    def finish(self) -> dict[str, LayerStats]:
+        """The statistics on the CPU, token samples concatenated."""
+        out = {}
+        for name, s in self.stats.items():
+            tokens = torch.cat(self._tokens[name]) if name in self._tokens else None
+            out[name] = LayerStats(s.max.cpu(), s.min.cpu(), s.absmax.cpu(),
+                                   None if s.sample_absmax is None else s.sample_absmax.cpu(), tokens)
+        return out
+
+
+def calibrate(
+    transformer,
+    *,
+    scheduler: str = "ddim",
+    scheduler_config: dict | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 4.0,
+    num_samples: int = 32,
+    class_labels: Sequence[int] | None = None,
+    id2label: dict | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    sample_rows: bool | Sequence[str] = False,
+    tokens_per_call: int = 0,
+    progress: bool = True,
+) -> CalibrationStats:
+    """Sample `num_samples` latents with the transformer alone and record its Linear inputs' statistics.
+
+    Labels: `class_labels` if given, else `num_samples` labels balanced over the model's classes (id2label's
+    keys if given, else every class the transformer embeds). `include`/`exclude` are fnmatch patterns on module
+    names (default: every Linear). `sample_rows` (bool or patterns) selects layers that also keep per-sample rows.
+    `tokens_per_call` > 0 keeps that many randomly chosen input rows per layer and forward call (seeded), for
+    range searches that need activation samples.
+    """
+    labels = list(class_labels) if class_labels is not None else balanced_labels(
+        model_class_ids(transformer, id2label), num_samples)
+    sched = make_scheduler(scheduler, scheduler_config)
+    sched.set_timesteps(num_inference_steps)
+    layers = select_linears(transformer, include, exclude)
+    if not layers:
+        raise ValueError(f"no Linear layer matches include={include!r} exclude={exclude!r}")
+    recorder = StatsRecorder(layers, len(sched.timesteps), len(labels), cfg=guidance_scale > 1, sample_rows=sample_rows,
+                             tokens_per_call=tokens_per_call, seed=seed)
+    with recorder:
+        sample_latents(transformer, sched, labels, seed=seed, num_inference_steps=num_inference_steps,
+                       guidance_scale=guidance_scale, batch_size=batch_size, before_forward=recorder.set_position,
+                       progress=progress)
+    return CalibrationStats(timesteps=sched.timesteps.clone().cpu(), class_labels=labels, layers=recorder.finish(),
+                            guidance_scale=guidance_scale, seed=seed, scheduler=scheduler)

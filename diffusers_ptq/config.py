@@ -1,0 +1,87 @@
+"""Quantization settings. `QuantConfig` holds what the engine needs; validated on construction, JSON-safe.
+
+(The diffusers-registered config classes — PTQ4DiTConfig, HTGConfig, ... — build on these fields.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# Every Linear of the blocks (attention, MLP), the adaLN modulation, and the final layer; not the
+# timestep/class embedders.
+DEFAULT_INCLUDE = (
+    "transformer_blocks.*.attn1.to_*",
+    "transformer_blocks.*.ff.net.*",
+    "transformer_blocks.*.norm1.linear",
+    "proj_out_1",
+    "proj_out_2",
+)
+ACT_RANGES = ("minmax", "percentile", "mse")
+SCHEDULERS = ("ddim", "ddpm")
+
+
+def _check(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed values: {list(allowed)}")
+
+
+@dataclass
+class QuantConfig:
+    """Bits, activation range method, smoothing and calibration settings of one quantization run.
+
+    weight_bits: 8 (per-output-channel qint8) or 4 (qint4, per output channel or in `weight_group_size` groups).
+    act_bits: 8 (static per-tensor int8 inputs) or None (weight-only: W8A16 / W4A16).
+    act_range: "minmax" (absmax over all calibration steps), "percentile" (of |x|), "mse" (clip minimizing
+        the quantization MSE on sampled activations).
+    smoothquant_alpha: None, or SmoothQuant's migration strength in [0, 1], folded offline.
+    """
+
+    weight_bits: int = 8
+    act_bits: int | None = 8
+    weight_group_size: int | None = None
+    act_range: str = "minmax"
+    percentile: float = 99.99
+    smoothquant_alpha: float | None = None
+    include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
+    exclude: list[str] = field(default_factory=list)
+    # calibration
+    scheduler: str = "ddim"
+    num_inference_steps: int = 50
+    guidance_scale: float = 4.0
+    num_samples: int = 32
+    seed: int = 0
+    batch_size: int = 16
+    tokens_per_call: int = 64
+
+    def __post_init__(self) -> None:
+        _check("weight_bits", self.weight_bits, (8, 4))
+        _check("act_bits", self.act_bits, (8, None))
+        _check("act_range", self.act_range, ACT_RANGES)
+        _check("scheduler", self.scheduler, SCHEDULERS)
+        if self.weight_group_size is not None:
+            if self.weight_bits != 4:
+                raise ValueError("weight_group_size applies to weight_bits=4 only (8-bit weights are per channel)")
+            if self.weight_group_size <= 0:
+                raise ValueError(f"weight_group_size must be positive or None, got {self.weight_group_size}")
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.smoothquant_alpha is not None and not 0 <= self.smoothquant_alpha <= 1:
+            raise ValueError(f"smoothquant_alpha must be in [0, 1] or None, got {self.smoothquant_alpha}")
+        for name in ("num_inference_steps", "num_samples", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self.include, self.exclude = list(self.include), list(self.exclude)
+
+    @property
+    def label(self) -> str:
+        """Short name such as "W4A8 minmax+sq0.5"."""
+        bits = f"W{self.weight_bits}A{self.act_bits or 16}"
+        if self.weight_group_size:
+            bits += f"g{self.weight_group_size}"
+        method = self.act_range if self.act_bits else "weight-only"
+        if self.smoothquant_alpha is not None:
+            method += f"+sq{self.smoothquant_alpha:g}"
+        return f"{bits} {method}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,98 @@
+"""What is stored: optimum-quanto Linear modules with this project's static input scale.
+
+`QuantLinear` is quanto's `QLinear` (qint8 per-output-channel weights, or qint4 per-channel / grouped) with:
+- a static per-tensor int8 input scale that we compute (`input_scale`), or none for weight-only modes;
+- no output quantization;
+- the multiplication delegated to a kernel from `kernels.py` (`module.kernel`, not saved).
+
+Importing this module also replaces quanto's CPU int4 `unpack` (a C++ extension that quanto JIT-compiles on
+first use, ~40-70 s and a compiler needed) with the equivalent pure-torch function: no compile ever happens.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from optimum.quanto import QLinear, qint4, qint8
+
+from diffusers_ptq.kernels import KERNELS, default_kernel
+
+WEIGHT_QTYPES = {8: qint8, 4: qint4}
+
+
+def _unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """quanto's `unpack` in torch ops: the low bits first, along dim 0 (same layout as the C++ kernel)."""
+    return torch.cat([(packed >> (bits * i)) & (2**bits - 1) for i in range(8 // bits)]).to(torch.uint8)
+
+
+def _register_pure_unpack() -> None:
+    import optimum.quanto.library.extensions.cpp  # noqa: F401  (registers the compiling kernel first)
+
+    global _UNPACK_LIBRARY
+    _UNPACK_LIBRARY = torch.library.Library("quanto", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Overriding a previously registered kernel": intended
+        _UNPACK_LIBRARY.impl("unpack", _unpack_bits, "CPU")
+
+
+_register_pure_unpack()
+
+
+class QuantLinear(QLinear):
+    """quanto QLinear whose input is quantized by the kernel (static per-tensor scale), output unquantized."""
+
+    @classmethod
+    def qcreate(cls, module, weights, activations=None, optimizer=None, device=None):
+        return cls(module.in_features, module.out_features, module.bias is not None, dtype=module.weight.dtype,
+                   device=device, weights=weights, activations=activations, optimizer=optimizer,
+                   quantize_input=False)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.disable_output_quantization()
+        self.kernel = default_kernel(self.weight.device)
+        self._dequantized = None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight the quantized one stands for (cached; the cache follows the weight object)."""
+        if self._dequantized is None or self._dequantized[0] is not self.weight:
+            w = self.weight.dequantize() if hasattr(self.weight, "dequantize") else self.qweight.dequantize()
+            self._dequantized = (self.weight, w.detach())
+        return self._dequantized[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return KERNELS[self.kernel](self, x)
+
+    def extra_repr(self) -> str:
+        act = self.activation_qtype.name if self.activation_qtype is not None else "none"
+        group = f", group_size={self.weight_group_size}" if self.weight_qtype.bits < 8 else ""
+        return f"{super().extra_repr()}, weights={self.weight_qtype.name}{group}, activations={act}, kernel={self.kernel}"
+
+
+def quantize_linear(linear: torch.nn.Linear, weight_bits: int, input_scale: float | torch.Tensor | None,
+                    group_size: int | None = None) -> QuantLinear:
+    """A frozen QuantLinear from a float Linear.
+
+    weight_bits 8: symmetric per-output-channel qint8. weight_bits 4: quanto's affine qint4, per output channel
+    (group_size None) or in groups of group_size input channels. input_scale None: weight-only (A16).
+    """
+    if weight_bits not in WEIGHT_QTYPES:
+        raise ValueError(f"weight_bits must be 8 or 4, got {weight_bits!r}")
+    if group_size is not None:
+        if weight_bits == 8:
+            raise ValueError("group_size applies to 4-bit weights only; 8-bit weights are per output channel")
+        if group_size <= 0 or linear.in_features % group_size:
+            raise ValueError(f"group_size {group_size} must divide in_features={linear.in_features}")
+    module = QuantLinear.from_module(linear, weights=WEIGHT_QTYPES[weight_bits],
+                                     activations=qint8 if input_scale is not None else None)
+    module.weight_group_size = group_size if weight_bits == 4 else None
+    module.kernel = default_kernel(linear.weight.device)
+    if input_scale is not None:
+        scale = torch.as_tensor(input_scale, dtype=module.input_scale.dtype, device=module.input_scale.device)
+        if not (scale > 0 and torch.isfinite(scale)):
+            raise ValueError(f"input_scale must be a positive finite number, got {float(scale)}")
+        module.input_scale = scale.reshape(())
+    module.freeze()
+    module.requires_grad_(False)
+    return module
