@@ -21,6 +21,7 @@ from diffusers_ptq.bundled import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_
 from diffusers_ptq.config import QuantConfig
 from diffusers_ptq.evaluation import class_ids_of, generate_images, score_images, uses_mnist_classifier, write_json
 from diffusers_ptq.sampling import balanced_labels
+from diffusers_ptq.utils import machine_info, save_grid
 
 
 def default_configs(**calibration) -> list[QuantConfig]:
@@ -76,10 +77,13 @@ def run_benchmark(
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     batch_size: int = 250,
     output: str | os.PathLike = "results.json",
+    grid: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict:
-    from diffusers_ptq.cli import machine_info
+    """Benchmark `configs` against full precision; writes `output` (JSON) and the Markdown table beside it.
 
+    grid: also write a PNG with one row per method (FP first) and two samples per class, same noise everywhere.
+    """
     configs = list(configs) if configs is not None else default_configs()
     fp = load_pipeline(model, scheduler=scheduler)
     labels = balanced_labels(class_ids_of(fp), num_samples)
@@ -92,6 +96,8 @@ def run_benchmark(
               "state_dict_bytes": state_dict_bytes(fp.transformer)}
     fp_row.update(score_images(fp_images, labels, fp_images, use_classifier))
     rows = [fp_row]
+    grid_labels = [c for c in class_ids_of(fp)[:10] for _ in range(2)]
+    grid_rows = [generate_images(fp, grid_labels, **dict(sample, progress=False))] if grid else []
     id2label = {v: k for k, v in fp.labels.items()} if fp.labels else None
     outliers = outlier_summary(fp.transformer, id2label=id2label, scheduler_config=fp.scheduler.config,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -107,6 +113,8 @@ def run_benchmark(
                "state_dict_bytes": state_dict_bytes(pipe.transformer)}
         row.update(score_images(images, labels, fp_images, use_classifier))
         rows.append(row)
+        if grid:
+            grid_rows.append(generate_images(pipe, grid_labels, **dict(sample, progress=False)))
         if progress:
             print(format_row(row, fp_row))
     result = {"model": str(model), "num_samples": num_samples, "seed": seed, "num_inference_steps": num_inference_steps,
@@ -115,6 +123,9 @@ def run_benchmark(
               "versions": _versions(), "machine": machine_info(), "total_seconds": time.time() - t0}
     write_json(result, output)
     Path(output).with_suffix(".md").write_text(markdown_table(result))
+    if grid:
+        save_grid(torch.cat(grid_rows), grid, nrow=len(grid_labels))
+        result["grid"] = str(grid)
     return result
 
 
