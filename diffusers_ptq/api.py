@@ -15,7 +15,8 @@ from diffusers_ptq.calibration import CalibrationStats, LayerStats, calibrate, s
 from diffusers_ptq.config import QuantConfig
 from diffusers_ptq.methods import baselines
 from diffusers_ptq.modules import quantize_linear
-from diffusers_ptq.reparam import apply_smoothing, dit_smoothing_targets
+from diffusers_ptq.attention import install_quant_attention
+from diffusers_ptq.reparam import SmoothingTarget, apply_smoothing, dit_smoothing_targets
 
 
 @dataclass
@@ -38,10 +39,12 @@ def activation_range(stats: LayerStats, config: QuantConfig) -> torch.Tensor:
     return baselines.mse_range(stats.token_samples, bits=config.act_bits)
 
 
-def smooth(transformer: nn.Module, layers: dict[str, LayerStats], alpha: float, quantized: set[str]) -> list[str]:
-    """SmoothQuant on every target whose consumers are all quantized; updates `layers` to the smoothed inputs."""
+def smooth(transformer: nn.Module, layers: dict[str, LayerStats], alpha: float,
+           quantized: set[str]) -> dict[SmoothingTarget, torch.Tensor]:
+    """SmoothQuant on every target whose consumers are all quantized; updates `layers` to the smoothed inputs.
+    Returns the smoothing vector of each target."""
     modules = dict(transformer.named_modules())
-    done = []
+    done = {}
     for target in dit_smoothing_targets(transformer):
         if not set(target.consumers) <= quantized:
             continue
@@ -51,7 +54,7 @@ def smooth(transformer: nn.Module, layers: dict[str, LayerStats], alpha: float, 
         apply_smoothing(transformer, target, s)
         for c in target.consumers:
             layers[c] = layers[c].divided(s)
-        done.append(target.name)
+        done[target] = s
     return done
 
 
@@ -83,6 +86,10 @@ def quantize_transformer(
     if not targets:
         raise ValueError(f"no Linear layer matches include={config.include} exclude={config.exclude}")
     needs_stats = config.act_bits is not None or config.smoothquant_alpha is not None
+    if config.quantize_attention:
+        if stats is not None:
+            raise ValueError("quantize_attention observes Q/K/V during calibration: do not pass precomputed stats")
+        attention = install_quant_attention(transformer, config.act_bits)
     if needs_stats and stats is None:
         t_cal = time.time()
         stats = calibrate(
@@ -95,7 +102,12 @@ def quantize_transformer(
         report.calibration_seconds = time.time() - t_cal
     layers = dict(stats.layers) if stats is not None else {}
     if config.smoothquant_alpha is not None:
-        report.smoothed_targets = smooth(transformer, layers, config.smoothquant_alpha, set(targets))
+        smoothing = smooth(transformer, layers, config.smoothquant_alpha, set(targets))
+        report.smoothed_targets = [t.name for t in smoothing]
+        for target, s in smoothing.items():
+            if config.quantize_attention and target.kind == "value":  # V itself was divided by s
+                processor = attention[target.producer.rsplit(".", 1)[0]]
+                processor.absmax["v"] = processor.absmax["v"] / s
     input_scales = {}
     for name in targets:
         if config.act_bits is None:
@@ -105,5 +117,8 @@ def quantize_transformer(
             input_scales[name] = baselines.scale_from_range(clip.clamp(min=1e-8), config.act_bits)
         report.layers[name] = {"input_scale": None if input_scales[name] is None else float(input_scales[name])}
     rewrite_linears(transformer, config, input_scales)
+    if config.quantize_attention:
+        for processor in attention.values():
+            processor.freeze()
     report.total_seconds = time.time() - t0
     return report

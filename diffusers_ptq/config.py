@@ -34,6 +34,7 @@ class QuantConfig:
     act_range: "minmax" (absmax over all calibration steps), "percentile" (of |x|), "mse" (clip minimizing
         the quantization MSE on sampled activations).
     smoothquant_alpha: None, or SmoothQuant's migration strength in [0, 1], folded offline.
+    quantize_attention: also round the attention matmuls' inputs (Q, K, V to int8, softmax output to 8 bits).
     """
 
     weight_bits: int = 8
@@ -42,6 +43,7 @@ class QuantConfig:
     act_range: str = "minmax"
     percentile: float = 99.99
     smoothquant_alpha: float | None = None
+    quantize_attention: bool = False
     include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
     exclude: list[str] = field(default_factory=list)
     # calibration
@@ -65,6 +67,8 @@ class QuantConfig:
                 raise ValueError(f"weight_group_size must be positive or None, got {self.weight_group_size}")
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.quantize_attention and self.act_bits is None:
+            raise ValueError("quantize_attention needs act_bits=8 (attention inputs are quantized like activations)")
         if self.smoothquant_alpha is not None and not 0 <= self.smoothquant_alpha <= 1:
             raise ValueError(f"smoothquant_alpha must be in [0, 1] or None, got {self.smoothquant_alpha}")
         for name in ("num_inference_steps", "num_samples", "batch_size"):
@@ -81,6 +85,8 @@ class QuantConfig:
         method = self.act_range if self.act_bits else "weight-only"
         if self.smoothquant_alpha is not None:
             method += f"+sq{self.smoothquant_alpha:g}"
+        if self.quantize_attention:
+            method += " +attn"
         return f"{bits} {method}"
 
     def to_dict(self) -> dict:

@@ -182,3 +182,41 @@ def test_outlier_profile_direct():
     p = outlier_profile(a)
     assert p["max_over_median"] == pytest.approx(15.0) and p["max_over_median_mean"] == pytest.approx(9.5)
     assert (p["median_first"], p["median_last"], p["absmax"]) == (2.0, 1.0, 30.0)
+
+
+def test_attention_processor_observing_matches_float_and_quantizes_after_freeze(tiny_transformer):
+    from diffusers_ptq.attention import QuantAttnProcessor, fake_quantize_probabilities, install_quant_attention
+
+    _randomize_modulation(tiny_transformer)
+    reference = _forward(tiny_transformer)
+    processors = install_quant_attention(tiny_transformer)
+    assert len(processors) == 2 and all(isinstance(p, QuantAttnProcessor) for p in processors.values())
+    torch.testing.assert_close(_forward(tiny_transformer), reference, rtol=1e-5, atol=1e-5)
+    to_q = tiny_transformer.transformer_blocks[0].attn1.to_q
+    seen = []
+    h = to_q.register_forward_hook(lambda m, a, out: seen.append(out.abs().amax()))
+    _forward(tiny_transformer)
+    h.remove()
+    p0 = processors["transformer_blocks.0.attn1"]
+    assert float(p0.absmax["q"].max()) == pytest.approx(float(max(seen)))
+    for p in processors.values():
+        p.freeze()
+    assert float(p0.scales["q"]) == pytest.approx(float(max(seen)) / 127)
+    out = _forward(tiny_transformer)
+    rel = float((out - reference).pow(2).sum() / reference.pow(2).sum())
+    assert 0 < rel < 0.01
+    assert torch.equal(fake_quantize_probabilities(torch.tensor([0.0, 0.5, 1.0, 0.001])),
+                       torch.round(torch.tensor([0.0, 127.5, 255.0, 0.255])) / 255)
+
+
+def test_quantize_attention_through_the_engine(tiny_transformer):
+    _randomize_modulation(tiny_transformer)
+    reference = _forward(tiny_transformer)
+    config = QuantConfig(quantize_attention=True, smoothquant_alpha=0.5, num_inference_steps=2, num_samples=2)
+    quantize_transformer(tiny_transformer, config, progress=False)
+    processor = tiny_transformer.transformer_blocks[0].attn1.processor
+    assert not processor.observing and set(processor.scales) == {"q", "k", "v"}
+    rel = float((_forward(tiny_transformer) - reference).pow(2).sum() / reference.pow(2).sum())
+    assert 0 < rel < 0.02
+    with pytest.raises(ValueError, match="quantize_attention needs act_bits=8"):
+        QuantConfig(act_bits=None, quantize_attention=True)
