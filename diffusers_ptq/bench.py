@@ -8,13 +8,16 @@ with the full-precision samples, and ratios come from one run.
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import save
 
 from diffusers_ptq.api import quantize_transformer
 from diffusers_ptq.bundled import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_pipeline
@@ -37,8 +40,9 @@ def default_configs(**calibration) -> list[QuantConfig]:
 
 
 def state_dict_bytes(module: torch.nn.Module) -> int:
-    """Size of the module's state dict serialized as safetensors."""
-    return len(save({k: v.contiguous() for k, v in module.state_dict().items()}))
+    """Bytes of the module's state dict tensors (quanto weights flattened into their int8/packed data and scales):
+    the size of its safetensors file up to the small JSON header."""
+    return sum(v.numel() * v.element_size() for v in module.state_dict().values())
 
 
 def outlier_summary(transformer, *, id2label=None, scheduler_config=None, num_samples: int = 16,
@@ -78,6 +82,7 @@ def run_benchmark(
     batch_size: int = 250,
     output: str | os.PathLike = "results.json",
     grid: str | os.PathLike | None = None,
+    dit_xl_footprint: bool = False,
     progress: bool = True,
 ) -> dict:
     """Benchmark `configs` against full precision; writes `output` (JSON) and the Markdown table beside it.
@@ -120,6 +125,7 @@ def run_benchmark(
     result = {"model": str(model), "num_samples": num_samples, "seed": seed, "num_inference_steps": num_inference_steps,
               "guidance_scale": guidance_scale, "scheduler": type(fp.scheduler).__name__, "rows": rows,
               "outliers": outliers,
+              "dit_xl_2_footprint": architecture_footprint() if dit_xl_footprint else None,
               "versions": _versions(), "machine": machine_info(), "total_seconds": time.time() - t0}
     write_json(result, output)
     Path(output).with_suffix(".md").write_text(markdown_table(result))
@@ -177,4 +183,69 @@ def markdown_table(result: dict) -> str:
     for kind, o in result.get("outliers", {}).items():
         lines.append(f"| {kind} | {o['layers']} | {o['max_over_median_max']:.1f} | {o['max_over_median_mean']:.1f} | "
                      f"{o['median_first_mean']:.3g} → {o['median_last_mean']:.3g} |")
+    if result.get("dit_xl_2_footprint"):
+        lines += ["", "DiT-XL/2 architecture built from its config (random weights), one process per row:", "",
+                  footprint_table(result["dit_xl_2_footprint"])]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- DiT-XL/2 footprint
+
+DIT_XL_2_256 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                    sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+FOOTPRINT_CONFIGS = {
+    "FP32": None,
+    "W8A16": dict(weight_bits=8, act_bits=None),
+    "W4A16": dict(weight_bits=4, act_bits=None),
+    "W8A8": dict(weight_bits=8, act_bits=8),
+    "W4A8": dict(weight_bits=4, act_bits=8),
+}
+
+
+def footprint_worker(label: str) -> dict:
+    """In this process: DiT-XL/2 (random weights) quantized per FOOTPRINT_CONFIGS[label], one forward at batch 2
+    (CFG) x 256 tokens; state-dict bytes and the process's peak resident memory."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(**DIT_XL_2_256).eval()
+    row = {"label": label, "parameters": sum(p.numel() for p in model.parameters())}
+    t0 = time.time()
+    if FOOTPRINT_CONFIGS[label] is not None:
+        config = QuantConfig(**FOOTPRINT_CONFIGS[label], num_samples=1, num_inference_steps=2, batch_size=1)
+        report = quantize_transformer(model, config, progress=False)
+        row["calibration_seconds"] = report.calibration_seconds
+    row["quantize_seconds"] = time.time() - t0
+    row["state_dict_bytes"] = state_dict_bytes(model)
+    x = torch.randn(2, 4, 32, 32)
+    with torch.no_grad():
+        t0 = time.time()
+        model(x, timestep=torch.tensor([500, 500]), class_labels=torch.tensor([1, 1000]))
+        row["forward_seconds"] = time.time() - t0
+    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return row
+
+
+def architecture_footprint(labels: Sequence[str] = tuple(FOOTPRINT_CONFIGS)) -> list[dict]:
+    """Run `footprint_worker` for each label in a fresh process (so peak memory is that mode's own)."""
+    rows = []
+    for label in labels:
+        out = subprocess.run([sys.executable, "-m", "diffusers_ptq.bench", "--footprint-worker", label],
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def footprint_table(rows: list[dict]) -> str:
+    fp = rows[0]
+    lines = ["| DiT-XL/2 (random weights) | state dict (MB) | / FP32 | peak RSS (GB) | quantize (s) | forward, emulated (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['state_dict_bytes'] / 1e6:.0f} | {r['state_dict_bytes'] / fp['state_dict_bytes']:.3f} "
+                     f"| {r['peak_rss_bytes'] / 1e9:.2f} | {r['quantize_seconds']:.1f} | {r['forward_seconds']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--footprint-worker":
+        print(json.dumps(footprint_worker(sys.argv[2])))

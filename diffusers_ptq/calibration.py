@@ -39,7 +39,7 @@ class CalibrationStats:
     timesteps: torch.Tensor  # [T] timestep values in sampling order (first = noisiest)
     class_labels: list[int]
     layers: dict[str, LayerStats] = field(default_factory=dict)
-    guidance_scale: float = 4.0
+    guidance_scale: float = 1.5
     seed: int = 0
     scheduler: str = "ddim"
 
@@ -146,7 +146,7 @@ def calibrate(
     scheduler: str = "ddim",
     scheduler_config: dict | None = None,
     num_inference_steps: int = 50,
-    guidance_scale: float = 4.0,
+    guidance_scale: float = 1.5,
     num_samples: int = 32,
     class_labels: Sequence[int] | None = None,
     id2label: dict | None = None,

@@ -78,7 +78,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     configs = [c for c in default_configs(**calibration) if not args.only or any(o in c.label for o in args.only)]
     result = run_benchmark(args.model, configs, scheduler=args.scheduler, num_samples=args.num_samples, seed=args.seeds[0],
                            num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                           batch_size=args.batch_size, output=args.output)
+                           batch_size=args.batch_size, output=args.output, grid=args.grid,
+                           dit_xl_footprint=args.dit_xl)
     print(Path(args.output).with_suffix(".md").read_text())
     print(f"written: {args.output} and {Path(args.output).with_suffix('.md')} ({result['total_seconds']:.0f} s)")
     return 0
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", default="results.json")
     bench.add_argument("--calibration-samples", type=int, default=32)
     bench.add_argument("--only", nargs="+", help="keep rows whose label contains one of these strings")
+    bench.add_argument("--grid", help="also write a PNG: one row of samples per method, same noise")
+    bench.add_argument("--dit-xl", action="store_true",
+                       help="also measure DiT-XL/2's state-dict size and peak memory per mode (random weights)")
     _sampling_args(bench, seeds=[0])
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -49,7 +49,7 @@ class QuantConfig:
     # calibration
     scheduler: str = "ddim"
     num_inference_steps: int = 50
-    guidance_scale: float = 4.0
+    guidance_scale: float = 1.5
     num_samples: int = 32
     seed: int = 0
     batch_size: int = 16

@@ -167,7 +167,7 @@ def evaluate(
     num_samples: int = 1000,
     seeds: Sequence[int] = (0,),
     num_inference_steps: int = 50,
-    guidance_scale: float = 4.0,
+    guidance_scale: float = 1.5,
     batch_size: int = 100,
     inception_weights: str | os.PathLike | None = None,
     reference_images: torch.Tensor | None = None,

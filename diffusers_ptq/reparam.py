@@ -91,3 +91,24 @@ def apply_smoothing(model: nn.Module, target: SmoothingTarget, s: torch.Tensor) 
         raise ValueError(f"unknown smoothing target kind {target.kind!r}")
     for name in target.consumers:
         scale_input_columns(modules[name], s)
+
+
+@torch.no_grad()
+def shift_input(model: nn.Module, target: SmoothingTarget, offset: torch.Tensor) -> None:
+    """Add `offset` per channel to the target's input, compensated in the consumers' biases (b ← b − W·offset).
+
+    Modulation targets add it to the shift rows' bias; the value target to `to_v`'s bias (softmax rows sum to
+    1, so the attention output moves by exactly the offset). Exact in real arithmetic.
+    """
+    modules = dict(model.named_modules())
+    producer = modules[target.producer]
+    if target.kind == "modulation":
+        dim = producer.out_features // target.num_chunks
+        producer.bias[target.shift_chunk * dim : (target.shift_chunk + 1) * dim] += offset.to(producer.bias)
+    elif target.kind == "value":
+        producer.bias += offset.to(producer.bias)
+    else:
+        raise ValueError(f"unknown smoothing target kind {target.kind!r}")
+    for name in target.consumers:
+        consumer = modules[name]
+        consumer.bias -= consumer.weight @ offset.to(consumer.weight)

@@ -74,3 +74,22 @@ def test_paired_metrics_see_a_perturbation(bundled_pipe):
     result = evaluate(perturbed, bundled_pipe, num_samples=20, seeds=[0], num_inference_steps=5, progress=False)
     assert 0 < result["metrics"]["relative_mse"]["mean"] < 1
     assert 5 < result["metrics"]["psnr_db"]["mean"] < 80
+
+
+def test_planted_outliers_keep_the_float_function_and_create_outliers(bundled_pipe):
+    from diffusers_ptq.bench import outlier_summary
+    from diffusers_ptq.bundled import OUTLIER_MODEL
+
+    planted = load_pipeline(OUTLIER_MODEL)
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(timestep=torch.tensor([999, 400, 400, 10]), class_labels=torch.tensor([3, 7, 1000, 1000]))
+    with torch.no_grad():
+        ref = bundled_pipe.transformer(x, **kwargs).sample
+        out = planted.transformer(x, **kwargs).sample
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
+    assert not torch.equal(planted.transformer.transformer_blocks[0].attn1.to_q.weight,
+                           bundled_pipe.transformer.transformer_blocks[0].attn1.to_q.weight)
+    common = dict(num_samples=2, num_inference_steps=3, progress=False)
+    before = outlier_summary(bundled_pipe.transformer, **common)["ff.net.0.proj"]["max_over_median_mean"]
+    after = outlier_summary(planted.transformer, **common)["ff.net.0.proj"]["max_over_median_mean"]
+    assert after > 4 * before
