@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -61,7 +62,9 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): |Δμ|² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)."""
     m1, m2 = mu1.double().numpy(), mu2.double().numpy()
     s1, s2 = sigma1.double().numpy(), sigma2.double().numpy()
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    with warnings.catch_warnings():  # rank-deficient covariances (few samples, dead ReLU features) are expected
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():  # singular product: regularize as pytorch-fid does
         offset = np.eye(s1.shape[0]) * 1e-6
         covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
