@@ -87,7 +87,7 @@ class StatsRecorder:
 
     def __enter__(self) -> "StatsRecorder":
         for name, module in self.layers.items():
-            self._handles.append(module.register_forward_pre_hook(self._make_hook(name, module)))
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -106,7 +106,7 @@ class StatsRecorder:
             if self._wants_rows(name) else None,
         )
 
-    def _make_hook(self, name: str, module: nn.Linear):
+    def _make_hook(self, name: str):
         def hook(_module, args):
             x = args[0].detach()
             flat = x.reshape(x.shape[0], -1, x.shape[-1]).float()  # [B, tokens, C]
