@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from diffusers_ptq.attention import install_quant_attention
 from diffusers_ptq.calibration import CalibrationStats, LayerStats, calibrate, select_linears
 from diffusers_ptq.config import QuantConfig
 from diffusers_ptq.methods import baselines
 from diffusers_ptq.modules import quantize_linear
-from diffusers_ptq.attention import install_quant_attention
 from diffusers_ptq.reparam import SmoothingTarget, apply_smoothing, dit_smoothing_targets
 
 

@@ -8,10 +8,7 @@ symmetric int8 with static per-tensor scales; the softmax probabilities P ∈ [0
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 from diffusers_ptq.kernels import fake_quantize_symmetric
 
@@ -59,7 +56,7 @@ class QuantAttnProcessor:
                 qkv[name] = fake_quantize_symmetric(x, self.scales[name].to(x), self.bits)
         head_dim = qkv["q"].shape[-1] // attn.heads
         q, k, v = (x.view(batch, tokens, attn.heads, head_dim).transpose(1, 2) for x in qkv.values())
-        probs = torch.softmax((q @ k.transpose(-1, -2)) * (attn.scale if attn.scale else 1 / math.sqrt(head_dim)), dim=-1)
+        probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)
         if not self.observing:
             probs = fake_quantize_probabilities(probs, self.bits)
         out = (probs @ v).transpose(1, 2).reshape(batch, tokens, attn.heads * head_dim)

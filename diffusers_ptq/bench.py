@@ -91,7 +91,8 @@ def run_benchmark(
     """
     configs = list(configs) if configs is not None else default_configs()
     fp = load_pipeline(model, scheduler=scheduler)
-    labels = balanced_labels(class_ids_of(fp), num_samples)
+    classes = class_ids_of(fp)
+    labels = balanced_labels(classes, num_samples)
     use_classifier = uses_mnist_classifier(fp)
     sample = dict(seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                   batch_size=batch_size, progress=progress)
@@ -101,7 +102,7 @@ def run_benchmark(
               "state_dict_bytes": state_dict_bytes(fp.transformer)}
     fp_row.update(score_images(fp_images, labels, fp_images, use_classifier))
     rows = [fp_row]
-    grid_labels = [c for c in class_ids_of(fp)[:10] for _ in range(2)]
+    grid_labels = [c for c in classes[:10] for _ in range(2)]
     grid_rows = [generate_images(fp, grid_labels, **dict(sample, progress=False))] if grid else []
     id2label = {v: k for k, v in fp.labels.items()} if fp.labels else None
     outliers = outlier_summary(fp.transformer, id2label=id2label, scheduler_config=fp.scheduler.config,

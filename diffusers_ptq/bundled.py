@@ -38,10 +38,10 @@ def plant_outliers(transformer, channels_per_target: int = 4, factor_range: tupl
 
     gen = torch.Generator().manual_seed(seed)
     planted = {}
+    lo, hi = torch.log(torch.tensor(factor_range))
     for target in dit_smoothing_targets(transformer):
         width = transformer.get_submodule(target.consumers[0]).in_features
         channels = torch.randperm(width, generator=gen)[:channels_per_target]
-        lo, hi = torch.log(torch.tensor(factor_range))
         factors = torch.exp(lo + (hi - lo) * torch.rand(channels_per_target, generator=gen))
         s = torch.ones(width)
         s[channels] = 1 / factors
