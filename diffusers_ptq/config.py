@@ -18,6 +18,8 @@ DEFAULT_INCLUDE = (
 )
 ACT_RANGES = ("minmax", "percentile", "mse")
 SCHEDULERS = ("ddim", "ddpm")
+SSC_ROWS = ("sample", "timestep")
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 
 
 def _check(name: str, value, allowed) -> None:
@@ -35,6 +37,13 @@ class QuantConfig:
         the quantization MSE on sampled activations).
     smoothquant_alpha: None, or SmoothQuant's migration strength in [0, 1], folded offline.
     quantize_attention: also round the attention matmuls' inputs (Q, K, V to int8, softmax output to 8 bits).
+    csb_alpha: None, or PTQ4DiT's channel-wise salience balancing with B = (s(X)/s(W))^α (α = 0.5 in the paper),
+        folded offline. `ssc` weights the calibration rows by softmax(−Spearman ρ) (PTQ4DiT's SSC); False gives
+        every row the same weight (the paper's "CSB without SSC" ablation). `ssc_rows`: "sample" (one row per
+        timestep × calibration sample, as the official code) or "timestep" (one row per timestep).
+    weight_rounding: "nearest" (round to nearest) or "gptq" (error-compensating rounding from each layer's
+        input Hessian over the calibration run; `gptq_damp` is the damping as a fraction of the mean diagonal,
+        `gptq_act_order` processes columns by decreasing Hessian diagonal).
     """
 
     weight_bits: int = 8
@@ -44,6 +53,12 @@ class QuantConfig:
     percentile: float = 99.99
     smoothquant_alpha: float | None = None
     quantize_attention: bool = False
+    csb_alpha: float | None = None
+    ssc: bool = True
+    ssc_rows: str = "sample"
+    weight_rounding: str = "nearest"
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
     include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
     exclude: list[str] = field(default_factory=list)
     # calibration
@@ -60,6 +75,14 @@ class QuantConfig:
         _check("act_bits", self.act_bits, (8, None))
         _check("act_range", self.act_range, ACT_RANGES)
         _check("scheduler", self.scheduler, SCHEDULERS)
+        _check("ssc_rows", self.ssc_rows, SSC_ROWS)
+        _check("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
+        if self.smoothquant_alpha is not None and self.csb_alpha is not None:
+            raise ValueError("smoothquant_alpha and csb_alpha both set: choose one smoothing method (set the other to None)")
+        if self.csb_alpha is not None and not 0 <= self.csb_alpha <= 1:
+            raise ValueError(f"csb_alpha must be in [0, 1] or None, got {self.csb_alpha}")
+        if not 0 <= self.gptq_damp < 1:
+            raise ValueError(f"gptq_damp must be in [0, 1), got {self.gptq_damp}")
         if self.weight_group_size is not None:
             if self.weight_bits != 4:
                 raise ValueError("weight_group_size applies to weight_bits=4 only (8-bit weights are per channel)")
@@ -85,6 +108,10 @@ class QuantConfig:
         method = self.act_range if self.act_bits else "weight-only"
         if self.smoothquant_alpha is not None:
             method += f"+sq{self.smoothquant_alpha:g}"
+        if self.csb_alpha is not None:
+            method += f"+csb{'' if self.csb_alpha == 0.5 else f'{self.csb_alpha:g}'}{'+ssc' if self.ssc else ''}"
+        if self.weight_rounding != "nearest":
+            method += f"+{self.weight_rounding}"
         if self.quantize_attention:
             method += " +attn"
         return f"{bits} {method}"
