@@ -14,7 +14,7 @@ from torch import nn
 from diffusers_ptq.attention import install_quant_attention
 from diffusers_ptq.calibration import CalibrationStats, LayerStats, calibrate, select_linears
 from diffusers_ptq.config import QuantConfig
-from diffusers_ptq.methods import baselines
+from diffusers_ptq.methods import baselines, ptq4dit
 from diffusers_ptq.modules import quantize_linear
 from diffusers_ptq.reparam import SmoothingTarget, apply_smoothing, dit_smoothing_targets
 
@@ -39,23 +39,38 @@ def activation_range(stats: LayerStats, config: QuantConfig) -> torch.Tensor:
     return baselines.mse_range(stats.token_samples, bits=config.act_bits)
 
 
-def smooth(transformer: nn.Module, layers: dict[str, LayerStats], alpha: float,
+def smoothing_vector(stats: LayerStats, weights: list[torch.Tensor], config: QuantConfig) -> torch.Tensor:
+    """The per-channel divisor of one target's input: SmoothQuant's, or PTQ4DiT's balancing vector B."""
+    weight_sal = ptq4dit.weight_salience(*weights)
+    if config.smoothquant_alpha is not None:
+        return baselines.smoothquant_factors(stats.absmax.amax(dim=0), weight_sal, config.smoothquant_alpha)
+    rows = ptq4dit.salience_rows(stats.absmax, stats.sample_absmax, config.ssc_rows)
+    act_sal, _ = ptq4dit.activation_salience(rows, weight_sal, config.ssc)
+    return ptq4dit.balancing_vector(act_sal, weight_sal, config.csb_alpha)
+
+
+def smooth(transformer: nn.Module, layers: dict[str, LayerStats], config: QuantConfig,
            quantized: set[str]) -> dict[SmoothingTarget, torch.Tensor]:
-    """SmoothQuant on every target whose consumers are all quantized; updates `layers` to the smoothed inputs.
-    Returns the smoothing vector of each target."""
+    """Fold the configured smoothing into every target whose consumers are all quantized; updates `layers` to the
+    smoothed inputs. Returns the smoothing vector of each target."""
     modules = dict(transformer.named_modules())
     done = {}
     for target in dit_smoothing_targets(transformer):
         if not set(target.consumers) <= quantized:
             continue
-        act_absmax = layers[target.consumers[0]].absmax.amax(dim=0)  # over timesteps
-        weight_absmax = baselines.weight_input_absmax(*(modules[c].weight for c in target.consumers))
-        s = baselines.smoothquant_factors(act_absmax, weight_absmax, alpha)
+        s = smoothing_vector(layers[target.consumers[0]], [modules[c].weight for c in target.consumers], config)
         apply_smoothing(transformer, target, s)
         for c in target.consumers:
             layers[c] = layers[c].divided(s)
         done[target] = s
     return done
+
+
+def _salience_row_layers(transformer: nn.Module, config: QuantConfig) -> list[str]:
+    """Layers whose per-sample rows PTQ4DiT's SSC needs: the first consumer of each smoothing target."""
+    if config.csb_alpha is None or config.ssc_rows != "sample":
+        return []
+    return [target.consumers[0] for target in dit_smoothing_targets(transformer)]
 
 
 def rewrite_linears(transformer: nn.Module, config: QuantConfig, input_scales: dict[str, torch.Tensor | None]) -> None:
@@ -85,7 +100,8 @@ def quantize_transformer(
     targets = select_linears(transformer, config.include, config.exclude)
     if not targets:
         raise ValueError(f"no Linear layer matches include={config.include} exclude={config.exclude}")
-    needs_stats = config.act_bits is not None or config.smoothquant_alpha is not None
+    smoothing = config.smoothquant_alpha is not None or config.csb_alpha is not None
+    needs_stats = config.act_bits is not None or smoothing
     if config.quantize_attention:
         if stats is not None:
             raise ValueError("quantize_attention observes Q/K/V during calibration: do not pass precomputed stats")
@@ -96,13 +112,14 @@ def quantize_transformer(
             transformer, scheduler=config.scheduler, scheduler_config=scheduler_config,
             num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
             num_samples=config.num_samples, id2label=id2label, seed=config.seed, batch_size=config.batch_size,
-            include=list(targets), tokens_per_call=config.tokens_per_call if config.act_range != "minmax" else 0,
+            include=list(targets), sample_rows=_salience_row_layers(transformer, config),
+            tokens_per_call=config.tokens_per_call if config.act_range != "minmax" else 0,
             progress=progress,
         )
         report.calibration_seconds = time.time() - t_cal
     layers = dict(stats.layers) if stats is not None else {}
-    if config.smoothquant_alpha is not None:
-        smoothing = smooth(transformer, layers, config.smoothquant_alpha, set(targets))
+    if smoothing:
+        smoothing = smooth(transformer, layers, config, set(targets))
         report.smoothed_targets = [t.name for t in smoothing]
         for target, s in smoothing.items():
             if config.quantize_attention and target.kind == "value":  # V itself was divided by s

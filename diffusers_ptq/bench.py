@@ -39,6 +39,24 @@ def default_configs(**calibration) -> list[QuantConfig]:
     return rows
 
 
+def ptq4dit_configs(**calibration) -> list[QuantConfig]:
+    """PTQ4DiT beside the baselines it must beat, W8A8 and W4A8: min-max, SmoothQuant, CSB without SSC, CSB + SSC;
+    the same three with the attention matmuls quantized; and SSC over per-timestep rows at W4A8."""
+    rows = []
+    for weight_bits in (8, 4):
+        for attention in (False, True):
+            common = dict(weight_bits=weight_bits, act_bits=8, quantize_attention=attention, **calibration)
+            rows += [QuantConfig(**common), QuantConfig(smoothquant_alpha=0.5, **common)]
+            if not attention:
+                rows.append(QuantConfig(csb_alpha=0.5, ssc=False, **common))
+            rows.append(QuantConfig(csb_alpha=0.5, **common))
+    rows.append(QuantConfig(weight_bits=4, act_bits=8, csb_alpha=0.5, ssc_rows="timestep", **calibration))
+    return rows
+
+
+SUITES = {"baselines": default_configs, "ptq4dit": ptq4dit_configs}
+
+
 def state_dict_bytes(module: torch.nn.Module) -> int:
     """Bytes of the module's state dict tensors (quanto weights flattened into their int8/packed data and scales):
     the size of its safetensors file up to the small JSON header."""

@@ -24,6 +24,7 @@ def _sampling_args(parser: argparse.ArgumentParser, num_samples: int = 1000, see
     parser.add_argument("--batch-size", type=int, default=250)
 
 
+SUITES_NAMES = ("baselines", "ptq4dit")  # keys of bench.SUITES (not imported here: bench pulls in the engine)
 DEMO_CONFIGS = (dict(weight_bits=8, act_bits=8), dict(weight_bits=4, act_bits=8),
                 dict(weight_bits=4, act_bits=8, smoothquant_alpha=0.5))
 
@@ -71,11 +72,11 @@ def _load_image_folder(folder: str) -> torch.Tensor:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from diffusers_ptq.bench import default_configs, run_benchmark
+    from diffusers_ptq.bench import SUITES, run_benchmark
 
     calibration = dict(num_samples=args.calibration_samples, num_inference_steps=args.steps,
                        guidance_scale=args.guidance_scale, scheduler=args.scheduler)
-    configs = [c for c in default_configs(**calibration) if not args.only or any(o in c.label for o in args.only)]
+    configs = [c for c in SUITES[args.suite](**calibration) if not args.only or any(o in c.label for o in args.only)]
     result = run_benchmark(args.model, configs, scheduler=args.scheduler, num_samples=args.num_samples, seed=args.seeds[0],
                            num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                            batch_size=args.batch_size, output=args.output, grid=args.grid,
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="bundled")
     bench.add_argument("--output", default="results.json")
     bench.add_argument("--calibration-samples", type=int, default=32)
+    bench.add_argument("--suite", choices=sorted(SUITES_NAMES), default="baselines",
+                       help="which rows: the baselines grid, or PTQ4DiT beside min-max and SmoothQuant")
     bench.add_argument("--only", nargs="+", help="keep rows whose label contains one of these strings")
     bench.add_argument("--grid", help="also write a PNG: one row of samples per method, same noise")
     bench.add_argument("--dit-xl", action="store_true",

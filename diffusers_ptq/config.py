@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 # Every Linear of the blocks (attention, MLP), the adaLN modulation, and the final layer; not the
 # timestep/class embedders.
@@ -109,7 +111,7 @@ class QuantConfig:
         if self.smoothquant_alpha is not None:
             method += f"+sq{self.smoothquant_alpha:g}"
         if self.csb_alpha is not None:
-            method += f"+csb{'' if self.csb_alpha == 0.5 else f'{self.csb_alpha:g}'}{'+ssc' if self.ssc else ''}"
+            method += f"+csb{'' if self.csb_alpha == 0.5 else f'{self.csb_alpha:g}'}{('+ssc' if self.ssc_rows == 'sample' else '+ssc(t)') if self.ssc else ''}"
         if self.weight_rounding != "nearest":
             method += f"+{self.weight_rounding}"
         if self.quantize_attention:
@@ -118,3 +120,278 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers-facing configs: one class per method, on diffusers' QuantizationConfigMixin.
+# ---------------------------------------------------------------------------------------------------------------
+
+import copy  # noqa: E402
+import enum  # noqa: E402
+from typing import Any, ClassVar  # noqa: E402
+
+from diffusers.quantizers import PipelineQuantizationConfig  # noqa: E402
+from diffusers.quantizers.quantization_config import QuantizationConfigMixin  # noqa: E402
+
+# Method name -> config class. `quantizer.py` registers every entry with diffusers (and transformers) on
+# `import diffusers_ptq`; `register_method` adds new ones (see quantizer.register_method).
+METHODS: dict[str, type["DiffusersPTQConfig"]] = {}
+# The pipeline component a bare config quantizes when passed to `DiffusionPipeline.from_pretrained`.
+PIPELINE_COMPONENT = "transformer"
+# quant_method as written into a saved config.json: diffusers' "Unknown quantization type, got <this>" error then
+# tells a process that has not imported the plugin what to do.
+SAVED_METHOD_TEMPLATE = "{name} (requires `import diffusers_ptq`)"
+
+# Options shared by every method: bits, activation range, rounding, layer selection, calibration.
+COMMON_OPTIONS: dict[str, Any] = dict(
+    weight_bits=8,
+    act_bits=8,
+    weight_group_size=None,
+    act_range="minmax",
+    percentile=99.99,
+    quantize_attention=False,
+    weight_rounding="nearest",
+    gptq_damp=0.01,
+    gptq_act_order=True,
+    include=list(DEFAULT_INCLUDE),
+    exclude=[],
+    scheduler="ddim",
+    num_inference_steps=50,
+    guidance_scale=1.5,
+    num_samples=32,
+    class_labels=None,
+    seed=0,
+    batch_size=16,
+    tokens_per_call=64,
+)
+
+
+def saved_method_name(name: str) -> str:
+    return SAVED_METHOD_TEMPLATE.format(name=name)
+
+
+def register_config(cls: type["DiffusersPTQConfig"]) -> type["DiffusersPTQConfig"]:
+    """Class decorator: add a config class to METHODS under `cls.method` (diffusers registration: quantizer.py)."""
+    name = cls.method
+    if not name or not isinstance(name, str):
+        raise ValueError(f"{cls.__name__}.method must be a non-empty string")
+    if name in METHODS and METHODS[name] is not cls:
+        raise ValueError(f"method {name!r} is already registered by {METHODS[name].__name__}")
+    # diffusers reads `quant_method.value`: a str Enum member, one enum per method so that methods stay addable.
+    cls.quant_method_member = enum.Enum(f"{cls.__name__}Method", {name.upper().replace("-", "_"): name}, type=str)[
+        name.upper().replace("-", "_")]
+    METHODS[name] = cls
+    return cls
+
+
+class DiffusersPTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
+    """Base of the diffusers quantization configs: the engine's options plus calibration settings.
+
+    Common options (defaults in `COMMON_OPTIONS`): weight_bits (8 | 4), act_bits (8 | None), weight_group_size
+    (None = per output channel, 4-bit only), act_range ("minmax" | "percentile" | "mse"), percentile,
+    quantize_attention, weight_rounding ("nearest" | "gptq"), gptq_damp, gptq_act_order, include / exclude (fnmatch
+    patterns on Linear names), and calibration: scheduler ("ddim" | "ddpm"), num_inference_steps, guidance_scale,
+    num_samples, class_labels (None = balanced over all the model's classes; else the classes to draw the
+    num_samples labels from, cycling), seed, batch_size, tokens_per_call.
+
+    The same object is a model-level config (`DiTTransformer2DModel.from_pretrained(..., quantization_config=cfg)`,
+    `PipelineQuantizationConfig(quant_mapping={"transformer": cfg})`) and, through PipelineQuantizationConfig, a
+    pipeline-level one that applies to the pipeline's "transformer" component only
+    (`DiTPipeline.from_pretrained(..., quantization_config=cfg)`).
+    """
+
+    method: ClassVar[str] = ""
+    OPTIONS: ClassVar[dict[str, Any]] = {}  # method-specific options and their defaults
+    quant_method_member: ClassVar[enum.Enum]
+
+    def __init__(self, **kwargs):
+        method = kwargs.pop("quant_method", None)
+        if not type(self).method or METHODS.get(type(self).method) is not type(self):
+            raise TypeError(f"{type(self).__name__} is not a registered method config (use a subclass such as "
+                            f"{', '.join(c.__name__ for c in METHODS.values())})")
+        if method is not None and str(getattr(method, "value", method)) not in (self.method,
+                                                                              saved_method_name(self.method)):
+            raise ValueError(f"quant_method={method!r} does not match {type(self).__name__} ({self.method!r})")
+        allowed = self.option_names()
+        unknown = sorted(k for k in kwargs if k not in allowed)
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown option(s) {unknown}; allowed options: {sorted(allowed)}")
+        self.quant_method = self.quant_method_member
+        for name, default in {**COMMON_OPTIONS, **self.OPTIONS}.items():
+            value = kwargs.get(name, default)
+            setattr(self, name, copy.deepcopy(list(value) if isinstance(value, tuple) else value))
+        self.validate()
+
+    # --- options -------------------------------------------------------------------------------------------------
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return list({**COMMON_OPTIONS, **cls.OPTIONS})
+
+    def options(self) -> dict[str, Any]:
+        return {name: copy.deepcopy(getattr(self, name)) for name in self.option_names()}
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and the allowed values."""
+        self._engine_fields()  # QuantConfig validates the shared fields
+        labels = self.class_labels
+        if labels is not None:
+            if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
+                raise ValueError(f"class_labels must be None or a list of class ids (ints >= 0), got {labels!r}")
+            labels = list(labels)
+            if not labels or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in labels):
+                raise ValueError(f"class_labels must be None or a non-empty list of class ids (ints >= 0), got {labels!r}")
+            self.class_labels = labels
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise ValueError(f"{name} must be a list of fnmatch patterns (strings), got {value!r}")
+            setattr(self, name, list(value))
+
+    def _engine_fields(self) -> QuantConfig:
+        """QuantConfig from every option that is one of its fields (method options included: csb_alpha, ...)."""
+        return QuantConfig(**{k: v for k, v in self.options().items() if k in QuantConfig.__dataclass_fields__})
+
+    def to_quant_config(self) -> QuantConfig:
+        """The engine's settings (`diffusers_ptq.api.quantize_transformer`)."""
+        return self._engine_fields()
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.to_quant_config().label}"
+
+    # --- JSON ----------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": saved_method_name(self.method), **self.options()}
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        defaults = {**COMMON_OPTIONS, **self.OPTIONS}
+        return {"quant_method": self.method,
+                **{k: v for k, v in self.options().items() if v != defaults[k]}}
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.to_dict() == self.to_dict()
+
+    __hash__ = None
+
+    # --- the pipeline-level form ---------------------------------------------------------------------------------
+    def _resolve_quant_config(self, is_diffusers: bool = True, module_name: str | None = None):
+        """DiffusionPipeline.from_pretrained asks this for each component: the transformer gets this config."""
+        return self if is_diffusers and module_name == PIPELINE_COMPONENT else None
+
+
+@register_config
+class PTQ4DiTConfig(DiffusersPTQConfig):
+    """PTQ4DiT (Wu et al., NeurIPS 2024): channel-wise salience balancing with migration strength `csb_alpha`
+    (0.5 in the paper), weighted over calibration rows by Spearman-ρ salience calibration (`ssc`; False is the
+    paper's "CSB without SSC" ablation), folded offline into adaLN / to_v. `ssc_rows`: "sample" | "timestep"."""
+
+    method = "ptq4dit"
+    OPTIONS = dict(csb_alpha=0.5, ssc=True, ssc_rows="sample")
+
+    def validate(self) -> None:
+        if self.csb_alpha is None:
+            raise ValueError("csb_alpha must be a number in [0, 1] for PTQ4DiTConfig (use BaselineConfig for no "
+                             "balancing)")
+        if not isinstance(self.ssc, bool):
+            raise ValueError(f"ssc must be True or False, got {self.ssc!r}")
+        super().validate()
+
+
+@register_config
+class BaselineConfig(DiffusersPTQConfig):
+    """Baselines: per-tensor activation ranges by `act_range` ("minmax" | "percentile" | "mse"), optionally with
+    SmoothQuant folded offline (`smoothquant_alpha` in [0, 1], None = off)."""
+
+    method = "baseline"
+    OPTIONS = dict(smoothquant_alpha=None)
+
+
+HTG_LINKAGES = ("ward", "centroid", "average")
+
+
+@register_config
+class HTGConfig(DiffusersPTQConfig):
+    """HTG (hierarchical timestep grouping). NOT IMPLEMENTED YET: the engine lands with issue #5. The config can be
+    built, validated, saved and put in recipes; quantizing with it raises NotImplementedError.
+
+    Options (provisional, from the design brief; issue #5 may refine them): num_groups (None = ⌊T/10⌋), linkage
+    ("ward" | "centroid" | "average"), ema_alpha (0 < α < 1, 0.99), migration_alpha (None = the paper's
+    s = m / max|W|, else a SmoothQuant-style strength in [0, 1]), shift / scale (the paper's ablation switches).
+    """
+
+    method = "htg"
+    OPTIONS = dict(num_groups=None, linkage="ward", ema_alpha=0.99, migration_alpha=None, shift=True, scale=True)
+
+    def validate(self) -> None:
+        _check("linkage", self.linkage, HTG_LINKAGES)
+        if self.num_groups is not None and (not isinstance(self.num_groups, int) or self.num_groups <= 0):
+            raise ValueError(f"num_groups must be a positive int or None, got {self.num_groups!r}")
+        if not 0 < self.ema_alpha < 1:
+            raise ValueError(f"ema_alpha must be in (0, 1), got {self.ema_alpha}")
+        if self.migration_alpha is not None and not 0 <= self.migration_alpha <= 1:
+            raise ValueError(f"migration_alpha must be in [0, 1] or None, got {self.migration_alpha}")
+        if not (self.shift or self.scale):
+            raise ValueError("shift and scale are both False: HTG needs at least one of them")
+        super().validate()
+
+    def to_quant_config(self) -> QuantConfig:
+        raise NotImplementedError("HTG is not implemented yet: the engine lands with issue #5. Use PTQ4DiTConfig or "
+                                  "BaselineConfig meanwhile.")
+
+
+def config_from_dict(data: dict) -> DiffusersPTQConfig:
+    """A config from `to_dict()` output, a saved config.json's quantization_config, or a recipe's
+    {"method": name, ...options}."""
+    data = dict(data)
+    name = data.pop("method", None) or data.get("quant_method")
+    name = str(getattr(name, "value", name))
+    for method, cls in METHODS.items():
+        if name in (method, saved_method_name(method)):
+            return cls(**data)
+    raise ValueError(f"unknown method {name!r}; allowed values: {sorted(METHODS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipes (YAML)
+# ---------------------------------------------------------------------------------------------------------------
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPE_KEYS = ("name", "description", "model", "method", "requires", "config")
+
+
+def resolve_recipe(path_or_name: str | os.PathLike) -> Path:
+    """A recipe file: an existing path, or the name of one in the repository's recipes/ folder."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    for candidate in (RECIPE_DIR / path.name, RECIPE_DIR / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")) if RECIPE_DIR.is_dir() else []
+    raise FileNotFoundError(f"recipe {str(path_or_name)!r} not found (a path, or one of {known})")
+
+
+def read_recipe(path_or_name: str | os.PathLike) -> dict:
+    """The recipe as a dict: name, description, model, method, requires (None or what it waits for), config."""
+    import yaml
+
+    path = resolve_recipe(path_or_name)
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe is a YAML mapping with keys {list(RECIPE_KEYS)}")
+    unknown = sorted(set(data) - set(RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown recipe key(s) {unknown}; allowed: {list(RECIPE_KEYS)}")
+    if data.get("method") not in METHODS:
+        raise ValueError(f"{path}: method={data.get('method')!r}; allowed values: {sorted(METHODS)}")
+    if not isinstance(data.get("config", {}), dict):
+        raise ValueError(f"{path}: config must be a mapping of options")
+    return {"name": data.get("name", path.stem), "description": data.get("description", ""),
+            "model": data.get("model"), "method": data["method"], "requires": data.get("requires"),
+            "config": dict(data.get("config") or {}), "path": str(path)}
+
+
+def load_recipe(path_or_name: str | os.PathLike, **overrides) -> DiffusersPTQConfig:
+    """The quantization config a recipe describes (options validated); keyword overrides win over the file."""
+    recipe = read_recipe(path_or_name)
+    return METHODS[recipe["method"]](**{**recipe["config"], **overrides})
