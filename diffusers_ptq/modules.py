@@ -12,11 +12,15 @@ first use, ~40-70 s and a compiler needed) with the equivalent pure-torch functi
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from optimum.quanto import QLinear, qint4, qint8
 
 from diffusers_ptq.kernels import KERNELS, default_kernel
+
+if TYPE_CHECKING:
+    from diffusers_ptq.rounding import RoundedWeight
 
 WEIGHT_QTYPES = {8: qint8, 4: qint4}
 
@@ -71,11 +75,13 @@ class QuantLinear(QLinear):
 
 
 def quantize_linear(linear: torch.nn.Linear, weight_bits: int, input_scale: float | torch.Tensor | None,
-                    group_size: int | None = None) -> QuantLinear:
+                    group_size: int | None = None, rounded: RoundedWeight | None = None) -> QuantLinear:
     """A frozen QuantLinear from a float Linear.
 
     weight_bits 8: symmetric per-output-channel qint8. weight_bits 4: quanto's affine qint4, per output channel
     (group_size None) or in groups of group_size input channels. input_scale None: weight-only (A16).
+    rounded: integer codes and scales from `rounding` (e.g. GPTQ) stored as the quanto weight as they are,
+    instead of rounding the float weight to nearest; same format, same bits, same group size.
     """
     if weight_bits not in WEIGHT_QTYPES:
         raise ValueError(f"weight_bits must be 8 or 4, got {weight_bits!r}")
@@ -93,6 +99,31 @@ def quantize_linear(linear: torch.nn.Linear, weight_bits: int, input_scale: floa
         if not (scale > 0 and torch.isfinite(scale)):
             raise ValueError(f"input_scale must be a positive finite number, got {float(scale)}")
         module.input_scale = scale.reshape(())
+    if rounded is not None:
+        module.weight = torch.nn.Parameter(_quanto_weight(rounded, module), requires_grad=False)
     module.freeze()
     module.requires_grad_(False)
     return module
+
+
+def _quanto_weight(rounded: RoundedWeight, module: QuantLinear):
+    """The quanto weight tensor holding `rounded`'s integer codes, scale and shift as they are (no rounding)."""
+    from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor
+
+    shape = (module.out_features, module.in_features)
+    if rounded.bits != module.weight_qtype.bits or rounded.group_size != module.weight_group_size:
+        raise ValueError(f"rounded weight is {rounded.bits}-bit with group_size {rounded.group_size}, the module "
+                         f"{module.weight_qtype.bits}-bit with group_size {module.weight_group_size}")
+    if tuple(rounded.data.shape) != shape:
+        raise ValueError(f"rounded weight of shape {tuple(rounded.data.shape)} for a Linear of shape {shape}")
+    device, dtype = module.weight.device, module.weight.dtype
+    size, stride = module.weight.size(), module.weight.stride()
+    scale = rounded.scale.to(device=device, dtype=dtype)
+    if rounded.bits == 8:
+        data = rounded.data.to(device=device, dtype=torch.int8)
+        return WeightQBytesTensor.create(qint8, 0, size, stride, data, scale, activation_qtype=module.activation_qtype)
+    data = rounded.data.to(device=device, dtype=torch.uint8)
+    if rounded.group_size is not None:
+        data = data.reshape(-1, rounded.group_size)  # quanto's grouped layout for axis 0
+    shift = rounded.shift.to(device=device, dtype=dtype)
+    return WeightQBitsTensor.create(qint4, 0, rounded.group_size, size, stride, data, scale, shift)

@@ -1,0 +1,326 @@
+"""Weight rounding that learns from calibration data: GPTQ (second-order error compensation).
+
+Pure functions, tensors in, tensors out (no project imports):
+
+- `HessianRecorder`: forward pre-hooks that stream each Linear's input Hessian H = Σ xᵀx (mean over rows,
+  optionally weighted per timestep) without storing activations.
+- `scale_hessian` / `shift_hessian`: the Hessian of X / s (of X − z) from that of X (and its mean): smoothing
+  happens between calibration and rounding.
+- `nearest_round` / `gptq_round`: one weight matrix onto quanto's grid (8-bit symmetric per output channel,
+  4-bit affine per channel or per group of input channels), returned as a `RoundedWeight` that holds the
+  integer codes, the scales (and shifts) in quanto's layout and the float weight they dequantize to.
+- `gptq_quantize_weights`: GPTQ for a dict of Linears, the one call the pipeline makes.
+
+The grid (scale, shift) of a row or group comes from the ORIGINAL weight with quanto's own formulas, so a GPTQ
+weight is stored in exactly the format round-to-nearest uses; GPTQ only chooses different integers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["HessianRecorder", "RoundedWeight", "scale_hessian", "shift_hessian", "quant_grid", "nearest_round", "gptq_round",
+           "gptq_quantize_weights"]
+
+
+# --------------------------------------------------------------------------------------------- Hessians
+
+class HessianRecorder:
+    """Context manager: per Linear, the mean input Hessian H = Σ w·xᵀx / Σ w over every row of every call.
+
+    `layers`: {name: nn.Linear}. Rows are the input flattened to [-1, in_features] (all tokens of all samples).
+    `weight_fn(timestep) -> float | Tensor[B]`: optional per-call or per-sample weight from the transformer's
+    timestep (read by a forward pre-hook on `transformer`, keyword `timestep` or 2nd positional argument);
+    a per-sample weight must have one entry per leading (batch) index of the Linear's input.
+    `dtype`: accumulator dtype (float32 default; float64 for very long calibration runs).
+    The accumulators live on the input's device; `hessians()` returns them on CPU in float32.
+    """
+
+    def __init__(self, layers: dict[str, nn.Linear], weight_fn: Callable[[torch.Tensor], float | torch.Tensor] | None = None,
+                 transformer: nn.Module | None = None, dtype: torch.dtype = torch.float32):
+        if weight_fn is not None and transformer is None:
+            raise ValueError("weight_fn needs the transformer (its forward pre-hook reads the timestep)")
+        self.layers = layers
+        self.weight_fn = weight_fn
+        self.transformer = transformer
+        self.dtype = dtype
+        self.sums: dict[str, torch.Tensor] = {}    # Σ w·xᵀx
+        self.firsts: dict[str, torch.Tensor] = {}  # Σ w·x (for `means`)
+        self.counts: dict[str, float] = {name: 0.0 for name in layers}  # Σ w over rows
+        self._weight: float | torch.Tensor = 1.0
+        self._handles: list = []
+
+    def __enter__(self) -> "HessianRecorder":
+        if self.transformer is not None and self.weight_fn is not None:
+            self._handles.append(self.transformer.register_forward_pre_hook(self._timestep_hook, with_kwargs=True))
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_pre_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _timestep_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if timestep is None:
+            raise ValueError("HessianRecorder: the transformer was called without a timestep")
+        self._weight = self.weight_fn(torch.as_tensor(timestep))
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.add(name, args[0])
+
+        return hook
+
+    @torch.no_grad()
+    def add(self, name: str, x: torch.Tensor, weight: float | torch.Tensor | None = None) -> None:
+        """Accumulate the rows of one input x [..., in] (weight: scalar or per leading index; default: current)."""
+        weight = self._weight if weight is None else weight
+        rows = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        weighted = rows
+        total = float(rows.shape[0])
+        if torch.is_tensor(weight) and weight.numel() > 1:
+            w = weight.to(device=x.device, dtype=self.dtype).reshape(-1)
+            if x.ndim < 2 or w.numel() != x.shape[0]:
+                raise ValueError(f"per-sample weight of {w.numel()} entries for an input of shape {tuple(x.shape)}")
+            per_row = w.repeat_interleave(rows.shape[0] // x.shape[0])
+            weighted = rows * per_row[:, None]
+            total = float(per_row.sum())
+        else:
+            w = float(weight)
+            if w != 1.0:
+                weighted = rows * w
+            total *= w
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=self.dtype, device=x.device)
+            self.firsts[name] = torch.zeros(x.shape[-1], dtype=self.dtype, device=x.device)
+        self.sums[name].addmm_(weighted.T, rows)
+        self.firsts[name] += weighted.sum(0)
+        self.counts[name] += total
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        """{name: Σ w·xᵀx / Σ w} on CPU, float32 (layers that saw no input are left out)."""
+        return {name: (h / self.counts[name]).float().cpu() for name, h in self.sums.items()}
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """{name: Σ w·x / Σ w}: the (weighted) mean input, for transforms that also shift the input."""
+        return {name: (m / self.counts[name]).float().cpu() for name, m in self.firsts.items()}
+
+
+def scale_hessian(hessian: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The Hessian of X / s (per input channel) from the Hessian H of X: H / (s sᵀ)."""
+    s = s.to(hessian.dtype).reshape(-1)
+    return hessian / (s[:, None] * s[None, :])
+
+
+def shift_hessian(hessian: torch.Tensor, mean: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The Hessian of X − z from the Hessian H and the mean μ of X: H − z μᵀ − μ zᵀ + z zᵀ.
+
+    For a shift that varies by timestep group (HTG), record one Hessian and mean per group and combine the
+    shifted ones weighted by each group's row count."""
+    z = z.to(hessian.dtype).reshape(-1, 1)
+    mean = mean.to(hessian.dtype).reshape(-1, 1)
+    return hessian - z @ mean.T - mean @ z.T + z @ z.T
+
+
+# --------------------------------------------------------------------------------------------- the grid
+
+@dataclass
+class RoundedWeight:
+    """A weight on quanto's grid: what a quanto weight tensor holds, plus the float weight it stands for.
+
+    data: integer codes [out, in] in the original column order (int8 in [-128, 127] for 8 bits, uint8 in
+    [0, 15] for 4 bits). scale / shift: quanto's layout, [out, 1] per channel or [out * in / group_size, 1]
+    per group; shift (4-bit only) is -min, dequantized = scale * data - shift. weight: the dequantized
+    weight [out, in] in the original dtype, computed with quanto's operations (bit-identical to it).
+    """
+
+    weight: torch.Tensor
+    data: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor | None
+    bits: int
+    group_size: int | None
+
+
+def _check_format(weight: torch.Tensor, bits: int, group_size: int | None) -> None:
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    if group_size is not None:
+        if bits == 8:
+            raise ValueError("group_size applies to 4-bit weights only; 8-bit weights are per output channel")
+        if group_size <= 0 or weight.shape[1] % group_size:
+            raise ValueError(f"group_size {group_size} must divide in_features={weight.shape[1]}")
+
+
+def quant_grid(weight: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """quanto's (scale, shift) for a weight, with its formulas and in its layout and dtype.
+
+    8 bits: scale = max|row| / 127, no shift. 4 bits: over each row (or group of group_size inputs),
+    scale = (max - min) / 15 and shift = -min.
+    """
+    _check_format(weight, bits, group_size)
+    if bits == 8:
+        return weight.abs().amax(dim=1, keepdim=True) / 127, None
+    rows = weight.reshape(-1, group_size) if group_size else weight
+    lo, hi = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
+    return (hi - lo) / 15, -lo
+
+
+def _per_group(t: torch.Tensor, out_features: int) -> torch.Tensor:
+    """quanto-layout scale/shift [out * groups, 1] -> [out, groups]."""
+    return t.reshape(out_features, -1)
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Round to the grid as quanto does (float codes): 8 bits round(w/s) in [-128, 127]; 4 bits
+    round((w + shift)/s) in [0, 15]. A zero scale (an all-zero row, a constant group) gives code 0."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    if bits == 8:
+        q = torch.clamp(torch.round(w / safe), -128, 127)
+    else:
+        q = torch.clamp(torch.round((w + shift) / safe), 0, 15)
+    return torch.where(scale == 0, torch.zeros_like(q), q)
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """scale * codes (- shift), elementwise with broadcasting: the value a code stands for."""
+    w = scale * codes
+    return w if shift is None else w - shift
+
+
+def _rounded(codes: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None, bits: int,
+             group_size: int | None) -> RoundedWeight:
+    """Package codes [out, in] (float) with quanto-layout scale/shift, dequantizing exactly as quanto does."""
+    out_features, in_features = codes.shape
+    if bits == 8:
+        data = codes.to(torch.int8)
+        weight = scale * data
+    else:
+        data = codes.to(torch.uint8)
+        grouped = data.reshape(-1, group_size) if group_size else data
+        weight = (scale * grouped - shift).reshape(out_features, in_features)
+    return RoundedWeight(weight=weight, data=data, scale=scale, shift=shift, bits=bits, group_size=group_size)
+
+
+def nearest_round(weight: torch.Tensor, bits: int, group_size: int | None = None) -> RoundedWeight:
+    """Round to nearest on quanto's grid (what quanto's own freeze stores)."""
+    scale, shift = quant_grid(weight, bits, group_size)
+    out_features = weight.shape[0]
+    cols = _column_groups(weight.shape[1], group_size, weight.device)
+    s = _per_group(scale, out_features)[:, cols]
+    z = None if shift is None else _per_group(shift, out_features)[:, cols]
+    return _rounded(_codes(weight, s, z, bits), scale, shift, bits, group_size)
+
+
+def _column_groups(in_features: int, group_size: int | None, device: torch.device) -> torch.Tensor:
+    """For each input column, the index of its group (all 0 per channel)."""
+    cols = torch.arange(in_features, device=device)
+    return cols // group_size if group_size else torch.zeros_like(cols)
+
+
+# --------------------------------------------------------------------------------------------- GPTQ
+
+def _prepare_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dead inputs (zero diagonal) get H_jj = 1, then damp · mean(diag) is added to the diagonal.
+
+    A dead column has no off-diagonal entries either, so it is decoupled: it is rounded to nearest and its
+    error moves nothing. Returns (damped H, dead mask)."""
+    h = hessian.clone()
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag += damp * diag.mean()
+    return h, dead
+
+
+def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
+    """U upper-triangular with H⁻¹ = Uᵀ U; if H is not numerically positive definite, damp 10x harder."""
+    mean_diag = torch.diagonal(h).mean()
+    extra = 0.0
+    for _ in range(8):
+        damped = h if extra == 0 else h + extra * mean_diag * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            chol_inv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if info == 0:
+                return chol_inv
+        extra = 1e-6 if extra == 0 else extra * 10
+    raise RuntimeError("GPTQ: the Hessian is not positive definite even with heavy damping")
+
+
+@torch.no_grad()
+def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
+               damp: float = 0.01, act_order: bool = True, block_size: int = 128,
+               dtype: torch.dtype = torch.float32) -> RoundedWeight:
+    """GPTQ rounding of weight [out, in] with the input Hessian [in, in] onto quanto's grid.
+
+    Columns are rounded one at a time (in order of decreasing H_jj with act_order) and each one's error is
+    spread over the columns not yet rounded, through the Cholesky factor of the inverse (damped) Hessian,
+    lazily in blocks of block_size columns. The grid of each row / group is fixed beforehand from the
+    original weight in the original column order (GPTQ's "static groups"), so act_order keeps quanto's format.
+    `dtype` is the working precision of the updates (the Hessian is factorized in float64).
+    """
+    _check_format(weight, bits, group_size)
+    out_features, in_features = weight.shape
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} for a weight of shape {tuple(weight.shape)}")
+    device = weight.device
+    scale, shift = quant_grid(weight, bits, group_size)
+    scale_g = _per_group(scale, out_features).to(dtype)
+    shift_g = None if shift is None else _per_group(shift, out_features).to(dtype)
+    groups = _column_groups(in_features, group_size, device)
+
+    h, _ = _prepare_hessian(hessian.to(device=device, dtype=torch.float64), damp)
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(in_features, device=device)
+    u = _inverse_cholesky_upper(h[perm][:, perm]).to(dtype)
+    del h
+
+    col_group = groups[perm].tolist()
+    # transposed: one row per input column, so a column's values are contiguous
+    w = weight.to(dtype).T[perm].contiguous()
+    scale_t = scale_g.T.contiguous()
+    shift_t = None if shift_g is None else shift_g.T.contiguous()
+    codes = torch.zeros_like(w)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        w1, u1 = w[i1:i2].clone(), u[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            g = col_group[i1 + i]
+            s = scale_t[g]
+            z = None if shift_t is None else shift_t[g]
+            q = _codes(w1[i], s, z, bits)
+            codes[i1 + i] = q
+            err = (w1[i] - _dequantize(q, s, z)) / u1[i, i]
+            w1[i:] -= u1[i, i:, None] * err[None, :]
+            err1[i] = err
+        w[i2:] -= u[i1:i2, i2:].T @ err1
+    codes = codes[torch.argsort(perm)].T.contiguous()
+    return _rounded(codes, scale, shift, bits, group_size)
+
+
+def gptq_quantize_weights(linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor], weight_bits: int,
+                          group_size: int | None = None, damp: float = 0.01, act_order: bool = True,
+                          progress: bool = True, block_size: int = 128) -> dict[str, RoundedWeight]:
+    """GPTQ for every Linear: {name: RoundedWeight} to hand to `modules.quantize_linear(..., rounded=...)`.
+
+    The Linears must already hold their final (smoothed) float weights, and the Hessians must be those of
+    their final inputs (see `scale_hessian`). Weights stay untouched.
+    """
+    from tqdm.auto import tqdm
+
+    missing = sorted(set(linears) - set(hessians))
+    if missing:
+        raise KeyError(f"no Hessian for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return {name: gptq_round(linear.weight.detach(), hessians[name], weight_bits, group_size, damp=damp,
+                             act_order=act_order, block_size=block_size)
+            for name, linear in tqdm(linears.items(), desc="GPTQ", disable=not progress)}

@@ -1,0 +1,254 @@
+"""GPTQ rounding (diffusers_ptq.rounding) and the quanto weights built from it (modules.quantize_linear)."""
+
+import pytest
+import torch
+
+from diffusers_ptq.modules import quantize_linear
+from diffusers_ptq.rounding import (HessianRecorder, gptq_quantize_weights, gptq_round, nearest_round, quant_grid,
+                                    scale_hessian, shift_hessian)
+
+FORMATS = [(8, None), (4, None), (4, 16)]
+
+
+def _correlated_inputs(n, d, seed=0):
+    """Rows with correlated channels of different magnitudes and a non-zero mean (like real activations)."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=gen) / d**0.5 + torch.eye(d)
+    gains = torch.logspace(-1, 1, d)[torch.randperm(d, generator=gen)]
+    return (torch.randn(n, d, generator=gen) @ mix + 0.5) * gains
+
+
+def _layer(out_features, in_features, seed=1):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(in_features, out_features)
+
+
+def _output_error(x, w, w_hat):
+    return float(((x @ (w - w_hat).T) ** 2).sum())
+
+
+# ------------------------------------------------------------------- a direct reference, column by column
+
+def _reference_grid(w, bits, group_size):
+    """Per-column scale and shift [out, in], from the original weight (quanto's formulas, written out)."""
+    if bits == 8:
+        return (w.abs().amax(1, keepdim=True) / 127).expand_as(w), None
+    g = group_size or w.shape[1]
+    groups = w.reshape(w.shape[0], -1, g)
+    lo, hi = groups.amin(2, keepdim=True), groups.amax(2, keepdim=True)
+    return ((hi - lo) / 15).expand_as(groups).reshape(w.shape), (-lo).expand_as(groups).reshape(w.shape)
+
+
+def _reference_gptq(w, hessian, bits, group_size, damp, act_order):
+    """Naive GPTQ: round column j, e = (w_j - q_j) / [H⁻¹]_jj, w_k -= e [H⁻¹]_jk for the columns left,
+    then remove j from H⁻¹ by the Schur complement. Returns the integer codes [out, in]."""
+    scale, shift = _reference_grid(w, bits, group_size)
+    scale = scale.double()
+    shift = None if shift is None else shift.double()
+    w = w.double().clone()
+    h = hessian.double().clone()
+    n = h.shape[0]
+    for j in range(n):
+        if h[j, j] == 0:
+            h[j, j] = 1.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(n, dtype=torch.float64)
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True).tolist() if act_order else list(range(n))
+    hinv = torch.linalg.inv(h)
+    codes = torch.zeros_like(w)
+    for step, j in enumerate(order):
+        if bits == 8:
+            q = torch.clamp(torch.round(w[:, j] / scale[:, j]), -128, 127)
+            value = q * scale[:, j]
+        else:
+            q = torch.clamp(torch.round((w[:, j] + shift[:, j]) / scale[:, j]), 0, 15)
+            value = q * scale[:, j] - shift[:, j]
+        codes[:, j] = q
+        e = (w[:, j] - value) / hinv[j, j]
+        for k in order[step + 1:]:
+            w[:, k] -= e * hinv[j, k]
+        hinv = hinv - torch.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
+    return codes
+
+
+@pytest.mark.parametrize("bits,group_size", FORMATS + [(4, 4)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_matches_naive_reference_on_tiny_layer(bits, group_size, act_order):
+    w = _layer(6, 32).weight.detach()
+    x = _correlated_inputs(200, 32)
+    h = x.T @ x / len(x)
+    expected = _reference_gptq(w, h, bits, group_size, damp=0.01, act_order=act_order)
+    # block_size 5 does not divide 32: the lazy block updates and the ragged last block are exercised
+    got = gptq_round(w, h, bits, group_size, damp=0.01, act_order=act_order, block_size=5, dtype=torch.float64)
+    assert torch.equal(got.data.double(), expected)
+    # in float32 the working precision may flip a code sitting on a rounding boundary, no more
+    got32 = gptq_round(w, h, bits, group_size, damp=0.01, act_order=act_order, block_size=5)
+    assert (got32.data.double() != expected).float().mean() < 0.01
+
+
+# ------------------------------------------------------------------- GPTQ beats round-to-nearest
+
+@pytest.mark.parametrize("bits,group_size", FORMATS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_output_error_lower_than_nearest(bits, group_size, act_order):
+    w = _layer(48, 64).weight.detach()
+    x = _correlated_inputs(1024, 64)
+    h = x.T @ x / len(x)
+    nearest = nearest_round(w, bits, group_size)
+    gptq = gptq_round(w, h, bits, group_size, act_order=act_order)
+    err_nearest, err_gptq = _output_error(x, w, nearest.weight), _output_error(x, w, gptq.weight)
+    assert err_gptq < 0.8 * err_nearest, (err_gptq, err_nearest)
+    # same grid as round-to-nearest: only the integers differ
+    torch.testing.assert_close(gptq.scale, nearest.scale, rtol=0, atol=0)
+    assert (gptq.shift is None) == (nearest.shift is None)
+    assert not torch.equal(gptq.data, nearest.data)
+
+
+def test_gptq_is_deterministic():
+    w = _layer(32, 64).weight.detach()
+    x = _correlated_inputs(300, 64)
+    h = x.T @ x / len(x)
+    a, b = gptq_round(w, h, 4, 16), gptq_round(w.clone(), h.clone(), 4, 16)
+    assert torch.equal(a.data, b.data) and torch.equal(a.weight, b.weight)
+
+
+def test_dead_inputs_constant_groups_and_zero_rows():
+    w = _layer(8, 32).weight.detach().clone()
+    w[3] = 0.0                # all-zero row: zero scale
+    w[5, :16] = 0.25          # constant group: zero scale, its value is the group's min
+    x = _correlated_inputs(200, 32)
+    x[:, [2, 17]] = 0.0       # dead inputs: zero row and column in H
+    h = x.T @ x / len(x)
+    for bits, group_size in FORMATS:
+        got = gptq_round(w, h, bits, group_size)
+        assert torch.isfinite(got.weight).all()
+        assert torch.equal(got.weight[3], torch.zeros(32))
+        if group_size:
+            assert torch.equal(got.weight[5, :16], torch.full((16,), 0.25))
+        # a dead column is decoupled from the others: it keeps its round-to-nearest value
+        nearest = nearest_round(w, bits, group_size)
+        assert torch.equal(got.data[:, [2, 17]], nearest.data[:, [2, 17]])
+
+
+# ------------------------------------------------------------------- the quanto weight holds exactly GPTQ's values
+
+@pytest.mark.parametrize("bits,group_size", FORMATS)
+def test_nearest_round_is_quantos_rounding(bits, group_size):
+    linear = _layer(24, 64)
+    module = quantize_linear(linear, bits, 0.02, group_size)
+    assert torch.equal(module.dequantized_weight(), nearest_round(linear.weight.detach(), bits, group_size).weight)
+
+
+@pytest.mark.parametrize("bits,group_size", FORMATS)
+@pytest.mark.parametrize("act_scale", [0.05, None])
+def test_quant_linear_from_gptq_dequantizes_to_gptq_weight(bits, group_size, act_scale):
+    linear = _layer(24, 64)
+    x = _correlated_inputs(256, 64)
+    rounded = gptq_round(linear.weight.detach(), x.T @ x / len(x), bits, group_size)
+    module = quantize_linear(linear, bits, act_scale, group_size, rounded=rounded)
+    assert torch.equal(module.dequantized_weight(), rounded.weight)
+    assert torch.equal(module.weight.dequantize(), rounded.weight)
+    assert not module.weight.requires_grad
+    xs = x[:5] if act_scale is None else x[:5].div(act_scale).round().clamp(-128, 127) * act_scale
+    torch.testing.assert_close(module(x[:5]), torch.nn.functional.linear(xs, rounded.weight, linear.bias))
+    # the stored format is the one round-to-nearest produces: same keys, shapes and dtypes
+    nearest = quantize_linear(linear, bits, act_scale, group_size).state_dict()
+    state = module.state_dict()
+    assert state.keys() == nearest.keys()
+    for key in state:
+        assert (state[key].shape, state[key].dtype) == (nearest[key].shape, nearest[key].dtype), key
+
+
+def test_quant_linear_rejects_a_rounded_weight_of_another_format():
+    linear = _layer(24, 64)
+    rounded = nearest_round(linear.weight.detach(), 4, 16)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_linear(linear, 4, None, 32, rounded=rounded)
+    with pytest.raises(ValueError, match="4-bit"):
+        quantize_linear(linear, 8, None, None, rounded=rounded)
+
+
+def test_gptq_quantize_weights_covers_every_linear():
+    layers = {"a": _layer(16, 32, seed=2), "b": _layer(8, 32, seed=3)}
+    x = _correlated_inputs(100, 32)
+    h = x.T @ x / len(x)
+    out = gptq_quantize_weights(layers, {"a": h, "b": h}, 4, group_size=16, progress=False)
+    assert set(out) == {"a", "b"}
+    assert torch.equal(out["b"].data, gptq_round(layers["b"].weight.detach(), h, 4, 16).data)
+    with pytest.raises(KeyError):
+        gptq_quantize_weights(layers, {"a": h}, 8, progress=False)
+
+
+# ------------------------------------------------------------------- Hessians
+
+def test_hessian_streamed_over_calls_equals_all_rows_at_once():
+    linear, other = _layer(8, 16), _layer(4, 16, seed=4)
+    x = _correlated_inputs(2 * 3 * 50, 16).reshape(6, 50, 16)  # [batch, tokens, channels], fed in 3 calls
+    with HessianRecorder({"lin": linear, "other": other}) as recorder:
+        for chunk in x.split(2):
+            linear(chunk)
+    rows = x.reshape(-1, 16)
+    assert set(recorder.hessians()) == {"lin"}  # a layer that saw nothing has no Hessian
+    torch.testing.assert_close(recorder.hessians()["lin"], rows.T @ rows / len(rows), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(recorder.means()["lin"], rows.mean(0), rtol=1e-5, atol=1e-6)
+    linear(x)  # hooks are gone after the context
+    assert recorder.counts["lin"] == len(rows)
+
+
+class _TinyTransformer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = _layer(8, 16)
+
+    def forward(self, hidden_states, timestep=None):
+        return self.proj(hidden_states)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_hessian_weighted_by_timestep(per_sample):
+    model = _TinyTransformer()
+    x = _correlated_inputs(4 * 2 * 10, 16).reshape(4, 2, 10, 16)  # 4 calls of [batch 2, tokens 10, channels]
+    steps = [torch.tensor([900, 900]), torch.tensor([600, 600]), torch.tensor([300, 100]), torch.tensor([50, 10])]
+
+    def weight_fn(t):
+        w = 1.0 + t.double() / 1000
+        return w if per_sample else float(w.mean())
+
+    with HessianRecorder({"proj": model.proj}, weight_fn=weight_fn, transformer=model) as recorder:
+        for xi, t in zip(x, steps):
+            model(xi, timestep=t)
+    num = torch.zeros(16, 16, dtype=torch.float64)
+    den = 0.0
+    for xi, t in zip(x, steps):
+        w = weight_fn(t)
+        w = w if per_sample else torch.full((2,), w, dtype=torch.float64)
+        for b in range(2):
+            rows = xi[b].double()
+            num += w[b] * rows.T @ rows
+            den += float(w[b]) * len(rows)
+    torch.testing.assert_close(recorder.hessians()["proj"], (num / den).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_scale_hessian_is_the_hessian_of_the_scaled_input():
+    x = _correlated_inputs(300, 16)
+    s = torch.linspace(0.3, 4.0, 16)
+    h = x.T @ x / len(x)
+    xs = x / s
+    torch.testing.assert_close(scale_hessian(h, s), xs.T @ xs / len(x), rtol=1e-5, atol=1e-6)
+
+
+def test_shift_then_scale_hessian_is_the_hessian_of_the_smoothed_input():
+    x = _correlated_inputs(300, 16)
+    z, s = torch.linspace(-1.0, 2.0, 16), torch.linspace(0.3, 4.0, 16)
+    h, mean = x.T @ x / len(x), x.mean(0)
+    xs = (x - z) / s
+    torch.testing.assert_close(scale_hessian(shift_hessian(h, mean, z), s), xs.T @ xs / len(x), rtol=1e-4, atol=1e-5)
+
+
+def test_quant_grid_is_the_original_weights_grid():
+    w = _layer(24, 64).weight.detach()
+    scale, shift = quant_grid(w, 4, 16)
+    assert scale.shape == shift.shape == (24 * 4, 1)
+    groups = w.reshape(-1, 16)
+    torch.testing.assert_close(scale, (groups.amax(1, keepdim=True) - groups.amin(1, keepdim=True)) / 15)
+    with pytest.raises(ValueError):
+        quant_grid(w, 8, 16)
