@@ -1,0 +1,131 @@
+"""Model card and Hub upload for a quantized transformer or pipeline.
+
+`model_card(obj, metrics=...)` states the method, bits, calibration settings, library versions and, when given,
+the measured quality figures. `push_to_hub(obj, repo_id)` saves into a temporary folder (the atomic, safetensors-only
+save), writes the card as README.md at its root and uploads the folder with `huggingface_hub.HfApi`
+(`create_repo`, then `upload_folder`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from diffusers_ptq.config import DiffusersPTQConfig, config_from_dict
+
+PACKAGES = ("diffusers-ptq", "diffusers", "optimum-quanto", "torch", "safetensors", "huggingface_hub")
+
+
+def _transformer_of(obj):
+    return getattr(obj, "transformer", None) if hasattr(obj, "components") else obj
+
+
+def quantization_config_of(obj) -> DiffusersPTQConfig:
+    """The diffusers_ptq config of a quantized transformer or pipeline (ValueError if it is not quantized by us)."""
+    transformer = _transformer_of(obj)
+    config = transformer.config.get("quantization_config") if transformer is not None else None
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    if not isinstance(config, DiffusersPTQConfig):
+        raise ValueError(f"{type(obj).__name__} is not quantized by diffusers_ptq (no diffusers_ptq quantization_config)")
+    return config
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _base_model(obj) -> str | None:
+    name = str((getattr(obj, "config", {}) or {}).get("_name_or_path") or "")
+    if name and not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return name
+    return None
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def model_card(obj, *, metrics: dict | None = None, base_model: str | None = None) -> str:
+    """A Markdown model card (with YAML front matter) for a quantized transformer or pipeline."""
+    config = quantization_config_of(obj)
+    try:
+        quant = config.to_quant_config()
+    except NotImplementedError:
+        quant = None
+    is_pipeline = hasattr(obj, "components")
+    base_model = base_model or _base_model(obj)
+    bits = f"W{config.weight_bits}A{config.act_bits or 16}"
+    tags = ["diffusers", "diffusers-ptq", "quantization", config.method, bits.lower(), "dit"]
+    front = ["---", "library_name: diffusers", "tags:", *[f"- {t}" for t in tags]]
+    if base_model:
+        front.append(f"base_model: {base_model}")
+    front.append("---")
+    weights = (f"int{config.weight_bits}, per output channel" if config.weight_group_size is None
+               else f"int{config.weight_bits}, groups of {config.weight_group_size} input channels")
+    method_options = {k: getattr(config, k) for k in type(config).OPTIONS}
+    lines = [
+        *front, "",
+        f"# {bits} {config.method} quantized {'DiT pipeline' if is_pipeline else 'DiT transformer'}", "",
+        f"Post-training quantization with diffusers-ptq (`{config.method}`, "
+        f"{quant.label if quant else bits}){f' of `{base_model}`' if base_model else ''}.", "",
+        "## Quantization", "",
+        "| setting | value |", "|---|---|",
+        f"| method | `{config.method}` {json.dumps(method_options)} |",
+        f"| weights | {weights} ({config.weight_rounding} rounding) |",
+        f"| activations | {'int8, per-tensor static scales' if config.act_bits else 'float (weight-only)'}"
+        f"{f', range: {config.act_range}' if config.act_bits else ''} |",
+        f"| attention matmuls | {'int8 Q/K/V, 8-bit probabilities' if config.quantize_attention else 'float'} |",
+        f"| layers | include {config.include}, exclude {config.exclude} |", "",
+        "## Calibration", "",
+        "| setting | value |", "|---|---|",
+        f"| scheduler | {config.scheduler}, {config.num_inference_steps} steps |",
+        f"| guidance scale | {config.guidance_scale} |",
+        f"| samples | {config.num_samples} (seed {config.seed}) |",
+        f"| class labels | {'all the model classes, balanced' if config.class_labels is None else config.class_labels} |",
+        "",
+    ]
+    if metrics:
+        lines += ["## Quality", "", "| metric | value |", "|---|---|",
+                  *[f"| {k} | {_fmt(v)} |" for k, v in metrics.items()], ""]
+    else:
+        lines += ["## Quality", "", "Not measured for this upload.", ""]
+    lines += ["## Usage", "", "```python", "import diffusers_ptq  # registers the quantizer with diffusers",
+              f"from diffusers import {'DiTPipeline' if is_pipeline else 'DiTTransformer2DModel'}", "",
+              f"model = {'DiTPipeline' if is_pipeline else 'DiTTransformer2DModel'}.from_pretrained(\"<this repo>\")"
+              "  # no calibration, bit-exact", "```", "",
+              "## Library versions", "", "| package | version |", "|---|---|",
+              *[f"| {k} | {v} |" for k, v in library_versions().items()], ""]
+    return "\n".join(lines)
+
+
+def push_to_hub(obj, repo_id: str, *, metrics: dict | None = None, base_model: str | None = None,
+                commit_message: str | None = None, private: bool | None = None, token: str | None = None,
+                create_pr: bool = False, **save_kwargs):
+    """Upload a quantized transformer or pipeline with its model card. Returns upload_folder's result."""
+    from huggingface_hub import HfApi
+
+    card = model_card(obj, metrics=metrics, base_model=base_model)  # fails early if obj is not quantized by us
+    save_kwargs.pop("safe_serialization", None)
+    save_kwargs.pop("subfolder", None)
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True)
+    repo_id = getattr(repo, "repo_id", repo_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "upload"
+        obj.save_pretrained(folder, **save_kwargs)
+        (folder / "README.md").write_text(card, encoding="utf-8")
+        config = quantization_config_of(obj)
+        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), create_pr=create_pr,
+                                 commit_message=commit_message or f"Upload {config.method} quantized model "
+                                                                  f"(diffusers-ptq)")

@@ -1,0 +1,289 @@
+"""The diffusers glue: one `DiffusersQuantizer` for every method config, registered on `import diffusers_ptq`.
+
+- A float checkpoint loaded with a config is calibrated and quantized after its weights are loaded
+  (`_process_model_after_weight_loading` -> `diffusers_ptq.api.quantize_transformer`).
+- A checkpoint saved by this plugin (config.json has our `quantization_config`) is rebuilt from its quantized
+  tensors without calibrating (`serialization.rebuild_quantized_modules`).
+- `quantize(pipe_or_transformer, config)` does the first for an already-loaded model.
+
+Calibration context when loading from a folder: class labels from `config.class_labels`, else the pipeline's
+`id2label` (`../model_index.json` next to a `transformer` subfolder), else every class the model embeds; the noise
+schedule from `../scheduler/scheduler_config.json` when present, else DiT's default (linear betas 1e-4..0.02,
+1000 steps). The scheduler class is the config's `scheduler` ("ddim" | "ddpm").
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import weakref
+from pathlib import Path
+
+import torch
+from diffusers.quantizers import auto as diffusers_auto
+from diffusers.quantizers.base import DiffusersQuantizer
+
+from diffusers_ptq import serialization
+from diffusers_ptq.config import METHODS, PIPELINE_COMPONENT, DiffusersPTQConfig, register_config, saved_method_name
+
+SUPPORTED_MODELS = "DiTTransformer2DModel (class-conditional, norm_type='ada_norm_zero', as in DiTPipeline)"
+
+
+def check_supported_model(model) -> None:
+    """Raise a ValueError naming what is supported unless `model` is an adaLN-Zero class-conditional DiT."""
+    from diffusers import DiTTransformer2DModel
+
+    config = getattr(model, "config", {})
+    if not isinstance(model, DiTTransformer2DModel) or config.get("norm_type") != "ada_norm_zero" \
+            or not config.get("num_embeds_ada_norm"):
+        raise ValueError(
+            f"diffusers_ptq quantizes adaLN-Zero DiT transformers: {SUPPORTED_MODELS}; got {type(model).__name__}. "
+            f"In a pipeline, quantize the transformer only: DiTPipeline.from_pretrained(path, quantization_config=cfg), "
+            f"PipelineQuantizationConfig(quant_mapping={{'{PIPELINE_COMPONENT}': cfg}}), or "
+            f"PipelineQuantizationConfig(quant_backend=..., components_to_quantize=['{PIPELINE_COMPONENT}'])."
+        )
+
+
+def _config_passed_to_from_pretrained():
+    """The `quantization_config` argument of the ModelMixin.from_pretrained call that is loading us, if any.
+
+    diffusers merges a user's config with a pre-quantized checkpoint's by dropping the user's (with a warning);
+    this reads it from the caller's frame so that the combination is refused instead. None if not found.
+    """
+    import diffusers.models.modeling_utils as modeling_utils
+
+    target = os.path.normcase(os.path.abspath(modeling_utils.__file__))
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "from_pretrained" and os.path.normcase(os.path.abspath(code.co_filename)) == target:
+            return frame.f_locals.get("quantization_config")
+        frame = frame.f_back
+    return None
+
+
+def pipeline_context(checkpoint_files) -> tuple[dict | None, dict | None]:
+    """(id2label, scheduler config) of the pipeline folder a transformer subfolder belongs to, if it is one."""
+    if not checkpoint_files:
+        return None, None
+    root = Path(checkpoint_files[0]).resolve().parent.parent
+    if not (root / "model_index.json").is_file():
+        return None, None
+    id2label = json.loads((root / "model_index.json").read_text()).get("id2label") or None
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else None
+    return id2label, scheduler_config
+
+
+class DiffusersPTQQuantizer(DiffusersQuantizer):
+    """Calibrate-and-quantize on load (float checkpoint + config) or rebuild (pre-quantized checkpoint)."""
+
+    requires_calibration = False  # True would mean "pre-quantized checkpoints only" in diffusers
+    required_packages = ["optimum-quanto"]
+    use_keep_in_fp32_modules = False
+
+    def __init__(self, quantization_config: DiffusersPTQConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.checkpoint_files: list[str] = []
+        self.metadata: dict | None = None
+        self._tensors: dict[str, torch.Tensor] = {}
+        self.report = None  # api.QuantizationReport after a calibrating load
+        self._model = None
+
+    # --- checks ----------------------------------------------------------------------------------------------------
+    def validate_environment(self, *args, **kwargs):
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and len(set(map(str, device_map.values()))) > 1:
+            raise ValueError("diffusers_ptq does not support a device_map that splits the transformer over devices")
+        if "torch_dtype" not in kwargs:  # diffusers calls this twice; the checks below run once
+            return
+        if self.pre_quantized:
+            passed = _config_passed_to_from_pretrained()
+            if passed is not None:
+                raise ValueError(
+                    f"this checkpoint is already quantized ({self.quantization_config.method}: "
+                    f"{self.quantization_config.to_diff_dict()}); do not pass a quantization_config "
+                    f"({type(passed).__name__}) with it. "
+                    "Load it without quantization_config to use it as saved (no calibration), or load the float "
+                    "checkpoint with the config to quantize it anew.")
+        else:
+            self.quantization_config.to_quant_config()  # methods not implemented yet (HTG) fail here, before loading
+
+    def update_torch_dtype(self, torch_dtype):
+        if torch_dtype is None or torch_dtype == torch.float32:
+            return torch.float32
+        raise ValueError(f"torch_dtype={torch_dtype} is not supported with diffusers_ptq: quantization scales and the "
+                         "float layers stay float32; allowed values: [None, torch.float32]")
+
+    # --- pre-quantized loading -------------------------------------------------------------------------------------
+    def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
+        self.checkpoint_files = [str(f) for f in checkpoint_files or []]
+        if not self.pre_quantized:
+            return loaded_keys
+        self.metadata = serialization.read_metadata(self.checkpoint_files)
+        return serialization.float_model_keys(self.metadata, loaded_keys)
+
+    def maybe_update_state_dict(self, state_dict):
+        if not self.pre_quantized:
+            return state_dict
+        state_dict, ours = serialization.take_quantized_tensors(self.metadata, state_dict)
+        self._tensors.update(ours)
+        return state_dict
+
+    @property
+    def supports_parallel_loading(self) -> bool:
+        return False  # maybe_update_state_dict collects tensors across shards
+
+    def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
+        check_supported_model(model)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            if self.metadata is None:
+                raise serialization.CheckpointError("pre-quantized checkpoint: metadata was not read")
+            serialization.rebuild_quantized_modules(model, self.metadata, self._tensors)
+            self._tensors = {}
+        else:
+            id2label, scheduler_config = pipeline_context(self.checkpoint_files)
+            self.report = run_quantization(model, self.quantization_config, id2label, scheduler_config)
+        attach(model, self)
+        return model
+
+    # --- saving ----------------------------------------------------------------------------------------------------
+    def get_state_dict_and_metadata(self, state_dict, safe_serialization=False):
+        model = self._model() if self._model is not None else None
+        if model is None:
+            raise RuntimeError("the quantized model this quantizer belongs to is gone")
+        if not safe_serialization:
+            raise ValueError("diffusers_ptq checkpoints are saved as safetensors only (safe_serialization=True)")
+        return serialization.state_dict_and_metadata(model, state_dict)
+
+    @property
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self):
+        return False
+
+
+def run_quantization(transformer, config: DiffusersPTQConfig, id2label: dict | None = None,
+                     scheduler_config: dict | None = None, progress: bool = True):
+    """Calibrate and quantize a loaded transformer in place (the one engine pipeline). Returns its report."""
+    from diffusers_ptq.api import quantize_transformer
+
+    check_supported_model(transformer)
+    quant_config = config.to_quant_config()
+    if config.class_labels is not None:
+        num_classes = transformer.config.num_embeds_ada_norm
+        bad = [c for c in config.class_labels if c >= num_classes]
+        if bad:
+            raise ValueError(f"class_labels {bad} out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+        id2label = {c: str(c) for c in config.class_labels}  # the classes calibration draws its labels from
+    transformer.eval()
+    return quantize_transformer(transformer, quant_config, id2label=id2label, scheduler_config=scheduler_config,
+                                progress=progress)
+
+
+def attach(model, quantizer: DiffusersPTQQuantizer) -> None:
+    """Mark a quantized transformer as diffusers does after a quantized load, and give it the atomic
+    save_pretrained (with the model card) and the push_to_hub of `diffusers_ptq.hub`."""
+    from diffusers_ptq import hub
+
+    quantizer._model = weakref.ref(model)
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = quantizer.quantization_config.quant_method
+    if model.config.get("quantization_config") is not quantizer.quantization_config:
+        model.register_to_config(quantization_config=quantizer.quantization_config)
+    # Instance attributes (not a patch of the diffusers class): DiffusionPipeline.save_pretrained reaches them too.
+    model.save_pretrained = functools.partial(save_pretrained, model)
+    model.push_to_hub = functools.partial(hub.push_to_hub, model)
+
+
+def save_pretrained(model, save_directory, is_main_process: bool = True, save_function=None,
+                    safe_serialization: bool = True, variant: str | None = None, max_shard_size="10GB",
+                    push_to_hub: bool = False, **kwargs) -> None:
+    """diffusers' save_pretrained, written atomically, safetensors only, with a model card (README.md)."""
+    from diffusers import ModelMixin
+
+    from diffusers_ptq import hub
+
+    if not safe_serialization or kwargs.pop("use_flashpack", False):
+        raise ValueError("diffusers_ptq checkpoints are saved as safetensors only (safe_serialization=True)")
+    if not is_main_process:
+        return
+    serialization.save_atomic(
+        lambda tmp: ModelMixin.save_pretrained(model, tmp, safe_serialization=True, variant=variant,
+                                               max_shard_size=max_shard_size),
+        save_directory, extra_files={"README.md": hub.model_card(model)}, check=serialization.check_saved_folder)
+    if push_to_hub:
+        repo_id = kwargs.pop("repo_id", Path(save_directory).name)
+        hub.push_to_hub(model, repo_id, **{k: kwargs[k] for k in ("token", "private", "commit_message", "create_pr")
+                                           if k in kwargs})
+
+
+def quantize(pipe_or_transformer, config: DiffusersPTQConfig, *, progress: bool = True):
+    """Calibrate and quantize an already-loaded DiTPipeline (its transformer) or DiTTransformer2DModel in place.
+
+    A pipeline supplies its class labels (id2label) and its scheduler's noise schedule; a bare transformer is
+    calibrated over all its classes with DiT's default schedule. Returns the object passed in.
+    """
+    if not isinstance(config, DiffusersPTQConfig):
+        raise TypeError(f"config must be one of {[c.__name__ for c in METHODS.values()]}, got {type(config).__name__}")
+    transformer = getattr(pipe_or_transformer, PIPELINE_COMPONENT, None)
+    is_pipeline = transformer is not None and hasattr(pipe_or_transformer, "components")
+    if not is_pipeline:
+        transformer = pipe_or_transformer
+    check_supported_model(transformer)
+    if getattr(transformer, "is_quantized", False) or any(
+            type(m).__name__ == "QuantLinear" for m in transformer.modules()):
+        raise ValueError("the transformer is already quantized; load the float model to quantize it again")
+    if transformer.dtype != torch.float32:
+        raise ValueError(f"the transformer is {transformer.dtype}: diffusers_ptq quantizes float32 models "
+                         "(load with torch_dtype=torch.float32)")
+    id2label = scheduler_config = None
+    if is_pipeline:
+        labels = getattr(pipe_or_transformer, "labels", None)  # DiTPipeline: label name -> id
+        id2label = {int(v): k for k, v in labels.items()} if labels else None
+        scheduler = getattr(pipe_or_transformer, "scheduler", None)
+        scheduler_config = dict(scheduler.config) if scheduler is not None else None
+    quantizer = DiffusersPTQQuantizer(config, pre_quantized=False)
+    quantizer.report = run_quantization(transformer, config, id2label, scheduler_config, progress=progress)
+    attach(transformer, quantizer)
+    return pipe_or_transformer
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Registration
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _register_with_diffusers(name: str, config_class: type[DiffusersPTQConfig]) -> None:
+    diffusers_auto.AUTO_QUANTIZER_MAPPING[name] = DiffusersPTQQuantizer
+    diffusers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[name] = config_class
+    # a saved config.json names the method with an import hint (see config.SAVED_METHOD_TEMPLATE)
+    diffusers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[saved_method_name(name)] = config_class
+    try:  # PipelineQuantizationConfig(quant_backend=name) also looks the name up in transformers' mapping
+        from transformers.quantizers import auto as transformers_auto
+    except ImportError:
+        return
+    transformers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[name] = config_class
+
+
+def register_method(config_class: type[DiffusersPTQConfig]) -> type[DiffusersPTQConfig]:
+    """Add a method: a DiffusersPTQConfig subclass with a new `method` name (decorator-friendly). The quantizer
+    needs no change: it calls `config.to_quant_config()` and the engine."""
+    register_config(config_class)
+    _register_with_diffusers(config_class.method, config_class)
+    return config_class
+
+
+def register_all() -> None:
+    for name, config_class in METHODS.items():
+        _register_with_diffusers(name, config_class)
+
+
+register_all()

@@ -1,0 +1,403 @@
+"""Quantized checkpoints: what diffusers' save_pretrained writes for a quantized transformer, and how it is rebuilt.
+
+A checkpoint is a normal diffusers model folder (config.json with the `quantization_config`, safetensors weights).
+The weights file holds, besides the float tensors of the layers that stay in float:
+
+- for each `QuantLinear`, quanto's own tensors: `<name>.weight._data` (qint8 [out, in] int8) or
+  `<name>.weight._data._data` (qint4, two values per uint8, per output channel or in groups), `<name>.weight._scale`,
+  `<name>.weight._shift` (qint4), `<name>.input_scale`, `<name>.output_scale`, `<name>.bias`;
+- for each quantized attention processor, its frozen scales: `<attn>.ptq_processor.{q,k,v}_scale`;
+- in the safetensors header, under `"diffusers_ptq"`, the JSON metadata quanto does not keep: per module its kind,
+  shape, weight bits, int4 group size, activation bits and output-quantization state (always off); per processor its
+  kind and bits; the format version.
+
+Loading rebuilds the modules from these tensors without calibrating (`rebuild_quantized_modules`). Module kinds are a
+registry (`register_module_kind` / `register_processor_kind`): a later kind (HTG's group-bias Linear) adds a
+`describe` and a `build` without touching the loader. Tensors are read with safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+METADATA_KEY = "diffusers_ptq"
+PROCESSOR_INFIX = "ptq_processor"
+
+
+class CheckpointError(ValueError):
+    """A quantized checkpoint is incomplete, corrupt or not written by diffusers_ptq."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Module kinds
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModuleKind:
+    """How one kind of quantized module is described in the metadata and rebuilt from its tensors.
+
+    describe(module) -> JSON-safe dict; expected(meta) -> {tensor suffix: (shape, dtype)} that must be present;
+    build(template, meta, tensors) -> module, where template is the float module the checkpoint's model has at that
+    place (on `meta`) and tensors maps suffixes to tensors.
+    """
+
+    name: str
+    module_class: type
+    describe: Callable[[nn.Module], dict]
+    expected: Callable[[dict], dict[str, tuple[tuple[int, ...], torch.dtype]]]
+    build: Callable[[nn.Module, dict, dict[str, torch.Tensor]], nn.Module]
+
+
+@dataclass(frozen=True)
+class ProcessorKind:
+    """The same for attention processors (not modules: their state is not in the state dict)."""
+
+    name: str
+    processor_class: type
+    describe: Callable[[object], tuple[dict, dict[str, torch.Tensor]]]  # -> (meta, tensors)
+    build: Callable[[nn.Module, dict, dict[str, torch.Tensor]], object]  # (attention module, meta, tensors)
+
+
+MODULE_KINDS: dict[str, ModuleKind] = {}
+PROCESSOR_KINDS: dict[str, ProcessorKind] = {}
+
+
+def register_module_kind(kind: ModuleKind) -> ModuleKind:
+    MODULE_KINDS[kind.name] = kind
+    return kind
+
+
+def register_processor_kind(kind: ProcessorKind) -> ProcessorKind:
+    PROCESSOR_KINDS[kind.name] = kind
+    return kind
+
+
+def _module_kind_of(module: nn.Module) -> ModuleKind | None:
+    # The most specific registered class wins (a subclass kind registered later takes precedence).
+    for kind in reversed(list(MODULE_KINDS.values())):
+        if type(module) is kind.module_class:
+            return kind
+    return None
+
+
+def _processor_kind_of(processor) -> ProcessorKind | None:
+    for kind in reversed(list(PROCESSOR_KINDS.values())):
+        if type(processor) is kind.processor_class:
+            return kind
+    return None
+
+
+# --- QuantLinear ------------------------------------------------------------------------------------------------
+
+
+def _describe_quant_linear(module) -> dict:
+    return {
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "bias": module.bias is not None,
+        "weight_bits": module.weight_qtype.bits,
+        "weight_group_size": module.weight_group_size if module.weight_qtype.bits < 8 else None,
+        "act_bits": module.activation_qtype.bits if module.activation_qtype is not None else None,
+        "output_quantization": False,
+    }
+
+
+def _expected_quant_linear(meta: dict) -> dict:
+    out, inp, bits, group = meta["out_features"], meta["in_features"], meta["weight_bits"], meta["weight_group_size"]
+    scalar = ((), torch.float32)
+    expected = {"input_scale": scalar, "output_scale": scalar}
+    if meta["bias"]:
+        expected["bias"] = ((out,), torch.float32)
+    if bits == 8:
+        expected["weight._data"] = ((out, inp), torch.int8)
+        expected["weight._scale"] = ((out, 1), torch.float32)
+    elif bits == 4:
+        rows, cols = (out, inp) if group is None else (out * inp // group, group)
+        expected["weight._data._data"] = (((rows + 1) // 2, cols), torch.uint8)
+        expected["weight._scale"] = ((rows, 1), torch.float32)
+        expected["weight._shift"] = ((rows, 1), torch.float32)
+    else:
+        raise CheckpointError(f"weight_bits={bits!r} in the checkpoint metadata; supported: [8, 4]")
+    return expected
+
+
+def _build_quant_linear(template: nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    from optimum.quanto import qint8
+
+    from diffusers_ptq.kernels import default_kernel
+    from diffusers_ptq.modules import WEIGHT_QTYPES, QuantLinear
+
+    if not isinstance(template, nn.Linear):
+        raise CheckpointError(f"expected a Linear in the model, found {type(template).__name__}")
+    if (template.in_features, template.out_features, template.bias is not None) != (
+            meta["in_features"], meta["out_features"], meta["bias"]):
+        raise CheckpointError(f"the metadata says Linear({meta['in_features']}, {meta['out_features']}, "
+                              f"bias={meta['bias']}) but the model has {template}")
+    if meta.get("output_quantization"):
+        raise CheckpointError("output quantization is not supported (the metadata says it is on)")
+    if meta["weight_group_size"] is not None and meta["in_features"] % meta["weight_group_size"]:
+        raise CheckpointError(f"weight_group_size {meta['weight_group_size']} does not divide {meta['in_features']}")
+    if meta["act_bits"] not in (8, None):
+        raise CheckpointError(f"act_bits={meta['act_bits']!r} in the checkpoint metadata; supported: [8, None]")
+    activations = qint8 if meta["act_bits"] == 8 else None
+    module = QuantLinear.qcreate(template, WEIGHT_QTYPES[meta["weight_bits"]], activations, device="meta")
+    module = module.to_empty(device="cpu")
+    module.weight_group_size = meta["weight_group_size"]
+    result = module.load_state_dict(dict(tensors), strict=False)
+    if result.unexpected_keys or not module.frozen:
+        raise CheckpointError(f"could not rebuild the quantized weight (unexpected {result.unexpected_keys})")
+    module.kernel = default_kernel(module.input_scale.device)
+    module.requires_grad_(False)
+    return module
+
+
+def _register_builtin_kinds() -> None:
+    from diffusers_ptq.attention import QuantAttnProcessor
+    from diffusers_ptq.modules import QuantLinear
+
+    register_module_kind(ModuleKind("quant_linear", QuantLinear, _describe_quant_linear, _expected_quant_linear,
+                                    _build_quant_linear))
+
+    def describe_attention(processor) -> tuple[dict, dict]:
+        if processor.observing or set(processor.scales) != {"q", "k", "v"}:
+            raise ValueError("a QuantAttnProcessor is still observing (not frozen): quantization did not finish")
+        return {"bits": processor.bits}, {f"{k}_scale": v.detach().float().reshape(()) for k, v in
+                                          processor.scales.items()}
+
+    def build_attention(attn: nn.Module, meta: dict, tensors: dict) -> QuantAttnProcessor:
+        if not hasattr(attn, "set_processor"):
+            raise CheckpointError(f"expected an Attention module, found {type(attn).__name__}")
+        processor = QuantAttnProcessor(int(meta["bits"]))
+        processor.scales = {k: tensors[f"{k}_scale"] for k in ("q", "k", "v")}
+        processor.observing = False
+        attn.set_processor(processor)
+        return processor
+
+    register_processor_kind(ProcessorKind("quant_attention", QuantAttnProcessor, describe_attention,
+                                          build_attention))
+
+
+_register_builtin_kinds()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Saving: what the quantizer adds to diffusers' state dict
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def quantization_metadata(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, extra tensors) of a quantized model: every registered module and processor kind."""
+    from diffusers_ptq import __version__
+
+    modules, processors, extra = {}, {}, {}
+    for name, module in model.named_modules():
+        kind = _module_kind_of(module)
+        if kind is not None:
+            modules[name] = {"kind": kind.name, **kind.describe(module)}
+        processor = getattr(module, "processor", None)
+        pkind = _processor_kind_of(processor) if processor is not None else None
+        if pkind is not None:
+            meta, tensors = pkind.describe(processor)
+            processors[name] = {"kind": pkind.name, **meta}
+            extra.update({f"{name}.{PROCESSOR_INFIX}.{k}": v.contiguous() for k, v in tensors.items()})
+    if not modules:
+        raise ValueError("the model has no quantized module to save")
+    metadata = {"format_version": FORMAT_VERSION, "library_version": __version__, "modules": modules,
+                "processors": processors}
+    return metadata, extra
+
+
+def state_dict_and_metadata(model: nn.Module, state_dict: dict) -> tuple[dict, dict[str, str]]:
+    """diffusers' `get_state_dict_and_metadata` hook: add the processor tensors and the JSON metadata header."""
+    metadata, extra = quantization_metadata(model)
+    clash = sorted(set(extra) & set(state_dict))
+    if clash:
+        raise ValueError(f"processor tensor names clash with the state dict: {clash[:5]}")
+    for name, tensor in state_dict.items():
+        if name.endswith(("_scale", "_shift")) and tensor.is_floating_point() and tensor.dtype != torch.float32:
+            raise ValueError(f"{name} is {tensor.dtype}: quantization scales must stay float32")
+    return {**state_dict, **extra}, {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def read_metadata(checkpoint_files: list[str | os.PathLike]) -> dict:
+    """The diffusers_ptq metadata from the safetensors header(s); a clear error if absent, unreadable or unknown."""
+    from safetensors import safe_open
+
+    if not checkpoint_files:
+        raise CheckpointError("no checkpoint file found")
+    found = None
+    for file in checkpoint_files:
+        if str(file).endswith(".bin") or not str(file).endswith(".safetensors"):
+            raise CheckpointError(f"{file}: diffusers_ptq checkpoints are safetensors only (pickle is never loaded)")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                header = f.metadata() or {}
+        except Exception as error:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read the safetensors header of {file}: {error}") from error
+        if METADATA_KEY in header:
+            found = (file, header[METADATA_KEY])
+            break
+    if found is None:
+        raise CheckpointError(f"{checkpoint_files[0]}: config.json has a diffusers_ptq quantization_config but the "
+                              f"weights carry no '{METADATA_KEY}' metadata: not written by diffusers_ptq, or corrupt")
+    try:
+        metadata = json.loads(found[1])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{found[0]}: corrupt '{METADATA_KEY}' metadata: {error}") from error
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{found[0]}: checkpoint format version {version!r}; this diffusers_ptq reads "
+                              f"version {FORMAT_VERSION}")
+    for section, kinds in (("modules", MODULE_KINDS), ("processors", PROCESSOR_KINDS)):
+        for name, meta in metadata.get(section, {}).items():
+            if meta.get("kind") not in kinds:
+                raise CheckpointError(f"{name}: unknown {section[:-1]} kind {meta.get('kind')!r}; this version "
+                                      f"supports {sorted(kinds)}")
+    return metadata
+
+
+def _owner(metadata: dict, key: str) -> tuple[str, str, str] | None:
+    """(section, owner name, suffix) of a checkpoint key that belongs to a quantized module or processor."""
+    for name in metadata["modules"]:
+        if key.startswith(name + "."):
+            return "modules", name, key[len(name) + 1:]
+    for name in metadata["processors"]:
+        prefix = f"{name}.{PROCESSOR_INFIX}."
+        if key.startswith(prefix):
+            return "processors", name, key[len(prefix):]
+    return None
+
+
+def float_model_keys(metadata: dict, loaded_keys: list[str]) -> list[str]:
+    """The checkpoint's keys as the float model sees them: a quantized module's tensors stand for its float
+    weight and bias (so diffusers reports neither missing nor unexpected keys); processor tensors are dropped."""
+    keys = [k for k in loaded_keys if _owner(metadata, k) is None]
+    for name, meta in metadata["modules"].items():
+        keys.append(f"{name}.weight")
+        if meta.get("bias"):
+            keys.append(f"{name}.bias")
+    return keys
+
+
+def take_quantized_tensors(metadata: dict, state_dict: dict) -> tuple[dict, dict]:
+    """Split a loaded (shard's) state dict: (what diffusers loads into the float model, our tensors)."""
+    ours = {k: state_dict[k] for k in state_dict if _owner(metadata, k) is not None}
+    return {k: v for k, v in state_dict.items() if k not in ours}, ours
+
+
+def _check_tensors(where: str, expected: dict, tensors: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{where}: missing quantized tensors {missing} in the checkpoint")
+    for suffix, (shape, dtype) in expected.items():
+        tensor = tensors[suffix]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise CheckpointError(f"{where}.{suffix}: expected {dtype} {list(shape)}, found {tensor.dtype} "
+                                  f"{list(tensor.shape)} (corrupt checkpoint)")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{where}.{suffix}: non-finite values (corrupt checkpoint)")
+        if suffix.endswith("scale") and suffix != "output_scale" and not (tensor > 0).all():
+            raise CheckpointError(f"{where}.{suffix}: non-positive scale (corrupt checkpoint)")
+
+
+@torch.no_grad()
+def rebuild_quantized_modules(model: nn.Module, metadata: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace the float placeholders named in the metadata by quantized modules built from the checkpoint tensors,
+    and install the quantized attention processors. No calibration; the result equals the saved model bit for bit."""
+    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        owner = _owner(metadata, key)
+        if owner is not None:
+            grouped.setdefault(owner[:2], {})[owner[2]] = tensor
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    for name, meta in metadata["modules"].items():
+        kind = MODULE_KINDS[meta["kind"]]
+        try:
+            template = model.get_submodule(name)
+        except AttributeError as error:
+            raise CheckpointError(f"{name}: the checkpoint quantizes a module the model does not have") from error
+        own = grouped.get(("modules", name), {})
+        try:
+            _check_tensors(name, kind.expected(meta), own)
+            module = kind.build(template, meta, own)
+        except CheckpointError as error:
+            raise CheckpointError(f"{name}: {error}" if not str(error).startswith(name) else str(error)) from None
+        except (KeyError, TypeError) as error:
+            raise CheckpointError(f"{name}: corrupt metadata {meta}: {error!r}") from error
+        model.set_submodule(name, module.to(device))
+    for name, meta in metadata["processors"].items():
+        kind = PROCESSOR_KINDS[meta["kind"]]
+        own = {k: v.to(device) for k, v in grouped.get(("processors", name), {}).items()}
+        _check_tensors(f"{name}.{PROCESSOR_INFIX}", {f"{k}_scale": ((), torch.float32) for k in "qkv"}, own)
+        kind.build(model.get_submodule(name), meta, own)
+    left = [p for p, _ in model.named_parameters() if _.device.type == "meta"]
+    if left:
+        raise CheckpointError(f"tensors missing from the checkpoint: {left[:8]}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Atomic save
+# ------------------------------------------------------------------------------------------------------------------
+
+_WEIGHT_FILE = re.compile(r"^diffusion_pytorch_model.*\.safetensors(\.index\.json)?$")
+
+
+def save_atomic(save: Callable[[str], None], save_directory: str | os.PathLike,
+                extra_files: dict[str, str] | None = None, check: Callable[[Path], None] | None = None) -> None:
+    """Run `save(tmp_dir)` in a fresh folder next to save_directory, then publish it.
+
+    Nothing under save_directory changes until every file is written (and `check(tmp_dir)` passed). A new or empty
+    save_directory is replaced by one rename; into an existing folder the files are moved one by one with
+    os.replace (weights first, config.json last) and stale weight shards of an earlier save are removed.
+    """
+    target = Path(save_directory)
+    if target.is_file():
+        raise ValueError(f"{target} is a file: save_pretrained needs a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        save(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if check is not None:
+            check(tmp)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        if not target.exists():
+            os.rename(tmp, target)
+            return
+        written = sorted(p.name for p in tmp.iterdir())
+        order = sorted(written, key=lambda n: (n == "config.json", not _WEIGHT_FILE.match(n), n))
+        for name in order:
+            os.replace(tmp / name, target / name)
+        for stale in target.iterdir():
+            if stale.name not in written and _WEIGHT_FILE.match(stale.name):
+                stale.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_saved_folder(folder: Path) -> None:
+    """A written checkpoint folder has a config.json with a quantization_config and readable metadata."""
+    config = json.loads((folder / "config.json").read_text())
+    if not config.get("quantization_config"):
+        raise CheckpointError(f"{folder}/config.json has no quantization_config")
+    files = sorted(str(p) for p in folder.glob("*.safetensors"))
+    read_metadata(files)

@@ -1,0 +1,225 @@
+"""Quantized checkpoints: bit-exact save -> reload without calibration, bad checkpoints, atomic writes, Hub upload."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from diffusers import DiTPipeline, DiTTransformer2DModel
+from safetensors import safe_open
+
+import diffusers_ptq
+from diffusers_ptq import BaselineConfig, PTQ4DiTConfig, quantize
+from diffusers_ptq.bundled import load_pipeline
+from diffusers_ptq.modules import QuantLinear
+from diffusers_ptq.serialization import METADATA_KEY, CheckpointError
+
+FAST = dict(num_samples=2, num_inference_steps=2)
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(3, 4, 4, 4, generator=gen), timestep=torch.tensor([999, 500, 3]),
+                class_labels=torch.tensor([0, 5, 1000]))
+
+
+@pytest.fixture
+def saved(tiny_transformer, tmp_path):
+    quantize(tiny_transformer, PTQ4DiTConfig(weight_bits=8, quantize_attention=True, **FAST), progress=False)
+    folder = tmp_path / "w8a8"
+    tiny_transformer.save_pretrained(folder)
+    return tiny_transformer, folder
+
+
+@pytest.mark.parametrize("config", [
+    PTQ4DiTConfig(weight_bits=8, quantize_attention=True, **FAST),
+    PTQ4DiTConfig(weight_bits=4, **FAST),
+    BaselineConfig(weight_bits=4, weight_group_size=16, act_range="percentile", **FAST),
+    BaselineConfig(weight_bits=8, act_bits=None, exclude=["proj_out_*"], **FAST),
+], ids=["w8a8-attn", "w4a8", "w4a8-g16", "w8a16"])
+def test_save_reload_is_bit_exact_without_calibrating(config, tiny_transformer, tmp_path, monkeypatch):
+    quantize(tiny_transformer, config, progress=False)
+    with torch.no_grad():
+        expected = tiny_transformer(**_inputs()).sample
+    tiny_transformer.save_pretrained(tmp_path / "q")
+    # the reload must not calibrate nor unpickle anything
+    monkeypatch.setattr("diffusers_ptq.api.calibrate", lambda *a, **k: pytest.fail("calibrated on reload"))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used"))
+    reloaded = DiTTransformer2DModel.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**_inputs()).sample, expected)
+    before, after = tiny_transformer.state_dict(), reloaded.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    for name, module in tiny_transformer.named_modules():
+        if isinstance(module, QuantLinear):
+            again = reloaded.get_submodule(name)
+            assert isinstance(again, QuantLinear)
+            assert (again.weight_group_size, again.activation_qtype, again.weight_qtype) == (
+                module.weight_group_size, module.activation_qtype, module.weight_qtype)
+            assert again.input_scale.dtype == torch.float32
+        elif isinstance(module, torch.nn.Linear):
+            assert type(reloaded.get_submodule(name)) is torch.nn.Linear
+    assert reloaded.config.quantization_config == config
+    assert reloaded.is_quantized and reloaded.hf_quantizer.pre_quantized
+
+
+def test_checkpoint_layout_and_metadata(saved):
+    model, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"] == model.config.quantization_config.to_dict()
+    assert config["quantization_config"]["quant_method"].startswith("ptq4dit")
+    with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+        metadata = json.loads(f.metadata()[METADATA_KEY])
+        keys = set(f.keys())
+    to_q = metadata["modules"]["transformer_blocks.0.attn1.to_q"]
+    assert to_q == {"kind": "quant_linear", "in_features": 32, "out_features": 32, "bias": True, "weight_bits": 8,
+                    "weight_group_size": None, "act_bits": 8, "output_quantization": False}
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert set(metadata["modules"]) == quantized
+    assert set(metadata["processors"]) == {"transformer_blocks.0.attn1", "transformer_blocks.1.attn1"}
+    assert {"transformer_blocks.0.attn1.to_q.weight._data", "transformer_blocks.0.attn1.ptq_processor.q_scale",
+            "transformer_blocks.0.attn1.to_q.input_scale"} <= keys
+    assert not any(p.name.startswith(".") for p in folder.parent.iterdir())  # no temporary folder left
+    card = (folder / "README.md").read_text()
+    assert "ptq4dit" in card and "W8A8" in card
+
+
+def test_pipeline_save_reload_gives_identical_images(tmp_path, monkeypatch):
+    pipe = quantize(load_pipeline("bundled"), PTQ4DiTConfig(weight_bits=4, **FAST), progress=False)
+    run = lambda p: p(class_labels=[1, 7], num_inference_steps=3, generator=torch.Generator().manual_seed(0),  # noqa
+                      output_type="np").images
+    expected = run(pipe)
+    pipe.save_pretrained(tmp_path / "pipe")
+    monkeypatch.setattr("diffusers_ptq.api.calibrate", lambda *a, **k: pytest.fail("calibrated on reload"))
+    reloaded = DiTPipeline.from_pretrained(tmp_path / "pipe")
+    assert (run(reloaded) == expected).all()
+    assert isinstance(reloaded.transformer.proj_out_2, QuantLinear)
+
+
+def test_loading_without_the_plugin_says_to_import_it(saved):
+    _, folder = saved
+    code = f"from diffusers import DiTTransformer2DModel; DiTTransformer2DModel.from_pretrained({str(folder)!r})"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode != 0
+    assert "import diffusers_ptq" in result.stderr.strip().splitlines()[-1]
+
+
+def _rewrite(folder: Path, edit) -> None:
+    path = folder / WEIGHTS
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = safetensors.torch.load_file(str(path))
+    new = edit(tensors, metadata)
+    metadata = new if isinstance(new, dict) else metadata
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda t, m: t.pop("transformer_blocks.1.ff.net.2.weight._scale"),
+     ["transformer_blocks.1.ff.net.2", "missing", "weight._scale"]),
+    (lambda t, m: t.pop("transformer_blocks.0.attn1.ptq_processor.k_scale"), ["attn1", "missing", "k_scale"]),
+    (lambda t, m: t.update({"proj_out_1.weight._data": t["proj_out_1.weight._data"][:3]}),
+     ["proj_out_1.weight._data", "corrupt"]),
+    (lambda t, m: t.update({"proj_out_2.input_scale": torch.tensor(float("nan"))}), ["proj_out_2.input_scale",
+                                                                                     "non-finite"]),
+    (lambda t, m: t.update({"proj_out_2.weight._scale": -t["proj_out_2.weight._scale"]}), ["non-positive"]),
+    (lambda t, m: {"format": "pt"}, ["no 'diffusers_ptq' metadata"]),
+    (lambda t, m: {**m, METADATA_KEY: "{not json"}, ["corrupt 'diffusers_ptq' metadata"]),
+    (lambda t, m: {**m, METADATA_KEY: json.dumps({**json.loads(m[METADATA_KEY]), "format_version": 99})},
+     ["format version 99"]),
+])
+def test_broken_checkpoints_fail_clearly(saved, edit, words):
+    _, folder = saved
+    _rewrite(folder, edit)
+    with pytest.raises(CheckpointError) as info:
+        DiTTransformer2DModel.from_pretrained(folder)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_config_with_a_quantized_checkpoint_is_refused(saved, tmp_path):
+    model, folder = saved
+    for config in (model.config.quantization_config, BaselineConfig()):
+        with pytest.raises(ValueError, match="already quantized"):
+            DiTTransformer2DModel.from_pretrained(folder, quantization_config=config)
+    with pytest.raises(ValueError, match="torch_dtype"):
+        DiTTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float16)
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+
+
+def test_failed_save_leaves_no_half_written_checkpoint(saved, tmp_path, monkeypatch):
+    model, folder = saved
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def broken_save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(folder)  # over an existing checkpoint
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "new")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w8a8"]  # no temporary folder left behind
+    monkeypatch.undo()
+    DiTTransformer2DModel.from_pretrained(folder)  # still loads
+
+
+class FakeHub:
+    """Intercepts huggingface_hub.HfApi at its API boundary and records what would be uploaded."""
+
+    def __init__(self, monkeypatch):
+        from huggingface_hub import HfApi
+
+        self.calls, self.files = [], {}
+        monkeypatch.setattr(HfApi, "create_repo", lambda api, *a, **k: self.create_repo(api, *a, **k))
+        monkeypatch.setattr(HfApi, "upload_folder", lambda api, *a, **k: self.upload_folder(api, *a, **k))
+        monkeypatch.setattr(HfApi, "create_commit", lambda *a, **k: pytest.fail("unexpected create_commit"))
+
+    def create_repo(self, api, repo_id, **kwargs):
+        from huggingface_hub import RepoUrl
+
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, api, *, repo_id, folder_path, **kwargs):
+        self.calls.append(("upload_folder", repo_id, kwargs))
+        root = Path(folder_path)
+        self.files = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+        return "https://huggingface.co/fake-commit"
+
+
+def test_transformer_push_to_hub_uploads_checkpoint_and_card(saved, monkeypatch):
+    model, _ = saved
+    hub = FakeHub(monkeypatch)
+    model.push_to_hub("me/tiny-w8a8", private=True)
+    assert hub.calls[0] == ("create_repo", "me/tiny-w8a8", {"private": True, "exist_ok": True})
+    assert hub.calls[1][1] == "me/tiny-w8a8"
+    assert set(hub.files) == {"README.md", "config.json", WEIGHTS}
+    card = hub.files["README.md"].decode()
+    for text in ("ptq4dit", "W8A8", "ddim, 2 steps", "| samples | 2 (seed 0) |", "optimum-quanto", "diffusers-ptq",
+                 "Not measured"):
+        assert text in card
+    assert json.loads(hub.files["config.json"])["quantization_config"]["num_samples"] == 2
+
+
+def test_pipeline_push_to_hub_puts_the_card_at_the_root(monkeypatch):
+    pipe = quantize(load_pipeline("bundled"), BaselineConfig(weight_bits=4, **FAST), progress=False)
+    hub = FakeHub(monkeypatch)
+    diffusers_ptq.push_to_hub(pipe, "me/dit-mnist-w4a8", metrics={"psnr_db": 31.25, "classifier_accuracy": 0.97})
+    assert {"README.md", "model_index.json", "transformer/config.json", f"transformer/{WEIGHTS}",
+            "vae/config.json", "scheduler/scheduler_config.json"} <= set(hub.files)
+    card = hub.files["README.md"].decode()
+    assert "quantized DiT pipeline" in card and "| psnr_db | 31.25 |" in card and "| classifier_accuracy | 0.97 |" in card
+    assert "baseline" in card and "W4A8" in card
+    with pytest.raises(ValueError, match="not quantized"):
+        diffusers_ptq.push_to_hub(load_pipeline("bundled"), "me/float")
