@@ -22,6 +22,7 @@ import torch
 from diffusers_ptq.api import quantize_transformer
 from diffusers_ptq.bundled import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_pipeline
 from diffusers_ptq.config import QuantConfig
+from diffusers_ptq.groupbias import group_bias_bytes
 from diffusers_ptq.evaluation import class_ids_of, generate_images, score_images, uses_mnist_classifier, write_json
 from diffusers_ptq.sampling import balanced_labels
 from diffusers_ptq.utils import machine_info, save_grid
@@ -54,7 +55,47 @@ def ptq4dit_configs(**calibration) -> list[QuantConfig]:
     return rows
 
 
-SUITES = {"baselines": default_configs, "ptq4dit": ptq4dit_configs}
+def htg_configs(**calibration) -> list[QuantConfig]:
+    """HTG beside min-max, SmoothQuant and PTQ4DiT: the paper's ablation (shift only, scale only, both) at W8A8
+    and W4A8; at W4A8 also G = T and ⌊T/25⌋, the paper's printed scaling formula, and attention matmuls quantized."""
+    steps = calibration.get("num_inference_steps", DEFAULT_NUM_INFERENCE_STEPS)
+    rows = []
+    for weight_bits in (8, 4):
+        common = dict(weight_bits=weight_bits, act_bits=8, **calibration)
+        rows += [QuantConfig(**common), QuantConfig(smoothquant_alpha=0.5, **common),
+                 QuantConfig(csb_alpha=0.5, **common), QuantConfig(htg_shift=True, **common),
+                 QuantConfig(htg_scale=True, **common), QuantConfig(htg_shift=True, htg_scale=True, **common)]
+    w4 = dict(weight_bits=4, act_bits=8, htg_shift=True, htg_scale=True, **calibration)
+    rows += [QuantConfig(htg_groups=steps, **w4), QuantConfig(htg_groups=max(1, steps // 25), **w4),
+             QuantConfig(htg_scaling="printed", **w4), QuantConfig(quantize_attention=True, **w4)]
+    return rows
+
+
+def compact_configs(**calibration) -> list[QuantConfig]:
+    """Every method once at W8A8 and W4A8: min-max, SmoothQuant, PTQ4DiT, HTG."""
+    return [QuantConfig(weight_bits=bits, act_bits=8, **method, **calibration) for bits in (8, 4)
+            for method in ({}, dict(smoothquant_alpha=0.5), dict(csb_alpha=0.5), dict(htg_shift=True, htg_scale=True))]
+
+
+def main_configs(**calibration) -> list[QuantConfig]:
+    """Every method side by side: at W8A8 and W4A8 min-max, SmoothQuant, PTQ4DiT (CSB alone, CSB + SSC), HTG (shift
+    only, scale only, both; scaling by migration strength 0.5 and as printed); at W4A8 the same with GPTQ rounding and
+    with the attention matmuls quantized; W4A16 with nearest and GPTQ rounding."""
+    methods = {"minmax": {}, "sq": dict(smoothquant_alpha=0.5), "csb": dict(csb_alpha=0.5, ssc=False),
+               "ptq4dit": dict(csb_alpha=0.5), "htg-shift": dict(htg_shift=True), "htg-scale": dict(htg_scale=True),
+               "htg": dict(htg_shift=True, htg_scale=True),
+               "htg-printed": dict(htg_shift=True, htg_scale=True, htg_scaling="printed")}
+    rows = [QuantConfig(weight_bits=bits, act_bits=8, **m, **calibration) for bits in (8, 4) for m in methods.values()]
+    rows += [QuantConfig(weight_bits=4, act_bits=8, weight_rounding="gptq", **methods[m], **calibration)
+             for m in ("minmax", "sq", "ptq4dit", "htg")]
+    rows += [QuantConfig(weight_bits=4, act_bits=8, quantize_attention=True, **methods[m], **calibration)
+             for m in ("ptq4dit", "htg")]
+    rows += [QuantConfig(weight_bits=4, act_bits=None, weight_rounding=r, **calibration) for r in ("nearest", "gptq")]
+    return rows
+
+
+SUITES = {"main": main_configs, "baselines": default_configs, "ptq4dit": ptq4dit_configs, "htg": htg_configs,
+          "methods": compact_configs}
 
 
 def state_dict_bytes(module: torch.nn.Module) -> int:
@@ -101,13 +142,19 @@ def run_benchmark(
     output: str | os.PathLike = "results.json",
     grid: str | os.PathLike | None = None,
     dit_xl_footprint: bool = False,
+    resume: bool = True,
     progress: bool = True,
 ) -> dict:
     """Benchmark `configs` against full precision; writes `output` (JSON) and the Markdown table beside it.
 
     grid: also write a PNG with one row per method (FP first) and two samples per class, same noise everywhere.
+    The results are written after every row; with `resume`, rows already in `output` from a run with the same
+    settings are kept (by label) instead of being measured again (the FP reference is always sampled again).
     """
     configs = list(configs) if configs is not None else default_configs()
+    settings = {"model": str(model), "num_samples": num_samples, "seed": seed,
+                "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler_kind": scheduler}
+    done, done_grid = _finished_rows(output, settings, grid) if resume else ({}, {})
     fp = load_pipeline(model, scheduler=scheduler)
     classes = class_ids_of(fp)
     labels = balanced_labels(classes, num_samples)
@@ -121,37 +168,73 @@ def run_benchmark(
     fp_row.update(score_images(fp_images, labels, fp_images, use_classifier))
     rows = [fp_row]
     grid_labels = [c for c in classes[:10] for _ in range(2)]
-    grid_rows = [generate_images(fp, grid_labels, **dict(sample, progress=False))] if grid else []
+    grid_rows = {"FP32": generate_images(fp, grid_labels, **dict(sample, progress=False))} if grid else {}
     id2label = {v: k for k, v in fp.labels.items()} if fp.labels else None
     outliers = outlier_summary(fp.transformer, id2label=id2label, scheduler_config=fp.scheduler.config,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                progress=progress)
+    result = {**settings, "scheduler": type(fp.scheduler).__name__, "rows": rows, "outliers": outliers,
+              "dit_xl_2_footprint": None, "versions": _versions(), "machine": machine_info()}
     for config in configs:
+        if config.label in done and (not grid or config.label in done_grid):
+            rows.append(done[config.label])
+            grid_rows.update({config.label: done_grid[config.label]} if grid else {})
+            continue
         pipe = load_pipeline(model, scheduler=scheduler)
         report = quantize_transformer(pipe.transformer, config, id2label=id2label,
                                       scheduler_config=pipe.scheduler.config, progress=progress)
         t_sample = time.time()
         images = generate_images(pipe, labels, **sample)
         row = {"label": config.label, "config": config.to_dict(), "sampling_seconds": time.time() - t_sample,
-               "calibration_seconds": report.calibration_seconds, "quantize_seconds": report.total_seconds,
-               "state_dict_bytes": state_dict_bytes(pipe.transformer)}
+               "calibration_seconds": report.calibration_seconds, "rounding_seconds": report.rounding_seconds,
+               "quantize_seconds": report.total_seconds, "state_dict_bytes": state_dict_bytes(pipe.transformer),
+               "group_bias_bytes": group_bias_bytes(pipe.transformer)}
         row.update(score_images(images, labels, fp_images, use_classifier))
         rows.append(row)
         if grid:
-            grid_rows.append(generate_images(pipe, grid_labels, **dict(sample, progress=False)))
+            grid_rows[config.label] = generate_images(pipe, grid_labels, **dict(sample, progress=False))
+        _write_results(result, output, grid_rows)  # after every row: an interrupted run resumes from here
         if progress:
             print(format_row(row, fp_row))
-    result = {"model": str(model), "num_samples": num_samples, "seed": seed, "num_inference_steps": num_inference_steps,
-              "guidance_scale": guidance_scale, "scheduler": type(fp.scheduler).__name__, "rows": rows,
-              "outliers": outliers,
-              "dit_xl_2_footprint": architecture_footprint() if dit_xl_footprint else None,
-              "versions": _versions(), "machine": machine_info(), "total_seconds": time.time() - t0}
-    write_json(result, output)
-    Path(output).with_suffix(".md").write_text(markdown_table(result))
+    result["dit_xl_2_footprint"] = architecture_footprint() if dit_xl_footprint else None
+    result["total_seconds"] = time.time() - t0
+    _write_results(result, output, grid_rows)
     if grid:
-        save_grid(torch.cat(grid_rows), grid, nrow=len(grid_labels))
+        save_grid(torch.cat([grid_rows[r["label"]] for r in rows]), grid, nrow=len(grid_labels))
         result["grid"] = str(grid)
     return result
+
+
+def _grid_file(output: str | os.PathLike) -> Path:
+    return Path(output).with_suffix(".grid.safetensors")
+
+
+def _write_results(result: dict, output: str | os.PathLike, grid_rows: dict[str, torch.Tensor]) -> None:
+    write_json(result, output)
+    Path(output).with_suffix(".md").write_text(markdown_table(result))
+    if grid_rows:
+        from safetensors.torch import save_file
+
+        tmp = _grid_file(output).with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in grid_rows.items()}, str(tmp))
+        os.replace(tmp, _grid_file(output))
+
+
+def _finished_rows(output: str | os.PathLike, settings: dict, grid) -> tuple[dict, dict]:
+    """Rows (and grid samples) of an earlier run of the same benchmark at `output`, by label, to resume from."""
+    path = Path(output)
+    if not path.is_file():
+        return {}, {}
+    earlier = json.loads(path.read_text())
+    if any(earlier.get(k) != v for k, v in settings.items()):
+        return {}, {}
+    rows = {r["label"]: r for r in earlier.get("rows", [])[1:]}
+    grid_rows = {}
+    if grid and _grid_file(output).is_file():
+        from safetensors.torch import load_file
+
+        grid_rows = load_file(str(_grid_file(output)))
+    return rows, grid_rows
 
 
 def _versions() -> dict:

@@ -24,7 +24,7 @@ def _sampling_args(parser: argparse.ArgumentParser, num_samples: int = 1000, see
     parser.add_argument("--batch-size", type=int, default=250)
 
 
-SUITES_NAMES = ("baselines", "ptq4dit")  # keys of bench.SUITES (not imported here: bench pulls in the engine)
+SUITES_NAMES = ("main", "baselines", "ptq4dit", "htg", "methods")  # keys of bench.SUITES (not imported here: bench pulls in the engine)
 DEMO_CONFIGS = (dict(weight_bits=8, act_bits=8), dict(weight_bits=4, act_bits=8),
                 dict(weight_bits=4, act_bits=8, smoothquant_alpha=0.5))
 
@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", default="results.json")
     bench.add_argument("--calibration-samples", type=int, default=32)
     bench.add_argument("--suite", choices=sorted(SUITES_NAMES), default="baselines",
-                       help="which rows: the baselines grid; PTQ4DiT or HTG (with ablations) beside the baselines; "
-                       "or every method once (methods)")
+                       help="which rows: every method side by side (main); the baselines grid; PTQ4DiT or HTG (with "
+                       "ablations) beside the baselines; or every method once (methods)")
     bench.add_argument("--only", nargs="+", help="keep rows whose label contains one of these strings")
     bench.add_argument("--grid", help="also write a PNG: one row of samples per method, same noise")
     bench.add_argument("--dit-xl", action="store_true",

@@ -22,6 +22,8 @@ ACT_RANGES = ("minmax", "percentile", "mse")
 SCHEDULERS = ("ddim", "ddpm")
 SSC_ROWS = ("sample", "timestep")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
+HTG_LINKAGES = ("ward", "centroid", "average", "optimal")
+HTG_SCALINGS = ("migration", "printed")
 
 
 def _check(name: str, value, allowed) -> None:
@@ -43,6 +45,11 @@ class QuantConfig:
         folded offline. `ssc` weights the calibration rows by softmax(−Spearman ρ) (PTQ4DiT's SSC); False gives
         every row the same weight (the paper's "CSB without SSC" ablation). `ssc_rows`: "sample" (one row per
         timestep × calibration sample, as the official code) or "timestep" (one row per timestep).
+    htg_shift / htg_scale: HTG's timestep-grouped channel shift and EMA channel scaling (both: HTG; one: the
+        paper's ablations). `htg_groups`: number of timestep groups G (None: ⌊T/10⌋, at least 1); `htg_linkage`:
+        "ward" | "centroid" | "average" (the paper's greedy adjacent merging) or "optimal" (exact minimizer of the
+        within-group sum of squares); `htg_ema`: the EMA coefficient of the channel max; `htg_scaling`: "migration"
+        (s = m^a / max|W|^(1−a), a = `htg_alpha`) or "printed" (s = m / max|W|, the paper's formula as printed).
     weight_rounding: "nearest" (round to nearest) or "gptq" (error-compensating rounding from each layer's
         input Hessian over the calibration run; `gptq_damp` is the damping as a fraction of the mean diagonal,
         `gptq_act_order` processes columns by decreasing Hessian diagonal).
@@ -58,6 +65,13 @@ class QuantConfig:
     csb_alpha: float | None = None
     ssc: bool = True
     ssc_rows: str = "sample"
+    htg_shift: bool = False
+    htg_scale: bool = False
+    htg_groups: int | None = None
+    htg_linkage: str = "ward"
+    htg_ema: float = 0.99
+    htg_scaling: str = "migration"
+    htg_alpha: float = 0.5
     weight_rounding: str = "nearest"
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
@@ -81,6 +95,15 @@ class QuantConfig:
         _check("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
         if self.smoothquant_alpha is not None and self.csb_alpha is not None:
             raise ValueError("smoothquant_alpha and csb_alpha both set: choose one smoothing method (set the other to None)")
+        _check("htg_linkage", self.htg_linkage, HTG_LINKAGES)
+        _check("htg_scaling", self.htg_scaling, HTG_SCALINGS)
+        if (self.htg_shift or self.htg_scale) and (self.smoothquant_alpha is not None or self.csb_alpha is not None):
+            raise ValueError("HTG (htg_shift/htg_scale) cannot be combined with smoothquant_alpha or csb_alpha: "
+                             "choose one smoothing method")
+        if self.htg_groups is not None and self.htg_groups <= 0:
+            raise ValueError(f"htg_groups must be positive or None (⌊T/10⌋), got {self.htg_groups}")
+        if not 0 <= self.htg_ema <= 1 or not 0 <= self.htg_alpha <= 1:
+            raise ValueError(f"htg_ema and htg_alpha must be in [0, 1], got {self.htg_ema}, {self.htg_alpha}")
         if self.csb_alpha is not None and not 0 <= self.csb_alpha <= 1:
             raise ValueError(f"csb_alpha must be in [0, 1] or None, got {self.csb_alpha}")
         if not 0 <= self.gptq_damp < 1:
@@ -112,6 +135,12 @@ class QuantConfig:
             method += f"+sq{self.smoothquant_alpha:g}"
         if self.csb_alpha is not None:
             method += f"+csb{'' if self.csb_alpha == 0.5 else f'{self.csb_alpha:g}'}{('+ssc' if self.ssc_rows == 'sample' else '+ssc(t)') if self.ssc else ''}"
+        if self.htg_shift or self.htg_scale:
+            parts = "" if self.htg_shift and self.htg_scale else ("(shift)" if self.htg_shift else "(scale)")
+            groups = f" G{self.htg_groups}" if self.htg_shift and self.htg_groups else ""
+            scaling = "" if self.htg_scaling == "migration" and self.htg_alpha == 0.5 else (
+                " printed" if self.htg_scaling == "printed" else f" a{self.htg_alpha:g}")
+            method += f"+htg{parts}{groups}{scaling if self.htg_scale else ''}"
         if self.weight_rounding != "nearest":
             method += f"+{self.weight_rounding}"
         if self.quantize_attention:
@@ -306,16 +335,14 @@ class BaselineConfig(DiffusersPTQConfig):
     OPTIONS = dict(smoothquant_alpha=None)
 
 
-HTG_LINKAGES = ("ward", "centroid", "average")
-
 
 @register_config
 class HTGConfig(DiffusersPTQConfig):
-    """HTG (hierarchical timestep grouping). NOT IMPLEMENTED YET: the engine lands with issue #5. The config can be
-    built, validated, saved and put in recipes; quantizing with it raises NotImplementedError.
+    """HTG (hierarchical timestep grouping): timestep-grouped channel shifting + EMA channel scaling, folded into
+    adaLN / to_v and per-group biases (docs/htg.md).
 
-    Options (provisional, from the design brief; issue #5 may refine them): num_groups (None = ⌊T/10⌋), linkage
-    ("ward" | "centroid" | "average"), ema_alpha (0 < α < 1, 0.99), migration_alpha (None = the paper's
+    Options: num_groups (None = ⌊T/10⌋), linkage ("ward" | "centroid" | "average": the paper's greedy adjacent
+    merging; "optimal": exact minimizer of the within-group sum of squares), ema_alpha (0 < α < 1, 0.99), migration_alpha (None = the paper's
     s = m / max|W|, else a SmoothQuant-style strength in [0, 1]), shift / scale (the paper's ablation switches).
     """
 
@@ -335,8 +362,13 @@ class HTGConfig(DiffusersPTQConfig):
         super().validate()
 
     def to_quant_config(self) -> QuantConfig:
-        raise NotImplementedError("HTG is not implemented yet: the engine lands with issue #5. Use PTQ4DiTConfig or "
-                                  "BaselineConfig meanwhile.")
+        """HTG's options as the engine's htg_* fields."""
+        from dataclasses import replace
+
+        return replace(self._engine_fields(), htg_shift=self.shift, htg_scale=self.scale, htg_groups=self.num_groups,
+                       htg_linkage=self.linkage, htg_ema=self.ema_alpha,
+                       htg_scaling="printed" if self.migration_alpha is None else "migration",
+                       htg_alpha=0.5 if self.migration_alpha is None else self.migration_alpha)
 
 
 def config_from_dict(data: dict) -> DiffusersPTQConfig:

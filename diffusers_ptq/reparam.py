@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from diffusers_ptq.groupbias import add_group_bias, divide_group_bias_rows
+
 
 @dataclass(frozen=True)
 class SmoothingTarget:
@@ -63,6 +65,7 @@ def divide_output_rows(linear: nn.Linear, s: torch.Tensor, rows: slice = slice(N
     linear.weight[rows] /= s[:, None]
     if linear.bias is not None:
         linear.bias[rows] /= s
+    divide_group_bias_rows(linear, s, rows)
 
 
 @torch.no_grad()
@@ -77,6 +80,7 @@ def divide_modulation(linear: nn.Linear, s: torch.Tensor, shift_chunk: int, scal
     s = s.to(linear.weight)
     linear.weight[scale] /= s[:, None]
     linear.bias[scale] = (linear.bias[scale] + 1) / s - 1
+    divide_group_bias_rows(linear, s, scale)  # (b + d + 1)/s − 1 = ((b + 1)/s − 1) + d/s
 
 
 def apply_smoothing(model: nn.Module, target: SmoothingTarget, s: torch.Tensor) -> None:
@@ -112,3 +116,25 @@ def shift_input(model: nn.Module, target: SmoothingTarget, offset: torch.Tensor)
     for name in target.consumers:
         consumer = modules[name]
         consumer.bias -= consumer.weight @ offset.to(consumer.weight)
+
+
+@torch.no_grad()
+def shift_input_per_group(model: nn.Module, target: SmoothingTarget, edges: torch.Tensor, offsets: torch.Tensor) -> None:
+    """`shift_input` with one offset per timestep group ([G, C]; groups by `edges`, see `groupbias`).
+
+    The producer gains per-group biases on the rows that make the input (adaLN shift rows, or `to_v`), every
+    consumer the per-group bias −W·offset_g. Exact in real arithmetic at every timestep.
+    """
+    modules = dict(model.named_modules())
+    producer = modules[target.producer]
+    width = offsets.shape[1]
+    if target.kind == "modulation":
+        rows = (target.shift_chunk * width, (target.shift_chunk + 1) * width)
+    elif target.kind == "value":
+        rows = (0, width)
+    else:
+        raise ValueError(f"unknown smoothing target kind {target.kind!r}")
+    add_group_bias(model, producer, edges, offsets, rows)
+    for name in target.consumers:
+        consumer = modules[name]
+        add_group_bias(model, consumer, edges, -offsets.to(consumer.weight) @ consumer.weight.T)

@@ -33,6 +33,7 @@ from torch import nn
 FORMAT_VERSION = 1
 METADATA_KEY = "diffusers_ptq"
 PROCESSOR_INFIX = "ptq_processor"
+GROUP_BIAS_INFIX = "group_biases"  # a module's HTG per-timestep-group biases: <module>.group_biases.<i>.{edges,values,rows}
 
 
 class CheckpointError(ValueError):
@@ -201,8 +202,12 @@ def quantization_metadata(model: nn.Module) -> tuple[dict, dict[str, torch.Tenso
     """(metadata, extra tensors) of a quantized model: every registered module and processor kind."""
     from diffusers_ptq import __version__
 
-    modules, processors, extra = {}, {}, {}
+    from diffusers_ptq.groupbias import group_bias_layout
+
+    modules, processors, group_biases, extra = {}, {}, {}, {}
     for name, module in model.named_modules():
+        if getattr(module, "group_biases", None):
+            group_biases[name] = group_bias_layout(module)
         kind = _module_kind_of(module)
         if kind is not None:
             modules[name] = {"kind": kind.name, **kind.describe(module)}
@@ -215,7 +220,7 @@ def quantization_metadata(model: nn.Module) -> tuple[dict, dict[str, torch.Tenso
     if not modules:
         raise ValueError("the model has no quantized module to save")
     metadata = {"format_version": FORMAT_VERSION, "library_version": __version__, "modules": modules,
-                "processors": processors}
+                "processors": processors, "group_biases": group_biases}
     return metadata, extra
 
 
@@ -274,7 +279,12 @@ def read_metadata(checkpoint_files: list[str | os.PathLike]) -> dict:
 
 
 def _owner(metadata: dict, key: str) -> tuple[str, str, str] | None:
-    """(section, owner name, suffix) of a checkpoint key that belongs to a quantized module or processor."""
+    """(section, owner name, suffix) of a checkpoint key that belongs to a quantized module, a processor, or the
+    timestep-group biases (HTG) of a module."""
+    for name in metadata.get("group_biases", {}):
+        prefix = f"{name}.{GROUP_BIAS_INFIX}."
+        if key.startswith(prefix):
+            return "group_biases", name, key[len(prefix):]
     for name in metadata["modules"]:
         if key.startswith(name + "."):
             return "modules", name, key[len(name) + 1:]
@@ -347,9 +357,33 @@ def rebuild_quantized_modules(model: nn.Module, metadata: dict, tensors: dict[st
         own = {k: v.to(device) for k, v in grouped.get(("processors", name), {}).items()}
         _check_tensors(f"{name}.{PROCESSOR_INFIX}", {f"{k}_scale": ((), torch.float32) for k in "qkv"}, own)
         kind.build(model.get_submodule(name), meta, own)
+    _rebuild_group_biases(model, metadata.get("group_biases", {}), grouped, device)
     left = [p for p, _ in model.named_parameters() if _.device.type == "meta"]
     if left:
         raise CheckpointError(f"tensors missing from the checkpoint: {left[:8]}")
+
+
+def _rebuild_group_biases(model: nn.Module, layouts: dict, grouped: dict, device: torch.device) -> None:
+    """Attach the HTG group biases named in the metadata (to quantized or float modules), checking their tensors."""
+    from diffusers_ptq.groupbias import build_group_biases
+
+    for name, layout in layouts.items():
+        where = f"{name}.{GROUP_BIAS_INFIX}"
+        try:
+            expected = {}
+            for i, entry in enumerate(layout):
+                groups, (start, stop) = int(entry["groups"]), (int(v) for v in entry["rows"])
+                expected.update({f"{i}.edges": ((groups - 1,), torch.float32),
+                                 f"{i}.values": ((groups, stop - start), torch.float32),
+                                 f"{i}.rows": ((2,), torch.int64)})
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{where}: corrupt metadata {layout}: {error!r}") from error
+        own = {k: v.to(device) for k, v in grouped.get(("group_biases", name), {}).items()}
+        _check_tensors(where, expected, own)
+        try:
+            build_group_biases(model, model.get_submodule(name), layout, own)
+        except (AttributeError, ValueError) as error:
+            raise CheckpointError(f"{where}: {error}") from error
 
 
 # ------------------------------------------------------------------------------------------------------------------

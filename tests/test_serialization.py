@@ -13,7 +13,7 @@ from diffusers import DiTPipeline, DiTTransformer2DModel
 from safetensors import safe_open
 
 import diffusers_ptq
-from diffusers_ptq import BaselineConfig, PTQ4DiTConfig, quantize
+from diffusers_ptq import BaselineConfig, HTGConfig, PTQ4DiTConfig, quantize
 from diffusers_ptq.bundled import load_pipeline
 from diffusers_ptq.modules import QuantLinear
 from diffusers_ptq.serialization import METADATA_KEY, CheckpointError
@@ -41,7 +41,9 @@ def saved(tiny_transformer, tmp_path):
     PTQ4DiTConfig(weight_bits=4, **FAST),
     BaselineConfig(weight_bits=4, weight_group_size=16, act_range="percentile", **FAST),
     BaselineConfig(weight_bits=8, act_bits=None, exclude=["proj_out_*"], **FAST),
-], ids=["w8a8-attn", "w4a8", "w4a8-g16", "w8a16"])
+    HTGConfig(weight_bits=4, num_groups=2, **FAST),
+    HTGConfig(weight_bits=8, num_groups=2, quantize_attention=True, exclude=["*.norm1.linear"], **FAST),
+], ids=["w8a8-attn", "w4a8", "w4a8-g16", "w8a16", "w4a8-htg", "w8a8-htg-float-adaln"])
 def test_save_reload_is_bit_exact_without_calibrating(config, tiny_transformer, tmp_path, monkeypatch):
     quantize(tiny_transformer, config, progress=False)
     with torch.no_grad():
@@ -66,6 +68,9 @@ def test_save_reload_is_bit_exact_without_calibrating(config, tiny_transformer, 
             assert type(reloaded.get_submodule(name)) is torch.nn.Linear
     assert reloaded.config.quantization_config == config
     assert reloaded.is_quantized and reloaded.hf_quantizer.pre_quantized
+    carriers = [n for n, m in tiny_transformer.named_modules() if getattr(m, "group_biases", None)]
+    assert carriers == [n for n, m in reloaded.named_modules() if getattr(m, "group_biases", None)]
+    assert bool(carriers) == isinstance(config, HTGConfig)
 
 
 def test_checkpoint_layout_and_metadata(saved):
