@@ -3,7 +3,9 @@
 `QuantLinear` is quanto's `QLinear` (qint8 per-output-channel weights, or qint4 per-channel / grouped) with:
 - a static per-tensor int8 input scale that we compute (`input_scale`), or none for weight-only modes;
 - no output quantization;
-- the multiplication delegated to a kernel from `kernels.py` (`module.kernel`, not saved).
+- the multiplication delegated to a kernel from `kernels.py` (`module.kernel`, not saved), chosen when the
+  weight is frozen, loaded or moved (`kernels.choose_kernel`: the fastest kernel exact for its bit widths on
+  this device) or forced with `kernels.set_kernel`.
 
 Importing this module also replaces quanto's CPU int4 `unpack` (a C++ extension that quanto JIT-compiles on
 first use, ~40-70 s and a compiler needed) with the equivalent pure-torch function: no compile ever happens.
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from optimum.quanto import QLinear, qint4, qint8
 
-from diffusers_ptq.kernels import KERNELS, default_kernel
+from diffusers_ptq.kernels import KERNELS, choose_kernel, default_kernel
 
 if TYPE_CHECKING:
     from diffusers_ptq.rounding import RoundedWeight
@@ -56,7 +58,31 @@ class QuantLinear(QLinear):
         super().__init__(*args, **kwargs)
         self.disable_output_quantization()
         self.kernel = default_kernel(self.weight.device)
+        self._kernel_forced = False  # set_kernel(..., name) forces one; otherwise choose_kernel on freeze/load/move
         self._dequantized = None
+
+    def select_kernel(self) -> str:
+        """Pick the fastest exact kernel for this layer where it is now (unless one was forced); returns it."""
+        if not self._kernel_forced:
+            self.kernel = choose_kernel(self)
+        return self.kernel
+
+    def freeze(self):
+        super().freeze()
+        self.select_kernel()
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self.__dict__.pop("_onednn_weight", None)  # prepared kernel weights follow the stored weight
+        self._dequantized = None
+        if getattr(self, "frozen", False) and hasattr(self, "_kernel_forced"):
+            self.select_kernel()
+        return result
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_onednn_weight", None)  # in-memory kernel cache (an opaque oneDNN tensor): never pickled or saved
+        return state
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight the quantized one stands for (cached; the cache follows the weight object)."""
@@ -93,7 +119,6 @@ def quantize_linear(linear: torch.nn.Linear, weight_bits: int, input_scale: floa
     module = QuantLinear.from_module(linear, weights=WEIGHT_QTYPES[weight_bits],
                                      activations=qint8 if input_scale is not None else None)
     module.weight_group_size = group_size if weight_bits == 4 else None
-    module.kernel = default_kernel(linear.weight.device)
     if input_scale is not None:
         scale = torch.as_tensor(input_scale, dtype=module.input_scale.dtype, device=module.input_scale.device)
         if not (scale > 0 and torch.isfinite(scale)):
@@ -101,7 +126,7 @@ def quantize_linear(linear: torch.nn.Linear, weight_bits: int, input_scale: floa
         module.input_scale = scale.reshape(())
     if rounded is not None:
         module.weight = torch.nn.Parameter(_quanto_weight(rounded, module), requires_grad=False)
-    module.freeze()
+    module.freeze()  # chooses the kernel (choose_kernel): the fastest exact one for these bit widths here
     module.requires_grad_(False)
     return module
 

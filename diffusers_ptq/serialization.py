@@ -137,7 +137,6 @@ def _expected_quant_linear(meta: dict) -> dict:
 def _build_quant_linear(template: nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
     from optimum.quanto import qint8
 
-    from diffusers_ptq.kernels import default_kernel
     from diffusers_ptq.modules import WEIGHT_QTYPES, QuantLinear
 
     if not isinstance(template, nn.Linear):
@@ -159,7 +158,7 @@ def _build_quant_linear(template: nn.Module, meta: dict, tensors: dict[str, torc
     result = module.load_state_dict(dict(tensors), strict=False)
     if result.unexpected_keys or not module.frozen:
         raise CheckpointError(f"could not rebuild the quantized weight (unexpected {result.unexpected_keys})")
-    module.kernel = default_kernel(module.input_scale.device)
+    module.select_kernel()  # the fastest exact kernel for these bit widths on this machine (never stored)
     module.requires_grad_(False)
     return module
 

@@ -1,0 +1,273 @@
+"""Kernels: every kernel equals an integer reference (int64 accumulators times the scales) to float rounding, on
+random inputs and on adversarial ones that saturate int16 pair sums; a model gives the same output whichever
+exact kernel runs it; forcing a kernel that cannot run a layer exactly is a clear error."""
+
+import pytest
+import torch
+
+from diffusers_ptq import kernels
+from diffusers_ptq.api import quantize_transformer
+from diffusers_ptq.config import QuantConfig
+from diffusers_ptq.kernels import KernelError, available_kernels, choose_kernel, kernel_problem, set_kernel
+from diffusers_ptq.modules import QuantLinear, quantize_linear
+from diffusers_ptq.rounding import RoundedWeight
+
+HAS_ONEDNN = kernels.onednn_available()
+needs_onednn = pytest.mark.skipif(not HAS_ONEDNN, reason="torch.ops.onednn.qlinear_pointwise unavailable (non-x86)")
+
+
+def _codes(module: QuantLinear):
+    """(integer codes [out, in] int64, scale [out, G], shift [out, G] or None) from the quanto weight; G groups."""
+    w = module.weight
+    n, k = module.out_features, module.in_features
+    if module.weight_qtype.bits == 8:
+        return w._data.long(), w._scale.reshape(n, 1).double(), None
+    groups = k // (module.weight_group_size or k)
+    codes = w._data.unpack().long().reshape(n, k)  # grouped layout [n * groups, group] is row-major in [n, k]
+    return codes, w._scale.reshape(n, groups).double(), w._shift.reshape(n, groups).double()
+
+
+def integer_reference(module: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = s_x Σ_g (scale_og Σ_{i∈g} q_i·code_oi − shift_og Σ_{i∈g} q_i) + bias_o: int64 accumulators per group
+    times the scales in float64; and a bound on the size of the terms."""
+    s = module.input_scale.double()
+    q = torch.clamp(torch.round(x.float() / module.input_scale.float()), -128, 127).long().reshape(-1, x.shape[-1])
+    codes, scale, shift = _codes(module)
+    groups = scale.shape[1]
+    gsize = module.in_features // groups
+    y = torch.zeros(q.shape[0], module.out_features, dtype=torch.float64)
+    bound = torch.zeros_like(y)
+    for g in range(groups):
+        qg, cg = q[:, g * gsize:(g + 1) * gsize], codes[:, g * gsize:(g + 1) * gsize]
+        y += s * scale[:, g] * (qg @ cg.T).double()  # int64 accumulation: exact
+        bound += s * scale[:, g] * (qg.abs() @ cg.abs().T).double()
+        if shift is not None:
+            y -= s * shift[:, g] * qg.sum(1, keepdim=True).double()
+            bound += s * shift[:, g].abs() * qg.abs().sum(1, keepdim=True).double()
+    if module.bias is not None:
+        y = y + module.bias.double()
+        bound = bound + module.bias.double().abs()
+    shape = (*x.shape[:-1], module.out_features)
+    return y.reshape(shape), bound.reshape(shape)
+
+
+def assert_matches_integer_reference(module, x, kernel, rel=2e-6):
+    """|y − reference| within float32 rounding of the largest partial term: a saturated int16 pair sum (an
+    error of hundreds of integer steps or more) cannot hide in that."""
+    module.kernel = kernel
+    with torch.no_grad():
+        y = module(x).double()
+    ref, bound = integer_reference(module, x)
+    err = (y - ref).abs()
+    tol = rel * bound + 1e-6
+    worst = float((err / tol).max())
+    assert worst <= 1, f"{kernel}: error {float(err.max()):.3g} exceeds float rounding (worst ratio {worst:.2f})"
+
+
+def _linear(in_f=256, out_f=48, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(in_f, out_f)
+
+
+def _extreme_int8(in_f=256, out_f=48, seed=0) -> QuantLinear:
+    """8-bit codes at the int8 extremes: rows of +127 and rows of −128 (as GPTQ may produce), plus random rows."""
+    lin = _linear(in_f, out_f, seed)
+    codes = torch.randint(-128, 128, (out_f, in_f), dtype=torch.int8)
+    codes[: out_f // 3] = 127
+    codes[out_f // 3: 2 * out_f // 3] = -128
+    scale = torch.rand(out_f, 1) * 0.01 + 1e-3
+    rounded = RoundedWeight(weight=codes.float() * scale, data=codes, scale=scale, shift=None, bits=8, group_size=None)
+    return quantize_linear(lin, 8, 0.02, rounded=rounded)
+
+
+def _adversarial_inputs(module, rows=24):
+    """Inputs whose codes are +127 and −128 everywhere (u8 255 / 0 for a full-range kernel), mixed with rows
+    inside ±64 steps, so both the single-GEMM and the residual rows of the split path are exercised."""
+    s = float(module.input_scale)
+    k = module.in_features
+    x = torch.empty(rows, k)
+    x[0::4] = 127 * s
+    x[1::4] = -128 * s
+    x[2::4] = torch.randint(-64, 65, (len(range(2, rows, 4)), k)).float() * s
+    x[3::4] = torch.where(torch.rand(len(range(3, rows, 4)), k) < 0.5, 127.0, -128.0) * s
+    x[3, :5] = 65 * s  # just past the split point
+    return x.reshape(2, rows // 2, k)
+
+
+LAYERS = {
+    "w8a8": lambda: quantize_linear(_linear(), 8, 0.02),
+    "w8a8-extreme": _extreme_int8,
+    "w4a8": lambda: quantize_linear(_linear(), 4, 0.02),
+    "w4a8-g32": lambda: quantize_linear(_linear(), 4, 0.02, group_size=32),
+}
+ALL_KERNELS = ["onednn", "emulated", "quanto"]
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
+def test_kernel_equals_integer_reference_random_and_adversarial(layer, kernel):
+    module = LAYERS[layer]()
+    problem = kernel_problem(module, kernel)
+    if problem is not None:
+        pytest.skip(problem)
+    torch.manual_seed(1)
+    x_random = torch.randn(2, 33, module.in_features) * 2.0
+    assert_matches_integer_reference(module, x_random, kernel)
+    assert_matches_integer_reference(module, _adversarial_inputs(module), kernel)
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_the_chosen_kernel_never_saturates_here(layer):
+    """The kernel picked automatically on this machine, on worst-case inputs: fails if it silently saturates."""
+    module = LAYERS[layer]()
+    chosen = choose_kernel(module)
+    assert module.kernel == chosen
+    assert_matches_integer_reference(module, _adversarial_inputs(module, rows=32), chosen)
+    assert_matches_integer_reference(module, _channel_outliers(module), chosen)
+
+
+@needs_onednn
+def test_choice_per_bit_width_on_x86():
+    assert choose_kernel(LAYERS["w8a8"]()) == "onednn"
+    assert choose_kernel(LAYERS["w4a8"]()) == "onednn"
+    assert choose_kernel(LAYERS["w4a8-g32"]()) == "emulated"
+    assert choose_kernel(quantize_linear(_linear(), 8, None)) == "emulated"
+    assert "onednn" in repr(LAYERS["w8a8"]())
+
+
+@needs_onednn
+def test_full_range_probe_agrees_with_a_raw_gemm():
+    """The measured regime: a raw single full-range GEMM is exact iff the probe says so (if it saturates here,
+    the kernel must be using the split path — covered by the adversarial tests above)."""
+    w = torch.full((8, 128), 127, dtype=torch.int8)
+    u = torch.full((3, 128), 255, dtype=torch.uint8)
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    y = kernels._qlinear(u, 1.0, 0, packed, torch.ones(8), torch.zeros(8, dtype=torch.int64), None)
+    exact = torch.equal(y.double(), u.double() @ w.double().T)
+    assert exact == kernels.onednn_full_range_exact()
+    if kernels.has_vnni():
+        assert exact
+
+
+def _channel_outliers(module, rows=40, channels=(3, 17, 200)):
+    """DiT-like: a few input channels at the int8 extremes in every token, the rest within ±64 steps."""
+    s = float(module.input_scale)
+    x = torch.randint(-64, 65, (rows, module.in_features)).float() * s
+    for i, ch in enumerate(channels):
+        x[:, ch] = (127 if i % 2 == 0 else -128) * s
+    return x
+
+
+@needs_onednn
+def test_split_path_is_exact_by_tokens_and_by_channels(monkeypatch):
+    """Force the no-VNNI split path (as on AVX2) on any machine: its residual by tokens (large activations spread
+    over the input) and by input channels (a few outlier channels) both equal the integer reference."""
+    monkeypatch.setattr(kernels, "onednn_full_range_exact", lambda: False)
+    module = _extreme_int8()
+    x = _adversarial_inputs(module)
+    assert_matches_integer_reference(module, x, "onednn")
+    assert kernels._INPUT_CACHE.value.row_resid is not None and kernels._INPUT_CACHE.value.cols is None
+    x = x.reshape(-1, module.in_features)[:12]
+    x[3:] = torch.randint(-64, 65, (9, module.in_features)).float() * float(module.input_scale)
+    assert_matches_integer_reference(module, x, "onednn")  # a few tokens: gathered, then added back
+    assert kernels._INPUT_CACHE.value.rows.tolist() == [0, 1]  # row 2 lies within ±64 steps
+    x = _channel_outliers(module)
+    assert_matches_integer_reference(module, x, "onednn")
+    assert kernels._INPUT_CACHE.value.cols.tolist() == [3, 17, 200] and kernels._INPUT_CACHE.value.row_resid is None
+    x = torch.randint(-64, 65, (7, module.in_features)).float() * float(module.input_scale)  # no residual at all
+    assert_matches_integer_reference(module, x, "onednn")
+    assert kernels._INPUT_CACHE.value.cols is None and kernels._INPUT_CACHE.value.row_resid is None
+
+
+@needs_onednn
+def test_shared_input_is_quantized_once_and_cache_respects_changes():
+    a = quantize_linear(_linear(seed=0), 8, 0.02)
+    b = quantize_linear(_linear(seed=1), 8, 0.02)
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        a(x)
+        cached = kernels._INPUT_CACHE.value
+        b(x)
+        assert kernels._INPUT_CACHE.value is cached
+        x.mul_(2)  # in place: a new version, quantized again
+        assert_matches_integer_reference(b, x, "onednn")
+        assert kernels._INPUT_CACHE.value is not cached
+
+
+def _tiny_quantized(tiny_transformer, **config):
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in tiny_transformer.named_parameters():
+            if "norm1.linear" in name or "proj_out" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    quantize_transformer(tiny_transformer, QuantConfig(**config, num_inference_steps=2, num_samples=2, batch_size=2),
+                         progress=False)
+    return tiny_transformer
+
+
+def _forward(model):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 4, 4, generator=gen)
+    with torch.no_grad():
+        return model(x, timestep=torch.tensor([999, 500, 3]), class_labels=torch.tensor([1, 2, 1000])).sample
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_model_output_is_the_same_whichever_exact_kernel_runs_it(tiny_transformer, bits):
+    model = _tiny_quantized(tiny_transformer, weight_bits=bits, act_bits=8)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    names = sorted(set.intersection(*(set(available_kernels(m)) for m in layers)))
+    assert "emulated" in names and "quanto" in names and ("onednn" in names) == HAS_ONEDNN
+    outputs = {}
+    for name in names:
+        set_kernel(model, name)
+        assert all(m.kernel == name for m in layers)
+        outputs[name] = _forward(model)
+    reference = outputs["emulated"]
+    for name, out in outputs.items():
+        # float rounding may move an activation across a rounding boundary in a later layer: one int8 step
+        torch.testing.assert_close(out, reference, rtol=1e-3, atol=1e-3 * float(reference.abs().max()), msg=name)
+    set_kernel(model, "auto")
+    assert all(m.kernel == choose_kernel(m) for m in layers)
+
+
+def test_forcing_an_unavailable_or_inexact_kernel_is_a_clear_error(tiny_transformer, monkeypatch):
+    model = _tiny_quantized(tiny_transformer, weight_bits=4, act_bits=None)  # weight-only
+    before = {n: m.kernel for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    with pytest.raises(KernelError, match="weight-only"):
+        set_kernel(model, "onednn")
+    assert before == {n: m.kernel for n, m in model.named_modules() if isinstance(m, QuantLinear)}  # unchanged
+    with pytest.raises(KernelError, match="unknown kernel 'fast'"):
+        set_kernel(model, "fast")
+    grouped = quantize_linear(_linear(), 4, 0.02, group_size=32)
+    with pytest.raises(KernelError, match="groups of 32"):
+        set_kernel(grouped, "onednn")
+    monkeypatch.setattr(kernels, "onednn_available", lambda: False)
+    with pytest.raises(KernelError, match="not available"):
+        set_kernel(quantize_linear(_linear(), 8, 0.02), "onednn")
+    assert choose_kernel(quantize_linear(_linear(), 8, 0.02)) == "emulated"
+
+
+@needs_onednn
+def test_prepared_weights_are_never_saved_and_follow_moves(tiny_transformer, tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    from diffusers_ptq import BaselineConfig, quantize
+
+    model = tiny_transformer
+    quantize(model, BaselineConfig(weight_bits=4, num_samples=2, num_inference_steps=2), progress=False)
+    expected = _forward(model)  # prepacks every layer
+    keys = set(model.state_dict())
+    assert not any("onednn" in k for k in keys)
+    layer = next(m for m in model.modules() if isinstance(m, QuantLinear))
+    assert "_onednn_weight" in layer.__dict__ and "_onednn_weight" not in layer.__getstate__()
+    for m in model.modules():  # a move drops the prepared weights; they are prepared again on the next forward
+        if isinstance(m, QuantLinear):
+            m.to("cpu")
+    assert "_onednn_weight" not in layer.__dict__ and layer.kernel == "onednn"
+    assert torch.equal(_forward(model), expected)
+    model.save_pretrained(tmp_path / "q")
+    reloaded = DiTTransformer2DModel.from_pretrained(tmp_path / "q")
+    assert {m.kernel for m in reloaded.modules() if isinstance(m, QuantLinear)} == {"onednn"}
+    assert torch.equal(_forward(reloaded), expected)
+    assert set(reloaded.state_dict()) == keys
