@@ -72,6 +72,14 @@ def _load_image_folder(folder: str) -> torch.Tensor:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.speed:
+        from diffusers_ptq.speed import run_speed_benchmark
+
+        output = "speed.json" if args.output == "results.json" else args.output
+        result = run_speed_benchmark(output, repeats=args.speed_repeats)
+        print(Path(output).with_suffix(".md").read_text())
+        print(f"written: {output} and {Path(output).with_suffix('.md')} ({result['total_seconds']:.0f} s)")
+        return 0
     from diffusers_ptq.bench import SUITES, run_benchmark
 
     calibration = dict(num_samples=args.calibration_samples, num_inference_steps=args.steps,
@@ -156,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--grid", help="also write a PNG: one row of samples per method, same noise")
     bench.add_argument("--dit-xl", action="store_true",
                        help="also measure DiT-XL/2's state-dict size and peak memory per mode (random weights)")
+    bench.add_argument("--speed", action="store_true",
+                       help="instead: integer speed at DiT-XL/2 shapes (random weights, batch 2 x 256 tokens), FP32 vs "
+                       "W8A8/W4A8/W8A16/W4A16 beside the bare kernel's ceiling, and the bundled pipeline's 50-step "
+                       "sampling time (JSON + Markdown at --output, default speed.json)")
+    bench.add_argument("--speed-repeats", type=int, default=3, help="timed forwards per mode for --speed (median)")
     _sampling_args(bench, seeds=[0])
     bench.set_defaults(func=cmd_bench)
     quant = sub.add_parser("quantize", help="calibrate + quantize a float DiT with a recipe, save the checkpoint")

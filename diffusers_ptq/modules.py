@@ -152,3 +152,18 @@ def _quanto_weight(rounded: RoundedWeight, module: QuantLinear):
         data = data.reshape(-1, rounded.group_size)  # quanto's grouped layout for axis 0
     shift = rounded.shift.to(device=device, dtype=dtype)
     return WeightQBitsTensor.create(qint4, 0, rounded.group_size, size, stride, data, scale, shift)
+
+
+def seven_bit_weight(weight: torch.Tensor) -> RoundedWeight:
+    """A float weight [out, in] rounded to 8-bit codes restricted to [-64, 63] (scale = max|row| / 63): stored as
+    an ordinary qint8 weight (same checkpoint format), pass it as `quantize_linear(..., rounded=...)`.
+
+    Costs one bit of weight resolution; buys one exact oneDNN GEMM with full-range 8-bit activations on CPUs
+    without VNNI (the kernel checks the codes when it prepares the weight; see kernels.py)."""
+    from diffusers_ptq.rounding import RoundedWeight
+
+    w = weight.detach()
+    scale = w.abs().amax(dim=1, keepdim=True) / 63
+    codes = torch.clamp(torch.round(w / torch.where(scale == 0, torch.ones_like(scale), scale)), -64, 63)
+    return RoundedWeight(weight=codes * scale, data=codes.to(torch.int8), scale=scale, shift=None, bits=8,
+                         group_size=None)

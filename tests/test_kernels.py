@@ -17,7 +17,7 @@ needs_onednn = pytest.mark.skipif(not HAS_ONEDNN, reason="torch.ops.onednn.qline
 
 
 def _codes(module: QuantLinear):
-    """(integer codes [out, in] int64, scale [out, G], shift [out, G] or None) from the quanto weight; G groups."""
+    """(integer codes [out, in] int64, scale [out, G], shift [out, G] or None) from the quanto weight (G groups)."""
     w = module.weight
     n, k = module.out_features, module.in_features
     if module.weight_qtype.bits == 8:
@@ -177,6 +177,23 @@ def test_split_path_is_exact_by_tokens_and_by_channels(monkeypatch):
     x = torch.randint(-64, 65, (7, module.in_features)).float() * float(module.input_scale)  # no residual at all
     assert_matches_integer_reference(module, x, "onednn")
     assert kernels._INPUT_CACHE.value.cols is None and kernels._INPUT_CACHE.value.row_resid is None
+
+
+@needs_onednn
+def test_seven_bit_weight_codes_take_one_full_range_gemm_exactly(monkeypatch):
+    """8-bit weights on ±63 (stored as ordinary qint8): one full-range GEMM, exact on worst-case inputs even
+    where int16 pair sums saturate; one code of 64 sends the layer back to the split path."""
+    from diffusers_ptq.modules import seven_bit_weight
+
+    monkeypatch.setattr(kernels, "onednn_full_range_exact", lambda: False)
+    lin = _linear()
+    module = quantize_linear(lin, 8, 0.02, rounded=seven_bit_weight(lin.weight))
+    codes = module.weight._data
+    assert int(codes.abs().max()) == 63 and kernels.onednn_weight(module).full_range
+    for x in (_adversarial_inputs(module), _channel_outliers(module)):
+        assert_matches_integer_reference(module, x, "onednn")
+        assert kernels._INPUT_CACHE.value.zp == 128 and kernels._INPUT_CACHE.value.row_resid is None
+    assert not kernels.onednn_weight(_extreme_int8()).full_range
 
 
 @needs_onednn

@@ -1,0 +1,337 @@
+"""`diffusers-ptq bench --speed`: integer speed at DiT-XL/2 shapes, beside the bare kernel's ceiling.
+
+- DiT-XL/2 from its config (random weights, seed 0), batch 2 (CFG) × 256 tokens: the transformer forward in
+  FP32, W8A8, W4A8, W8A16 and W4A16, each in a fresh process (so peak memory is that mode's own), each
+  quantized as `footprint_worker` does (a 1-sample, 2-step calibration) and run with the kernels chosen
+  automatically (`kernels.choose_kernel`); ratios to the FP32 forward of the same run.
+- The ceiling: every Linear call of the FP32 forward (its M×K→N shape and count) timed as a bare float GEMM
+  (`F.linear`) and as the bare oneDNN int8 GEMM on an already-quantized input (no quantize, no residual, no
+  epilogue): Σ float / Σ int8 is the kernel's ceiling on these shapes; with the forward's non-Linear time
+  added unchanged (Amdahl) it is the forward's ceiling.
+- The 50-step sampling time of the bundled pipeline (10 labels, guidance 1.5): FP vs W8A8 vs W4A8 (and W8A8
+  forced onto the float emulation, for comparison).
+Writes JSON (every number, CPU model, ISA flags, load average) and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SPEED_MODES = {
+    "FP32": None,
+    "W8A8": dict(weight_bits=8, act_bits=8),
+    "W8A8-w7": dict(weight_bits=8, act_bits=8),  # then the weight codes restricted to ±63 (`seven_bit_weight`)
+    "W4A8": dict(weight_bits=4, act_bits=8),
+    "W8A16": dict(weight_bits=8, act_bits=None),
+    "W4A16": dict(weight_bits=4, act_bits=None),
+}
+
+
+def to_seven_bit_codes(model: torch.nn.Module) -> None:
+    """Re-round every 8-bit QuantLinear's weight to codes on ±63 (from its dequantized weight), in place: the
+    same checkpoint format; the oneDNN kernel then runs one full-range GEMM without VNNI."""
+    from diffusers_ptq.modules import QuantLinear, _quanto_weight, seven_bit_weight
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.weight_qtype.bits == 8:
+            rounded = seven_bit_weight(m.dequantized_weight())
+            m.weight = torch.nn.Parameter(_quanto_weight(rounded, m), requires_grad=False)
+            m._dequantized = None
+
+
+def _rss_bytes() -> int:
+    """Resident memory now, after handing freed heap pages back to the OS (glibc keeps them otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _timed(fn, repeats: int) -> dict:
+    fn()  # warm-up: prepacks weights, fills caches
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"seconds": statistics.median(wall), "min_seconds": min(wall), "all_seconds": wall,
+            "cpu_seconds": statistics.median(cpu)}
+
+
+def _dit_xl_inputs():
+    gen = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(2, 4, 32, 32, generator=gen), timestep=torch.tensor([500, 500]),
+                class_labels=torch.tensor([1, 1000]))
+
+
+def forward_worker(label: str, repeats: int = 3) -> dict:
+    """In this process: DiT-XL/2 (random weights) in mode `label`, its forward timed `repeats` times."""
+    from diffusers import DiTTransformer2DModel
+
+    from diffusers_ptq import kernels
+    from diffusers_ptq.api import quantize_transformer
+    from diffusers_ptq.bench import DIT_XL_2_256
+    from diffusers_ptq.config import QuantConfig
+
+    torch.manual_seed(0)
+    config = DIT_XL_2_256
+    if os.environ.get("DIFFUSERS_PTQ_SPEED_TINY"):  # a dry run of the machinery (tests), not a measurement
+        config = {**DIT_XL_2_256, "num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 32}
+    model = DiTTransformer2DModel(**config).eval()
+    row = {"label": label, "threads": torch.get_num_threads(), "load_before": os.getloadavg()}
+    t0 = time.time()
+    if SPEED_MODES[label] is not None:
+        quantize_transformer(model, QuantConfig(**SPEED_MODES[label], num_samples=1, num_inference_steps=2,
+                                                batch_size=1), progress=False)
+        if label.endswith("-w7"):
+            to_seven_bit_codes(model)
+    row["quantize_seconds"] = time.time() - t0
+    row["kernels"] = kernels.kernel_summary(model)
+    shapes: dict[tuple, int] = {}
+
+    def record(module, args):
+        x = args[0]
+        key = (x.numel() // x.shape[-1], x.shape[-1], module.out_features)
+        shapes[key] = shapes.get(key, 0) + 1
+
+    inputs = _dit_xl_inputs()
+    with torch.no_grad():
+        hooks = [m.register_forward_pre_hook(record) for m in model.modules()
+                 if isinstance(m, torch.nn.Linear) or type(m).__name__ == "QuantLinear"]
+        model(**inputs)
+        for h in hooks:
+            h.remove()
+        before = dict(kernels.ONEDNN_STATS)
+        row.update(_timed(lambda: model(**inputs), repeats))
+    stats = {k: v - before[k] for k, v in kernels.ONEDNN_STATS.items()}
+    row["onednn_stats_per_forward"] = {k: v / (repeats + 1) for k, v in stats.items()}  # warm-up included
+    row["linear_calls"] = [{"m": m, "k": k, "n": n, "count": c} for (m, k, n), c in sorted(shapes.items())]
+    row["resident_bytes_after"] = _rss_bytes()
+    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row["load_after"] = os.getloadavg()
+    return row
+
+
+def ceiling_worker(linear_calls: list[dict], repeats: int = 5) -> dict:
+    """Bare GEMMs on the forward's Linear shapes: float F.linear vs oneDNN's u8×s8 GEMM on a quantized input."""
+    from diffusers_ptq import kernels
+
+    torch.manual_seed(0)
+    rows, fp_total, int_total = [], 0.0, 0.0
+    have_onednn = kernels.onednn_available()
+    with torch.no_grad():
+        for call in linear_calls:
+            m, k, n, count = call["m"], call["k"], call["n"], call["count"]
+            x, w, b = torch.randn(m, k), torch.randn(n, k) * 0.02, torch.randn(n)
+            fp = _timed(lambda: torch.nn.functional.linear(x, w, b), repeats)["seconds"]
+            row = {**call, "fp32_seconds": fp}
+            if have_onednn:
+                packed = torch.ops.onednn.qlinear_prepack(torch.randint(-127, 128, (n, k), dtype=torch.int8), None)
+                u = torch.randint(0, 256, (m, k), dtype=torch.uint8)
+                scales, zeros = torch.rand(n) * 1e-3, torch.zeros(n, dtype=torch.int64)
+                row["int8_seconds"] = _timed(lambda: kernels._qlinear(u, 0.01, 128, packed, scales, zeros, b),
+                                             repeats)["seconds"]
+                int_total += count * row["int8_seconds"]
+            fp_total += count * fp
+            rows.append(row)
+    return {"shapes": rows, "fp32_linear_seconds": fp_total, "int8_linear_seconds": int_total if have_onednn else None}
+
+
+def _run_worker(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "diffusers_ptq.speed", *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"speed worker {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, labels=tuple(range(10))) -> list[dict]:
+    """Bundled pipeline, 50 DDIM steps, one sample per label (batch 2×10 with CFG): FP, W8A8, W4A8, W8A8 emulated."""
+    from diffusers_ptq import kernels
+    from diffusers_ptq.api import quantize_transformer
+    from diffusers_ptq.bundled import load_pipeline
+    from diffusers_ptq.config import QuantConfig
+    from diffusers_ptq.evaluation import generate_images
+
+    def run(pipe):
+        return _timed(lambda: generate_images(pipe, list(labels), num_inference_steps=num_inference_steps,
+                                              guidance_scale=guidance_scale, batch_size=len(labels),
+                                              progress=False), 1)
+
+    rows = []
+    pipe = load_pipeline("bundled")
+    rows.append({"label": "FP32", **run(pipe)})
+    for label, bits in (("W8A8", 8), ("W8A8-w7", 8), ("W4A8", 4)):
+        pipe = load_pipeline("bundled")
+        quantize_transformer(pipe.transformer, QuantConfig(weight_bits=bits, act_bits=8, num_samples=10),
+                             id2label={i: str(i) for i in range(10)}, scheduler_config=pipe.scheduler.config,
+                             progress=False)
+        if label.endswith("-w7"):
+            to_seven_bit_codes(pipe.transformer)
+        rows.append({"label": label, "kernels": kernels.kernel_summary(pipe.transformer), **run(pipe)})
+        if label == "W8A8":
+            kernels.set_kernel(pipe.transformer, "emulated")
+            rows.append({"label": "W8A8 (emulated)", "kernels": kernels.kernel_summary(pipe.transformer), **run(pipe)})
+    fp = rows[0]["seconds"]
+    for r in rows:
+        r["speedup"] = fp / r["seconds"]
+    return rows
+
+
+def run_speed_benchmark(output: str | os.PathLike, repeats: int = 3, modes=tuple(SPEED_MODES),
+                        sampling: bool = True) -> dict:
+    from diffusers_ptq import kernels
+    from diffusers_ptq.utils import machine_info
+
+    t0 = time.time()
+    result = {"machine": {**machine_info(), **kernels.machine_kernel_info(),
+                          "all_int8_flags": sorted(f for f in kernels.cpu_flags()
+                                                   if "vnni" in f or f.startswith(("amx", "avx512")))},
+              "load_at_start": os.getloadavg(), "repeats": repeats, "batch": 2, "tokens": 256}
+    forward = [_run_worker("--forward", label, str(repeats)) for label in modes]
+    fp = next(r for r in forward if r["label"] == "FP32")
+    for r in forward:
+        r["speedup"] = fp["seconds"] / r["seconds"]
+    ceiling = _run_worker("--ceiling", json.dumps(fp["linear_calls"]))
+    other = fp["seconds"] - ceiling["fp32_linear_seconds"]
+    ceiling["non_linear_seconds"] = other
+    if ceiling["int8_linear_seconds"]:
+        ceiling["kernel_speedup"] = ceiling["fp32_linear_seconds"] / ceiling["int8_linear_seconds"]
+        ceiling["forward_speedup"] = fp["seconds"] / (max(other, 0.0) + ceiling["int8_linear_seconds"])
+        for r in forward:
+            if "A8" in r["label"]:
+                # what is neither the bare GEMMs nor the float parts: quantize, residual, epilogue, gathers
+                r["overhead_seconds"] = r["seconds"] - max(other, 0.0) - ceiling["int8_linear_seconds"]
+                r["overhead_fraction"] = r["overhead_seconds"] / r["seconds"]
+                r["fraction_of_ceiling"] = r["speedup"] / ceiling["forward_speedup"]
+    result.update(forward=forward, ceiling=ceiling)
+    if sampling:
+        result["sampling"] = sampling_times()
+    result["load_at_end"] = os.getloadavg()
+    result["total_seconds"] = time.time() - t0
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    output.with_suffix(".md").write_text(speed_markdown(result))
+    return result
+
+
+def speed_markdown(result: dict) -> str:
+    m = result["machine"]
+    c = result["ceiling"]
+    lines = [f"# Integer speed at DiT-XL/2 shapes (batch {result['batch']} × {result['tokens']} tokens)", "",
+             f"CPU: {m.get('cpu_model')}; {m['threads']} threads; torch {m['torch']}; ISA: "
+             f"{', '.join(m.get('cpu_flags_of_note', []))}; VNNI/AMX: {', '.join(m['vnni_flags']) or 'none'}; "
+             f"oneDNN full-range u8×s8 exact (measured): {m['onednn_full_range_exact']}. Load average at start "
+             f"{result['load_at_start'][0]:.2f}, at end {result['load_at_end'][0]:.2f}. Median of "
+             f"{result['repeats']} forwards after one warm-up; each mode in its own process.", "",
+             "| mode | kernels (layers) | forward (s) | speedup vs FP32 | of the ceiling | quantize/residual/epilogue "
+             "share | peak RSS (GB) | resident after (GB) |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["forward"]:
+        kern = ", ".join(f"{k} {v}" for k, v in r["kernels"].items()) or "float"
+        share = f"{r['overhead_fraction']:.0%}" if "overhead_fraction" in r else "–"
+        frac = f"{r['fraction_of_ceiling']:.0%}" if "fraction_of_ceiling" in r else "–"
+        lines.append(f"| {r['label']} | {kern} | {r['seconds']:.2f} | {r['speedup']:.2f}× | {frac} | {share} | "
+                     f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['resident_bytes_after'] / 1e9:.2f} |")
+    if c.get("kernel_speedup"):
+        lines += ["", f"Ceiling (bare oneDNN u8×s8 GEMM on pre-quantized inputs vs bare fp32 GEMM, every Linear call "
+                  f"of the forward): Linear time {c['fp32_linear_seconds']:.2f} s → {c['int8_linear_seconds']:.2f} s "
+                  f"(**{c['kernel_speedup']:.2f}×**); non-Linear time {c['non_linear_seconds']:.2f} s; forward "
+                  f"ceiling (Amdahl) **{c['forward_speedup']:.2f}×**.", "",
+                  "| M×K→N | calls | fp32 (ms) | int8 (ms) | ratio |", "|---|---|---|---|---|"]
+        for s in c["shapes"]:
+            lines.append(f"| {s['m']}×{s['k']}→{s['n']} | {s['count']} | {s['fp32_seconds'] * 1e3:.2f} | "
+                         f"{s['int8_seconds'] * 1e3:.2f} | {s['fp32_seconds'] / s['int8_seconds']:.2f}× |")
+    for r in result["forward"]:
+        st = r.get("onednn_stats_per_forward") or {}
+        if st.get("calls"):
+            lines.append("")
+            lines.append(f"{r['label']}: {st['calls']:.0f} oneDNN calls per forward, {st['quantized_inputs']:.0f} "
+                         f"inputs quantized (q/k/v share one); split-path residual over "
+                         f"{st['residual_rows'] / max(st['rows'], 1):.1%} of the token rows"
+                         f" and {st['residual_channels'] / max(st['channels'], 1):.1%} of the input channels.")
+    if "sampling" in result:
+        lines += ["", "Bundled pipeline (dit-mnist, 6 blocks, hidden 192), 50 DDIM steps, 10 samples (batch 20 with "
+                  "CFG):", "", "| model | kernels (layers) | sampling (s) | speedup vs FP32 |", "|---|---|---|---|"]
+        for r in result["sampling"]:
+            kern = ", ".join(f"{k} {v}" for k, v in r.get("kernels", {}).items()) or "float"
+            lines.append(f"| {r['label']} | {kern} | {r['seconds']:.2f} | {r['speedup']:.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def w8a8_range_quality(num_samples: int = 200, seed: int = 0, output: str | os.PathLike | None = None) -> dict:
+    """Quality cost of the ways to make W8A8 a single non-saturating GEMM without VNNI, on the bundled model
+    (W8A8 min-max, 50 DDIM steps, guidance 1.5, paired with the FP pipeline on the same noise):
+    exact 8-bit (what the `onednn` split path computes), 7-bit weights (±63 per output channel, from the float
+    weights) and 7-bit activations ([-64, 63] over the same calibrated range). The 7-bit variants are emulated."""
+    from diffusers_ptq import kernels
+    from diffusers_ptq.api import quantize_transformer
+    from diffusers_ptq.bundled import load_pipeline
+    from diffusers_ptq.config import QuantConfig
+    from diffusers_ptq.evaluation import evaluate
+    from diffusers_ptq.modules import QuantLinear
+
+    fp = load_pipeline("bundled")
+    pipe = load_pipeline("bundled")
+    quantize_transformer(pipe.transformer, QuantConfig(weight_bits=8, act_bits=8),
+                         id2label={i: str(i) for i in range(10)}, scheduler_config=pipe.scheduler.config,
+                         progress=False)
+    layers = {n: m for n, m in pipe.transformer.named_modules() if isinstance(m, QuantLinear)}
+    float_weights = {n: fp.transformer.get_submodule(n).weight.detach() for n in layers}
+
+    def a7(module, x):
+        scale = module.input_scale.to(x.dtype) * 127 / 63
+        return torch.nn.functional.linear(kernels.fake_quantize_symmetric(x, scale, 7), module.dequantized_weight(),
+                                          module.bias)
+
+    def score(label):
+        r = evaluate(pipe, fp, num_samples=num_samples, seeds=[seed], progress=False)
+        return {"label": label, **{k: v["mean"] for k, v in r["metrics"].items()}}
+
+    kernels.set_kernel(pipe.transformer, "emulated")  # the same integers as the onednn split path, to float rounding
+    rows = [score("W8A8 exact (8-bit weights and activations: the onednn split path)")]
+    kernels.KERNELS["_study_a7"] = a7  # not registered for use: removed below
+    try:
+        kernels.set_kernel(pipe.transformer, "emulated")
+        for m in layers.values():
+            m.kernel = "_study_a7"
+        rows.append(score("W8A7 (activations on [-64, 63], same range): one GEMM, zero point 64"))
+    finally:
+        del kernels.KERNELS["_study_a7"]
+    kernels.set_kernel(pipe.transformer, "emulated")
+    for name, m in layers.items():
+        w = float_weights[name]
+        m._dequantized = (m.weight, kernels.fake_quantize_symmetric(w, w.abs().amax(1, keepdim=True) / 63, 7))
+    rows.append(score("W7A8 (weights on ±63 per output channel): one GEMM, full-range input"))
+    result = {"num_samples": num_samples, "seed": seed, "rows": rows}
+    if output is not None:
+        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "--forward":
+        print(json.dumps(forward_worker(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 3)))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--ceiling":
+        print(json.dumps(ceiling_worker(json.loads(sys.argv[2]))))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "--w8a8-quality":
+        print(json.dumps(w8a8_range_quality(output=sys.argv[2] if len(sys.argv) > 2 else None), indent=2))
+    else:
+        raise SystemExit("usage: python -m diffusers_ptq.speed --forward LABEL [REPEATS] | --ceiling JSON | "
+                         "--w8a8-quality [OUTPUT]")
