@@ -18,6 +18,7 @@ from diffusers_ptq.groupbias import move_group_biases
 from diffusers_ptq.methods import baselines, htg, ptq4dit
 from diffusers_ptq.modules import quantize_linear
 from diffusers_ptq.rounding import HessianRecorder, RoundedWeight, gptq_quantize_weights, scale_hessian
+from diffusers_ptq.reconstruction import reconstruct_weights
 from diffusers_ptq.reparam import SmoothingTarget, apply_smoothing, dit_smoothing_targets, shift_input_per_group
 
 
@@ -127,7 +128,7 @@ def _salience_row_layers(transformer: nn.Module, config: QuantConfig) -> list[st
 def rewrite_linears(transformer: nn.Module, config: QuantConfig, input_scales: dict[str, torch.Tensor | None],
                     rounded: dict[str, RoundedWeight] | None = None) -> None:
     """Replace each named Linear by a frozen QuantLinear (the only place modules are swapped); `rounded` holds the
-    weights that GPTQ rounded, the others are rounded to nearest."""
+    weights that GPTQ or block reconstruction rounded, the others are rounded to nearest."""
     for name, scale in input_scales.items():
         linear = transformer.get_submodule(name)
         quantized = quantize_linear(linear, config.weight_bits, scale, config.weight_group_size,
@@ -151,7 +152,7 @@ def quantize_transformer(
     Calibrates (unless `stats` is given, or the mode is weight-only without smoothing or GPTQ), folds SmoothQuant,
     PTQ4DiT or HTG if configured (HTG then calibrates the folded model again for the activation ranges and
     Hessians), computes each layer's static input scale, rounds the weights (to nearest, or GPTQ from each layer's
-    input Hessian), and rewrites the selected Linears into QuantLinear.
+    input Hessian, or block reconstruction: reconstruction.py), and rewrites the selected Linears into QuantLinear.
     """
     t0 = time.time()
     report = QuantizationReport(config=config.to_dict())
@@ -219,6 +220,11 @@ def quantize_transformer(
         rounded = gptq_quantize_weights({n: transformer.get_submodule(n) for n in targets}, hessians, config.weight_bits,
                                         config.weight_group_size, damp=config.gptq_damp,
                                         act_order=config.gptq_act_order, progress=progress)
+        report.rounding_seconds = time.time() - t_round
+    elif config.weight_rounding == "reconstruct":  # BRECQ: learned rounding per block, its own sampler run
+        t_round = time.time()
+        rounded = reconstruct_weights(transformer, {n: transformer.get_submodule(n) for n in targets}, input_scales,
+                                      config, scheduler_config=scheduler_config, id2label=id2label, progress=progress)
         report.rounding_seconds = time.time() - t_round
     rewrite_linears(transformer, config, input_scales, rounded)
     if config.quantize_attention:

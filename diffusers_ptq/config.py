@@ -21,7 +21,7 @@ DEFAULT_INCLUDE = (
 ACT_RANGES = ("minmax", "percentile", "mse")
 SCHEDULERS = ("ddim", "ddpm")
 SSC_ROWS = ("sample", "timestep")
-WEIGHT_ROUNDINGS = ("nearest", "gptq")
+WEIGHT_ROUNDINGS = ("nearest", "gptq", "reconstruct")
 HTG_LINKAGES = ("ward", "centroid", "average", "optimal")
 HTG_SCALINGS = ("migration", "printed")
 
@@ -52,7 +52,11 @@ class QuantConfig:
         (s = m^a / max|W|^(1−a), a = `htg_alpha`) or "printed" (s = m / max|W|, the paper's formula as printed).
     weight_rounding: "nearest" (round to nearest) or "gptq" (error-compensating rounding from each layer's
         input Hessian over the calibration run; `gptq_damp` is the damping as a fraction of the mean diagonal,
-        `gptq_act_order` processes columns by decreasing Hessian diagonal).
+        `gptq_act_order` processes columns by decreasing Hessian diagonal), or "reconstruct" (AdaRound-style
+        learned rounding of each DiT block's Linears against the full-precision block output, BRECQ; see
+        docs/rounding.md): `reconstruct_iters` Adam steps per block (the official PTQ4DiT code: 20k) with learning
+        rate `reconstruct_lr` on minibatches of `reconstruct_batch` rows out of `reconstruct_samples` cached
+        (timestep, sample) rows; seeded by `seed`.
     """
 
     weight_bits: int = 8
@@ -75,6 +79,10 @@ class QuantConfig:
     weight_rounding: str = "nearest"
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
+    reconstruct_iters: int = 500
+    reconstruct_lr: float = 1e-2
+    reconstruct_batch: int = 32
+    reconstruct_samples: int = 256
     include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
     exclude: list[str] = field(default_factory=list)
     # calibration
@@ -108,6 +116,12 @@ class QuantConfig:
             raise ValueError(f"csb_alpha must be in [0, 1] or None, got {self.csb_alpha}")
         if not 0 <= self.gptq_damp < 1:
             raise ValueError(f"gptq_damp must be in [0, 1), got {self.gptq_damp}")
+        for name in ("reconstruct_iters", "reconstruct_batch", "reconstruct_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.reconstruct_lr, (int, float)) and 0 < self.reconstruct_lr < float("inf")):
+            raise ValueError(f"reconstruct_lr must be a positive number, got {self.reconstruct_lr!r}")
         if self.weight_group_size is not None:
             if self.weight_bits != 4:
                 raise ValueError("weight_group_size applies to weight_bits=4 only (8-bit weights are per channel)")
@@ -141,7 +155,9 @@ class QuantConfig:
             scaling = "" if self.htg_scaling == "migration" and self.htg_alpha == 0.5 else (
                 " printed" if self.htg_scaling == "printed" else f" a{self.htg_alpha:g}")
             method += f"+htg{parts}{groups}{scaling if self.htg_scale else ''}"
-        if self.weight_rounding != "nearest":
+        if self.weight_rounding == "reconstruct":
+            method += "+recon" + ("" if self.reconstruct_iters == 500 else f"{self.reconstruct_iters}")
+        elif self.weight_rounding != "nearest":
             method += f"+{self.weight_rounding}"
         if self.quantize_attention:
             method += " +attn"
@@ -182,6 +198,10 @@ COMMON_OPTIONS: dict[str, Any] = dict(
     weight_rounding="nearest",
     gptq_damp=0.01,
     gptq_act_order=True,
+    reconstruct_iters=500,
+    reconstruct_lr=1e-2,
+    reconstruct_batch=32,
+    reconstruct_samples=256,
     include=list(DEFAULT_INCLUDE),
     exclude=[],
     scheduler="ddim",
@@ -218,7 +238,8 @@ class DiffusersPTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
 
     Common options (defaults in `COMMON_OPTIONS`): weight_bits (8 | 4), act_bits (8 | None), weight_group_size
     (None = per output channel, 4-bit only), act_range ("minmax" | "percentile" | "mse"), percentile,
-    quantize_attention, weight_rounding ("nearest" | "gptq"), gptq_damp, gptq_act_order, include / exclude (fnmatch
+    quantize_attention, weight_rounding ("nearest" | "gptq" | "reconstruct"), gptq_damp, gptq_act_order,
+    reconstruct_iters, reconstruct_lr, reconstruct_batch, reconstruct_samples (block reconstruction), include / exclude (fnmatch
     patterns on Linear names), and calibration: scheduler ("ddim" | "ddpm"), num_inference_steps, guidance_scale,
     num_samples, class_labels (None = balanced over all the model's classes; else the classes to draw the
     num_samples labels from, cycling), seed, batch_size, tokens_per_call.
