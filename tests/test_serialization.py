@@ -189,6 +189,18 @@ class FakeHub:
         monkeypatch.setattr(HfApi, "create_repo", lambda api, *a, **k: self.create_repo(api, *a, **k))
         monkeypatch.setattr(HfApi, "upload_folder", lambda api, *a, **k: self.upload_folder(api, *a, **k))
         monkeypatch.setattr(HfApi, "create_commit", lambda *a, **k: pytest.fail("unexpected create_commit"))
+        monkeypatch.setattr("huggingface_hub.repocard.hf_hub_download", self.hf_hub_download)
+        # diffusers' own push_to_hub calls huggingface_hub's module-level functions (bound to a default HfApi at
+        # import, so the class patches above do not reach them): route them through the same fakes.
+        monkeypatch.setattr("diffusers.utils.hub_utils.create_repo", lambda *a, **k: self.create_repo(None, *a, **k))
+        monkeypatch.setattr("diffusers.utils.hub_utils.upload_folder", lambda *a, **k: self.upload_folder(None, *a, **k))
+
+    def hf_hub_download(self, repo_id, filename, **kwargs):
+        """The fake repository is new: no file to download (diffusers then writes a fresh model card)."""
+        from huggingface_hub.errors import EntryNotFoundError
+
+        self.calls.append(("hf_hub_download", repo_id, filename))
+        raise EntryNotFoundError(f"{filename} not found in the fake repository {repo_id}")
 
     def create_repo(self, api, repo_id, **kwargs):
         from huggingface_hub import RepoUrl
@@ -228,3 +240,24 @@ def test_pipeline_push_to_hub_puts_the_card_at_the_root(monkeypatch):
     assert "baseline" in card and "W4A8" in card
     with pytest.raises(ValueError, match="not quantized"):
         diffusers_ptq.push_to_hub(load_pipeline("bundled"), "me/float")
+
+
+def test_design_card_example_runs_as_written(tmp_path, monkeypatch):
+    """../shared/DESIGN.md's first example, with the bundled model's folder for the Hub id and a faked Hub."""
+    import diffusers_ptq  # noqa: F401  registers "ptq4dit" / "htg" with diffusers' quantizer registry
+    from diffusers import DiTPipeline
+    from diffusers_ptq import HTGConfig
+    from diffusers_ptq.bundled import BUNDLED_MODEL_DIR
+
+    pipe = DiTPipeline.from_pretrained(BUNDLED_MODEL_DIR,
+                                       quantization_config=HTGConfig(weight_bits=4, act_bits=8, num_inference_steps=100))
+    assert any(getattr(m, "group_biases", None) for m in pipe.transformer.modules())
+    pipe.save_pretrained(tmp_path / "dit-xl-2-256-w4a8-htg")
+    hub = FakeHub(monkeypatch)
+    pipe.push_to_hub("me/dit-xl-2-256-w4a8-htg")
+    assert f"transformer/{WEIGHTS}" in hub.files and "htg" in hub.files["transformer/README.md"].decode()
+    monkeypatch.setattr("diffusers_ptq.api.calibrate", lambda *a, **k: pytest.fail("calibrated on reload"))
+    reloaded = DiTPipeline.from_pretrained(tmp_path / "dit-xl-2-256-w4a8-htg")
+    run = lambda p: p(class_labels=[1, 7], num_inference_steps=4, generator=torch.Generator().manual_seed(0),  # noqa
+                      output_type="np").images
+    assert (run(reloaded) == run(pipe)).all()
