@@ -193,7 +193,8 @@ def run_benchmark(
         row = {"label": config.label, "config": config.to_dict(), "sampling_seconds": time.time() - t_sample,
                "calibration_seconds": report.calibration_seconds, "rounding_seconds": report.rounding_seconds,
                "quantize_seconds": report.total_seconds, "state_dict_bytes": state_dict_bytes(pipe.transformer),
-               "group_bias_bytes": group_bias_bytes(pipe.transformer)}
+               "group_bias_bytes": group_bias_bytes(pipe.transformer),
+               "kernels": sorted({m.kernel for m in pipe.transformer.modules() if hasattr(m, "kernel")})}
         row.update(score_images(images, labels, fp_images, use_classifier))
         rows.append(row)
         if grid:
@@ -280,8 +281,9 @@ def markdown_table(result: dict) -> str:
         f"{result['num_samples']} samples, seed {result['seed']}, {result['num_inference_steps']} "
         f"{result['scheduler']} steps, guidance {result['guidance_scale']}; every row from the same noise. "
         f"CPU: {result['machine'].get('cpu_model')}; torch {result['versions']['torch']}, "
-        f"optimum-quanto {result['versions']['optimum-quanto']}. Quantized rows run the `emulated` kernel "
-        "(integer arithmetic in float), so sampling times here are not integer-kernel speed.",
+        f"optimum-quanto {result['versions']['optimum-quanto']}. Sampling times are wall times on a shared machine, "
+        "not speed measurements (`diffusers-ptq bench --speed`, docs/kernels.md); every kernel computes the same "
+        "integer arithmetic.",
         "",
         "| " + " | ".join(name for name, _ in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

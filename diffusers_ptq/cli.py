@@ -25,12 +25,12 @@ def _sampling_args(parser: argparse.ArgumentParser, num_samples: int = 1000, see
 
 
 SUITES_NAMES = ("main", "baselines", "ptq4dit", "htg", "methods")  # keys of bench.SUITES (not imported here: bench pulls in the engine)
-DEMO_CONFIGS = (dict(weight_bits=8, act_bits=8), dict(weight_bits=4, act_bits=8),
-                dict(weight_bits=4, act_bits=8, smoothquant_alpha=0.5))
+DEMO_CONFIGS = (dict(weight_bits=8, act_bits=8, csb_alpha=0.5), dict(weight_bits=4, act_bits=8),
+                dict(weight_bits=4, act_bits=8, htg_shift=True, htg_scale=True, weight_rounding="gptq"))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: quantize the bundled model (W8A8, W4A8, W4A8 + SmoothQuant), compare with full precision."""
+    """The main job: quantize the bundled model (W8A8 PTQ4DiT, W4A8 min-max, W4A8 HTG + GPTQ), compare with FP."""
     from diffusers_ptq.bench import run_benchmark
     from diffusers_ptq.config import QuantConfig
 

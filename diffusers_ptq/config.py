@@ -363,12 +363,13 @@ class HTGConfig(DiffusersPTQConfig):
     adaLN / to_v and per-group biases (docs/htg.md).
 
     Options: num_groups (None = ⌊T/10⌋), linkage ("ward" | "centroid" | "average": the paper's greedy adjacent
-    merging; "optimal": exact minimizer of the within-group sum of squares), ema_alpha (0 < α < 1, 0.99), migration_alpha (None = the paper's
-    s = m / max|W|, else a SmoothQuant-style strength in [0, 1]), shift / scale (the paper's ablation switches).
+    merging; "optimal": exact minimizer of the within-group sum of squares), ema_alpha (0 < α < 1, 0.99),
+    migration_alpha (s = m^a / max|W|^(1−a), default 0.5 — chosen by measurement over the paper's printed
+    s = m / max|W|, which `migration_alpha=None` selects; docs/htg.md), shift / scale (the ablation switches).
     """
 
     method = "htg"
-    OPTIONS = dict(num_groups=None, linkage="ward", ema_alpha=0.99, migration_alpha=None, shift=True, scale=True)
+    OPTIONS = dict(num_groups=None, linkage="ward", ema_alpha=0.99, migration_alpha=0.5, shift=True, scale=True)
 
     def validate(self) -> None:
         _check("linkage", self.linkage, HTG_LINKAGES)

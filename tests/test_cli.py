@@ -13,9 +13,9 @@ def test_demo_quantizes_and_writes_table_grid_and_json(tmp_path):
                  "--calibration-samples", "2"]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     labels = [r["label"] for r in result["rows"]]
-    assert labels == ["FP32", "W8A8 minmax", "W4A8 minmax", "W4A8 minmax+sq0.5"]
+    assert labels == ["FP32", "W8A8 minmax+csb+ssc", "W4A8 minmax", "W4A8 minmax+htg+gptq"]
     assert all(r["relative_mse"] > 0 for r in result["rows"][1:])
-    assert "| W8A8 minmax |" in (tmp_path / "results.md").read_text()
+    assert "| W4A8 minmax+htg+gptq |" in (tmp_path / "results.md").read_text()
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (20 * 34 + 2, 4 * 34 + 2)  # 4 methods x (10 digits x 2 samples)
     assert result["machine"]["cpu_model"] is not None

@@ -12,6 +12,8 @@ from diffusers_ptq.methods.baselines import (mse_range, percentile_range, scale_
 from diffusers_ptq.modules import QuantLinear, _unpack_bits, quantize_linear
 from diffusers_ptq.reparam import apply_smoothing, dit_smoothing_targets
 
+from conftest import bundled_relative_error
+
 
 def _forward(model, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -222,27 +224,13 @@ def test_quantize_attention_through_the_engine(tiny_transformer):
         QuantConfig(act_bits=None, quantize_attention=True)
 
 
-def _bundled_error(pipe, config):
-    model = copy.deepcopy(pipe.transformer)
-    report = quantize_transformer(model, config, id2label={i: str(i) for i in range(10)},
-                                  scheduler_config=pipe.scheduler.config, progress=False)
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(8, 4, 8, 8, generator=gen)
-    t = torch.tensor([999, 800, 600, 400, 300, 200, 100, 20])
-    labels = torch.tensor([0, 1, 2, 3, 4, 5, 1000, 1000])
-    with torch.no_grad():
-        reference = pipe.transformer(x, timestep=t, class_labels=labels).sample
-        out = model(x, timestep=t, class_labels=labels).sample
-    return float((out - reference).pow(2).mean() / reference.pow(2).mean()), report
-
-
 @pytest.mark.parametrize("extra", [dict(), dict(smoothquant_alpha=0.5, act_bits=8),
                                    dict(htg_shift=True, htg_scale=True, htg_groups=2, act_bits=8)])
 def test_gptq_beats_round_to_nearest_on_bundled_model(bundled_pipe, extra):
     common = dict(weight_bits=4, act_bits=None, num_samples=4, num_inference_steps=6, batch_size=4)
     common.update(extra)
-    nearest, _ = _bundled_error(bundled_pipe, QuantConfig(**common))
-    gptq, report = _bundled_error(bundled_pipe, QuantConfig(weight_rounding="gptq", **common))
+    nearest, _ = bundled_relative_error(bundled_pipe, QuantConfig(**common))
+    gptq, report = bundled_relative_error(bundled_pipe, QuantConfig(weight_rounding="gptq", **common))
     assert report.rounding_seconds > 0
     assert gptq < 0.8 * nearest, (gptq, nearest)
 

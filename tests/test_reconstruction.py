@@ -1,7 +1,5 @@
 """Block reconstruction (diffusers_ptq.reconstruction): AdaRound-style learned rounding, BRECQ per DiT block."""
 
-import copy
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from diffusers_ptq.modules import quantize_linear
 from diffusers_ptq.reconstruction import (CachedInputs, LearnedRounding, beta_at, cache_inputs, reconstruct_unit,
                                           rectified_sigmoid, rounding_regularizer)
 from diffusers_ptq.rounding import nearest_round, quant_grid
-from tests.conftest import make_tiny_transformer
+from tests.conftest import bundled_relative_error, make_tiny_transformer
 
 FORMATS = [(8, None), (4, None), (4, 8)]
 
@@ -178,24 +176,10 @@ def test_reconstruct_options_validated_and_labelled():
         PTQ4DiTConfig(reconstruct_lr=-1.0)
 
 
-def _bundled_error(pipe, config):
-    model = copy.deepcopy(pipe.transformer)
-    report = quantize_transformer(model, config, id2label={i: str(i) for i in range(10)},
-                                  scheduler_config=pipe.scheduler.config, progress=False)
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(8, 4, 8, 8, generator=gen)
-    t = torch.tensor([999, 800, 600, 400, 300, 200, 100, 20])
-    labels = torch.tensor([0, 1, 2, 3, 4, 5, 1000, 1000])
-    with torch.no_grad():
-        reference = pipe.transformer(x, timestep=t, class_labels=labels).sample
-        out = model(x, timestep=t, class_labels=labels).sample
-    return float((out - reference).pow(2).mean() / reference.pow(2).mean()), report
-
-
 def test_reconstruct_beats_nearest_on_bundled_model_w4a16(bundled_pipe):
     common = dict(weight_bits=4, act_bits=None, num_samples=4, num_inference_steps=6, batch_size=4)
-    nearest, _ = _bundled_error(bundled_pipe, QuantConfig(**common))
-    recon, report = _bundled_error(bundled_pipe, QuantConfig(weight_rounding="reconstruct", reconstruct_iters=40,
+    nearest, _ = bundled_relative_error(bundled_pipe, QuantConfig(**common))
+    recon, report = bundled_relative_error(bundled_pipe, QuantConfig(weight_rounding="reconstruct", reconstruct_iters=40,
                                                             reconstruct_samples=32, reconstruct_batch=16, **common))
     assert report.rounding_seconds > 0
     assert recon < 0.9 * nearest, (recon, nearest)
