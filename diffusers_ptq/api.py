@@ -190,9 +190,9 @@ def quantize_transformer(
         stats = run_calibration()
     layers = dict(stats.layers) if stats is not None else {}
     if smoothing:
-        smoothing = smooth(transformer, layers, config, set(targets))
-        report.smoothed_targets = [t.name for t in smoothing]
-        for target, s in smoothing.items():
+        vectors = smooth(transformer, layers, config, set(targets))
+        report.smoothed_targets = [t.name for t in vectors]
+        for target, s in vectors.items():
             for c in target.consumers if use_gptq else ():  # the Hessian of X / s
                 hessians[c] = scale_hessian(hessians[c], s)
             if config.quantize_attention and target.kind == "value":  # V itself was divided by s

@@ -12,7 +12,7 @@ from diffusers_ptq.methods.baselines import (mse_range, percentile_range, scale_
 from diffusers_ptq.modules import QuantLinear, _unpack_bits, quantize_linear
 from diffusers_ptq.reparam import apply_smoothing, dit_smoothing_targets
 
-from conftest import bundled_relative_error
+from conftest import bundled_relative_error, randomize_modulation
 
 
 def _forward(model, seed=0):
@@ -25,17 +25,8 @@ def _forward(model, seed=0):
         return model(x, timestep=t, class_labels=labels).sample
 
 
-def _randomize_modulation(model, seed=1):
-    """adaLN-Zero starts at zero; give the modulation and final layers real weights so folds are exercised."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm1.linear" in name or "proj_out" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-
-
 def test_folding_without_quantization_reproduces_float_model(tiny_transformer):
-    _randomize_modulation(tiny_transformer)
+    randomize_modulation(tiny_transformer)
     reference = _forward(tiny_transformer)
     folded = copy.deepcopy(tiny_transformer)
     gen = torch.Generator().manual_seed(2)
@@ -141,7 +132,7 @@ def test_minmax_input_scales_match_hand_computation(tiny_transformer):
     QuantConfig(weight_bits=8, act_bits=8, act_range="mse", smoothquant_alpha=0.5, num_inference_steps=2, num_samples=2),
 ], ids=lambda c: c.label)
 def test_quantized_model_stays_close_to_float(tiny_transformer, config):
-    _randomize_modulation(tiny_transformer)
+    randomize_modulation(tiny_transformer)
     reference = _forward(tiny_transformer)
     report = quantize_transformer(tiny_transformer, config, progress=False)
     out = _forward(tiny_transformer)
@@ -153,7 +144,7 @@ def test_quantized_model_stays_close_to_float(tiny_transformer, config):
 
 def test_w8a8_through_quanto_int_mm_on_cpu(tiny_transformer):
     """quanto's own W8A8 path (torch._int_mm) runs on CPU; tiny inputs keep it quick on CPUs without VNNI."""
-    _randomize_modulation(tiny_transformer)
+    randomize_modulation(tiny_transformer)
     reference = _forward(tiny_transformer)
     quantize_transformer(tiny_transformer, QuantConfig(num_inference_steps=2, num_samples=2), progress=False)
     emulated = _forward(tiny_transformer)
@@ -189,7 +180,7 @@ def test_outlier_profile_direct():
 def test_attention_processor_observing_matches_float_and_quantizes_after_freeze(tiny_transformer):
     from diffusers_ptq.attention import QuantAttnProcessor, fake_quantize_probabilities, install_quant_attention
 
-    _randomize_modulation(tiny_transformer)
+    randomize_modulation(tiny_transformer)
     reference = _forward(tiny_transformer)
     processors = install_quant_attention(tiny_transformer)
     assert len(processors) == 2 and all(isinstance(p, QuantAttnProcessor) for p in processors.values())
@@ -212,7 +203,7 @@ def test_attention_processor_observing_matches_float_and_quantizes_after_freeze(
 
 
 def test_quantize_attention_through_the_engine(tiny_transformer):
-    _randomize_modulation(tiny_transformer)
+    randomize_modulation(tiny_transformer)
     reference = _forward(tiny_transformer)
     config = QuantConfig(quantize_attention=True, smoothquant_alpha=0.5, num_inference_steps=2, num_samples=2)
     quantize_transformer(tiny_transformer, config, progress=False)

@@ -13,7 +13,7 @@ from diffusers_ptq.methods import htg
 from diffusers_ptq.modules import QuantLinear
 from diffusers_ptq.reparam import dit_smoothing_targets
 
-from test_ptq4dit import _randomize_modulation
+from conftest import randomize_modulation
 
 
 def _brute_force(z, num_groups):
@@ -80,7 +80,7 @@ def _stats(model, steps, samples=2):
 
 
 def test_htg_vectors_match_direct_computation(tiny_transformer):
-    _randomize_modulation(tiny_transformer)
+    randomize_modulation(tiny_transformer)
     stats = _stats(tiny_transformer, steps=6)
     config = QuantConfig(htg_shift=True, htg_scale=True, htg_groups=3, htg_linkage="optimal")
     target = dit_smoothing_targets(tiny_transformer)[0]
@@ -137,7 +137,7 @@ def test_htg_fold_reproduces_dit_xl_shaped_block():
     torch.manual_seed(0)
     model = DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
                                   num_layers=1, sample_size=4, patch_size=2, num_embeds_ada_norm=1000).eval()
-    _randomize_modulation(model, std=0.02)
+    randomize_modulation(model, std=0.02)
     _assert_htg_fold_exact(model, steps=4, groups=4)
 
 
@@ -165,7 +165,7 @@ def test_mixed_timestep_batch_equals_one_by_one(bundled_pipe):
                 num_samples=2, act_range="mse"),
 ])
 def test_quantize_with_htg(tiny_transformer, config):
-    _randomize_modulation(tiny_transformer)
+    randomize_modulation(tiny_transformer)
     timesteps, labels = torch.tensor([999, 20]), torch.tensor([1, 1000])
     reference = _forward_steps(tiny_transformer, timesteps, labels)
     report = quantize_transformer(tiny_transformer, config, progress=False)

@@ -12,14 +12,7 @@ from diffusers_ptq.config import QuantConfig
 from diffusers_ptq.methods import ptq4dit
 from diffusers_ptq.reparam import dit_smoothing_targets
 
-
-def _randomize_modulation(model, seed=1, std=0.2):
-    """adaLN-Zero starts at zero: give the modulation and final layers real weights so every fold is exercised."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm1.linear" in name or "proj_out" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+from conftest import randomize_modulation
 
 
 def _forward(model, timesteps, labels, seed=0):
@@ -51,7 +44,7 @@ def test_spearman_matches_scipy_with_ties():
 
 
 def test_balancing_vector_matches_direct_recomputation(tiny_transformer):
-    _randomize_modulation(tiny_transformer)
+    randomize_modulation(tiny_transformer)
     stats = _calibration_stats(tiny_transformer)
     config = QuantConfig(csb_alpha=0.5)
     for target in dit_smoothing_targets(tiny_transformer):
@@ -104,7 +97,7 @@ def test_ptq4dit_fold_without_quantization_reproduces_dit_xl_shaped_block():
     torch.manual_seed(0)
     model = DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
                                   num_layers=1, sample_size=4, patch_size=2, num_embeds_ada_norm=1000).eval()
-    _randomize_modulation(model, std=0.02)
+    randomize_modulation(model, std=0.02)
     stats = _calibration_stats(model, steps=2, samples=2)
     _assert_folded_matches(model, stats, QuantConfig(csb_alpha=0.5), [999, 20], [3, 1000], rtol=1e-4, atol=1e-4)
 
@@ -116,7 +109,7 @@ def test_ptq4dit_fold_without_quantization_reproduces_dit_xl_shaped_block():
                 num_inference_steps=2, num_samples=2),
 ])
 def test_quantize_with_ptq4dit_folds_every_target(tiny_transformer, config):
-    _randomize_modulation(tiny_transformer)
+    randomize_modulation(tiny_transformer)
     reference = _forward(tiny_transformer, [999, 20], [1, 1000])
     report = quantize_transformer(tiny_transformer, config, progress=False)
     assert len(report.smoothed_targets) == len(dit_smoothing_targets(tiny_transformer))
