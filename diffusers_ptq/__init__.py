@@ -1,7 +1,8 @@
 """diffusers-ptq: post-training quantization for Diffusion Transformers.
 
 `import diffusers_ptq` registers the quantization methods with diffusers (and with transformers' mapping, for
-`PipelineQuantizationConfig(quant_backend=...)`): "ptq4dit", "baseline", "htg" (HTG: issue #5).
+`PipelineQuantizationConfig(quant_backend=...)`): "ptq4dit", "baseline", "htg" (HTG: issue #5), "qdit"
+(Q-DiT: issue #12).
 """
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ from diffusers_ptq.config import (  # noqa: E402
     DiffusersPTQConfig,
     HTGConfig,
     PTQ4DiTConfig,
+    QDiTConfig,
     QuantConfig,
     config_from_dict,
     load_recipe,
@@ -26,6 +28,7 @@ __all__ = [
     "DiffusersPTQQuantizer",
     "HTGConfig",
     "PTQ4DiTConfig",
+    "QDiTConfig",
     "QuantConfig",
     "config_from_dict",
     "load_recipe",

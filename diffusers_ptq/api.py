@@ -5,6 +5,7 @@ The one pipeline that the CLI, the benchmark and (later) the diffusers quantizer
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ from diffusers_ptq.attention import install_quant_attention
 from diffusers_ptq.calibration import CalibrationStats, LayerStats, calibrate, select_linears
 from diffusers_ptq.config import QuantConfig
 from diffusers_ptq.groupbias import move_group_biases
-from diffusers_ptq.methods import baselines, htg, ptq4dit
+from diffusers_ptq.methods import baselines, htg, ptq4dit, qdit
 from diffusers_ptq.modules import quantize_linear
 from diffusers_ptq.rounding import HessianRecorder, RoundedWeight, gptq_quantize_weights, scale_hessian
 from diffusers_ptq.reconstruction import reconstruct_weights
@@ -28,6 +29,9 @@ class QuantizationReport:
     layers: dict[str, dict] = field(default_factory=dict)  # name -> {"input_scale": float | None, ...}
     smoothed_targets: list[str] = field(default_factory=list)
     timestep_groups: dict[str, list[int]] = field(default_factory=dict)  # HTG: first step of each group, per target
+    group_sizes: dict[str, int | None] = field(default_factory=dict)  # 4-bit: each layer's group size (None: channel)
+    group_search: dict | None = None  # Q-DiT's search: choice, bits per weight, proxy errors (methods/qdit.py)
+    search_seconds: float = 0.0
     calibration_seconds: float = 0.0
     rounding_seconds: float = 0.0
     total_seconds: float = 0.0
@@ -126,15 +130,73 @@ def _salience_row_layers(transformer: nn.Module, config: QuantConfig) -> list[st
 
 
 def rewrite_linears(transformer: nn.Module, config: QuantConfig, input_scales: dict[str, torch.Tensor | None],
-                    rounded: dict[str, RoundedWeight] | None = None) -> None:
+                    rounded: dict[str, RoundedWeight] | None = None,
+                    group_sizes: dict[str, int | None] | None = None) -> None:
     """Replace each named Linear by a frozen QuantLinear (the only place modules are swapped); `rounded` holds the
-    weights that GPTQ or block reconstruction rounded, the others are rounded to nearest."""
+    weights that GPTQ or block reconstruction rounded, the others are rounded to nearest. `group_sizes`: each
+    4-bit layer's group size (default: `layer_group_sizes(transformer, config, input_scales)`)."""
+    if group_sizes is None:
+        group_sizes = layer_group_sizes(transformer, config, list(input_scales))
     for name, scale in input_scales.items():
         linear = transformer.get_submodule(name)
-        quantized = quantize_linear(linear, config.weight_bits, scale, config.weight_group_size,
-                                    rounded=(rounded or {}).get(name))
+        quantized = quantize_linear(linear, config.weight_bits, scale, group_sizes.get(name),
+                                    rounded=(rounded or {}).get(name), act_dynamic=config.act_dynamic)
         move_group_biases(linear, quantized)
         transformer.set_submodule(name, quantized)
+
+
+def layer_group_sizes(transformer: nn.Module, config: QuantConfig, names: list[str]) -> dict[str, int | None]:
+    """The configured group size of each named Linear (`QuantConfig.group_size_for`), checked against its shape."""
+    if config.weight_bits != 4:
+        return {name: None for name in names}
+    sizes = {}
+    for name in names:
+        size = config.group_size_for(name)
+        in_features = transformer.get_submodule(name).in_features
+        if size is not None and (size <= 0 or in_features % size):
+            source = "weight_group_sizes" if config.weight_group_sizes and size != config.weight_group_size \
+                else "weight_group_size"
+            raise ValueError(f"{name}: group size {size} (from {source}) does not divide in_features={in_features}; "
+                             f"use a divisor of {in_features} or None (per output channel) for this layer")
+        sizes[name] = size
+    return sizes
+
+
+def search_group_sizes(transformer: nn.Module, names: list[str], hessians: dict[str, torch.Tensor],
+                       config: QuantConfig, inputs: dict[str, torch.Tensor] | None = None
+                       ) -> tuple[qdit.GroupSearchResult, dict[str, RoundedWeight]]:
+    """Q-DiT's group-size search on the transformer's (final, smoothed) weights: each layer's proxy error per
+    candidate (methods/qdit.proxy_errors, or model_output_errors on the recorded transformer `inputs` for the
+    "model" proxy), then the budgeted choice (methods/qdit.search_group_sizes). With GPTQ the candidates are
+    GPTQ-rounded and the chosen ones are returned for reuse."""
+    errors, shapes, kept = {}, {}, {}
+    gptq = config.weight_rounding == "gptq"
+    if config.group_search_proxy == "model":
+        from diffusers_ptq.rounding import gptq_round, nearest_round
+
+        def rounded_fn(name, weight, g):
+            if gptq:
+                r = gptq_round(weight, hessians[name], 4, g, damp=config.gptq_damp, act_order=config.gptq_act_order)
+                kept.setdefault(name, {})[g] = r
+                return r
+            return nearest_round(weight, 4, g)
+
+        errors = qdit.model_output_errors(transformer, names, inputs, config.group_candidates, rounded_fn,
+                                          batch_size=config.batch_size * 4)
+        shapes = {n: (transformer.get_submodule(n).out_features, transformer.get_submodule(n).in_features)
+                  for n in names}
+        result = qdit.search_group_sizes(errors, shapes, config.group_search_bits)
+        rounded = {n: kept[n][g] for n, g in result.group_sizes.items()} if gptq else {}
+        return result, rounded
+    for name in names:
+        linear = transformer.get_submodule(name)
+        shapes[name] = (linear.out_features, linear.in_features)
+        errors[name], kept[name] = qdit.proxy_errors(
+            linear.weight, hessians.get(name), config.group_candidates, config.group_search_proxy,
+            "gptq" if gptq else "nearest", damp=config.gptq_damp, act_order=config.gptq_act_order, keep_rounded=gptq)
+    result = qdit.search_group_sizes(errors, shapes, config.group_search_bits)
+    rounded = {n: kept[n][g] for n, g in result.group_sizes.items()} if gptq else {}
+    return result, rounded
 
 
 @torch.no_grad()
@@ -162,18 +224,27 @@ def quantize_transformer(
     smoothing = config.smoothquant_alpha is not None or config.csb_alpha is not None
     grouping = config.htg_shift or config.htg_scale
     use_gptq = config.weight_rounding == "gptq"
-    needs_stats = config.act_bits is not None or smoothing or grouping or use_gptq
-    if stats is not None and (config.quantize_attention or use_gptq):
-        raise ValueError("quantize_attention and weight_rounding='gptq' observe the model during calibration: "
-                         "do not pass precomputed stats")
+    searching = config.group_search_bits is not None
+    use_hessians = use_gptq or (searching and config.group_search_proxy in ("output", "relative"))
+    model_proxy = searching and config.group_search_proxy == "model"  # records transformer inputs to replay
+    static_acts = config.act_bits is not None and not config.act_dynamic
+    needs_stats = static_acts or smoothing or grouping or use_hessians or model_proxy
+    if stats is not None and (config.quantize_attention or use_hessians or model_proxy):
+        raise ValueError("quantize_attention, weight_rounding='gptq' and the group-size search observe the model "
+                         "during calibration: do not pass precomputed stats")
+    if config.weight_rounding == "reconstruct" and (searching or config.weight_group_sizes):
+        raise ValueError("weight_rounding='reconstruct' takes one weight_group_size for every layer: per-layer "
+                         "group sizes (weight_group_sizes, group_search_bits) need 'nearest' or 'gptq'")
     if config.quantize_attention:
         attention = install_quant_attention(transformer, config.act_bits)
     hessians: dict[str, torch.Tensor] = {}
+    recorded: list[qdit.TransformerInputRecorder] = []
 
     def run_calibration() -> CalibrationStats:
         """One calibration pass; with GPTQ it also records each target's input Hessian (replacing earlier ones)."""
         t_cal = time.time()
-        with HessianRecorder(targets if use_gptq else {}) as recorder:
+        inputs = qdit.TransformerInputRecorder(transformer) if model_proxy and not recorded else None
+        with HessianRecorder(targets if use_hessians else {}) as recorder, inputs or contextlib.nullcontext():
             result = calibrate(
                 transformer, scheduler=config.scheduler, scheduler_config=scheduler_config,
                 num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
@@ -183,6 +254,7 @@ def quantize_transformer(
                 progress=progress,
             )
         hessians.update(recorder.hessians())
+        recorded.extend([inputs] if inputs is not None else [])
         report.calibration_seconds += time.time() - t_cal
         return result
 
@@ -193,7 +265,7 @@ def quantize_transformer(
         vectors = smooth(transformer, layers, config, set(targets))
         report.smoothed_targets = [t.name for t in vectors]
         for target, s in vectors.items():
-            for c in target.consumers if use_gptq else ():  # the Hessian of X / s
+            for c in target.consumers if use_hessians else ():  # the Hessian of X / s
                 hessians[c] = scale_hessian(hessians[c], s)
             if config.quantize_attention and target.kind == "value":  # V itself was divided by s
                 processor = attention[target.producer.rsplit(".", 1)[0]]
@@ -202,31 +274,48 @@ def quantize_transformer(
         folded = htg_fold(transformer, layers, stats.timesteps, config, set(targets))
         report.smoothed_targets = [t.name for t in folded]
         report.timestep_groups = {t.name: f.starts for t, f in folded.items()}
-        if config.act_bits is not None or use_gptq:  # ranges and Hessians of the transformed inputs: measured again
+        if static_acts or use_hessians:  # ranges and Hessians of the transformed inputs: measured again
             for processor in attention.values() if config.quantize_attention else ():
                 processor.absmax.clear()
             layers = dict(run_calibration().layers)
     input_scales = {}
     for name in targets:
-        if config.act_bits is None:
+        if not static_acts:  # weight-only, or dynamic per-token scales computed at run time
             input_scales[name] = None
         else:
             clip = activation_range(layers[name], config)
             input_scales[name] = baselines.scale_from_range(clip.clamp(min=1e-8), config.act_bits)
         report.layers[name] = {"input_scale": None if input_scales[name] is None else float(input_scales[name])}
     rounded = None
-    if use_gptq:
+    if searching:
+        t_search = time.time()
+        snapshot = {name: {k: v.clone() for k, v in p.absmax.items()}
+                    for name, p in (attention.items() if config.quantize_attention else ())}
+        result, rounded = search_group_sizes(transformer, list(targets), hessians, config,
+                                             recorded[0].inputs() if model_proxy else None)
+        for name, absmax in snapshot.items():  # the search's forwards must not widen the attention ranges
+            attention[name].absmax = absmax
+        group_sizes = result.group_sizes
+        report.group_search = result.to_dict()
+        report.search_seconds = time.time() - t_search
+    else:
+        group_sizes = layer_group_sizes(transformer, config, list(targets))
+    report.group_sizes = dict(group_sizes)
+    if use_gptq and not searching:  # (the search already rounded its choice with GPTQ)
         t_round = time.time()
-        rounded = gptq_quantize_weights({n: transformer.get_submodule(n) for n in targets}, hessians, config.weight_bits,
-                                        config.weight_group_size, damp=config.gptq_damp,
-                                        act_order=config.gptq_act_order, progress=progress)
+        rounded = {}
+        for size in dict.fromkeys(group_sizes.values()):  # one call per group size, in first-seen order
+            names = [n for n in targets if group_sizes[n] == size]
+            rounded.update(gptq_quantize_weights({n: transformer.get_submodule(n) for n in names}, hessians,
+                                                 config.weight_bits, size, damp=config.gptq_damp,
+                                                 act_order=config.gptq_act_order, progress=progress))
         report.rounding_seconds = time.time() - t_round
     elif config.weight_rounding == "reconstruct":  # BRECQ: learned rounding per block, its own sampler run
         t_round = time.time()
         rounded = reconstruct_weights(transformer, {n: transformer.get_submodule(n) for n in targets}, input_scales,
                                       config, scheduler_config=scheduler_config, id2label=id2label, progress=progress)
         report.rounding_seconds = time.time() - t_round
-    rewrite_linears(transformer, config, input_scales, rounded)
+    rewrite_linears(transformer, config, input_scales, rounded, group_sizes)
     if config.quantize_attention:
         for processor in attention.values():
             processor.freeze()

@@ -3,13 +3,14 @@
 `QuantAttnProcessor` replaces diffusers' `AttnProcessor2_0` on a DiT self-attention. Q, K and V are rounded to
 symmetric int8 with static per-tensor scales; the softmax probabilities P ∈ [0, 1] to unsigned 8 bits
 (scale 1/255). While `observing`, it runs in float and records the per-channel absmax of Q, K and V, from which
-`freeze()` sets the scales.
+`freeze()` sets the scales (under a distributed launch, from the absmax reduced with MAX over processes).
 """
 
 from __future__ import annotations
 
 import torch
 
+from diffusers_ptq import distributed
 from diffusers_ptq.kernels import fake_quantize_symmetric
 
 
@@ -29,12 +30,27 @@ class QuantAttnProcessor:
         self.scales: dict[str, torch.Tensor] = {}
 
     def freeze(self) -> None:
-        """Stop observing; per-tensor scales from the observed absmax."""
+        """Stop observing; per-tensor scales from the observed absmax (first reduced with MAX over processes under a
+        distributed launch: every process must call freeze() on its processors in the same order)."""
+        self.reduce()
         if set(self.absmax) != {"q", "k", "v"}:
             raise RuntimeError("QuantAttnProcessor has observed nothing: run calibration before freeze()")
         qmax = 2 ** (self.bits - 1) - 1
         self.scales = {k: (v.max() / qmax).clamp(min=1e-8) for k, v in self.absmax.items()}
         self.observing = False
+
+    def reduce(self) -> None:
+        """Replace the observed absmax by its maximum over processes (exact; nothing in a single process). A process
+        that observed nothing (an empty calibration shard) contributes zeros."""
+        if not distributed.is_distributed():
+            return
+        names = ("q", "k", "v")
+        sizes = distributed.all_reduce_max(torch.tensor([self.absmax[k].numel() if k in self.absmax else 0
+                                                         for k in names]))
+        for k, size in zip(names, sizes.tolist()):
+            if size:
+                local = self.absmax.get(k, torch.zeros(size, device=distributed.comm_device()))
+                self.absmax[k] = distributed.all_reduce_max(local.float())
 
     def _observe(self, name: str, x: torch.Tensor) -> None:
         cur = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()

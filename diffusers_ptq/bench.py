@@ -81,7 +81,8 @@ def main_configs(**calibration) -> list[QuantConfig]:
     """Every method side by side, most important rows first (the benchmark resumes row by row): at W4A8 min-max,
     SmoothQuant, PTQ4DiT (CSB + SSC), HTG, each with round-to-nearest and GPTQ weights; the same methods at W8A8;
     the ablations (CSB without SSC; HTG shift only, scale only, the paper's printed scaling) at W4A8 and W8A8;
-    PTQ4DiT and HTG with the attention matmuls quantized; W4A16 with nearest and GPTQ rounding."""
+    PTQ4DiT and HTG with the attention matmuls quantized; W4A16 (weight-only) for the four methods with nearest and
+    GPTQ rounding; W4A8 PTQ4DiT with block reconstruction (BRECQ)."""
     methods = {"minmax": {}, "sq": dict(smoothquant_alpha=0.5), "ptq4dit": dict(csb_alpha=0.5),
                "htg": dict(htg_shift=True, htg_scale=True), "csb": dict(csb_alpha=0.5, ssc=False),
                "htg-shift": dict(htg_shift=True), "htg-scale": dict(htg_scale=True),
@@ -95,12 +96,38 @@ def main_configs(**calibration) -> list[QuantConfig]:
     rows += [row(8, m) for m in main]
     rows += [row(bits, m) for bits in (4, 8) for m in ablations]
     rows += [row(4, m, quantize_attention=True, weight_rounding="gptq") for m in ("ptq4dit", "htg")]
-    rows += [QuantConfig(weight_bits=4, act_bits=None, weight_rounding=r, **calibration) for r in ("nearest", "gptq")]
+    rows += [QuantConfig(weight_bits=4, act_bits=None, **methods[m], weight_rounding=r, **calibration)
+             for r in ("nearest", "gptq") for m in main]
+    rows.append(row(4, "ptq4dit", weight_rounding="reconstruct"))
+    return rows
+
+
+QDIT_FID_SEARCH = Path(__file__).resolve().parent.parent / "docs" / "results" / "qdit-fid-search.json"
+
+
+def qdit_configs(**calibration) -> list[QuantConfig]:
+    """Q-DiT at W4A8 (docs/qdit.md): the searched group sizes (4.5 bits per weight = uniform groups of 128 with
+    float32 scale and shift; proxy "model") with dynamic and static activations; with GPTQ; fixed groups of 64
+    (5.0 bits: 128 does not divide the bundled model's 192 channels), dynamic; with HTG's shift and scale; fixed 64,
+    static; the search at 5.0 bits; per-channel 4-bit weights with dynamic activations; the choice of the classifier-FID-scored
+    evolutionary search (scripts/qdit_fid_search.py) when its result file exists; the calibration-free proxy."""
+    w4 = dict(weight_bits=4, act_bits=8, **calibration)
+    search = dict(group_search_bits=4.5)
+    rows = [QuantConfig(**search, act_dynamic=True, **w4), QuantConfig(**search, **w4),
+            QuantConfig(**search, act_dynamic=True, weight_rounding="gptq", **w4),
+            QuantConfig(weight_group_size=64, act_dynamic=True, **w4),
+            QuantConfig(**search, act_dynamic=True, htg_shift=True, htg_scale=True, **w4),
+            QuantConfig(weight_group_size=64, **w4), QuantConfig(group_search_bits=5.0, act_dynamic=True, **w4),
+            QuantConfig(act_dynamic=True, **w4)]
+    if QDIT_FID_SEARCH.is_file():
+        found = json.loads(QDIT_FID_SEARCH.read_text())["fid_search"]["group_sizes"]
+        rows.append(QuantConfig(weight_group_sizes=found, act_dynamic=True, **w4))
+    rows.append(QuantConfig(**search, group_search_proxy="weight", act_dynamic=True, **w4))
     return rows
 
 
 SUITES = {"main": main_configs, "baselines": default_configs, "ptq4dit": ptq4dit_configs, "htg": htg_configs,
-          "methods": compact_configs}
+          "methods": compact_configs, "qdit": qdit_configs}
 
 
 def state_dict_bytes(module: torch.nn.Module) -> int:
@@ -174,6 +201,11 @@ def run_benchmark(
     rows = [fp_row]
     grid_labels = [c for c in classes[:10] for _ in range(2)]
     grid_rows = {"FP32": generate_images(fp, grid_labels, **dict(sample, progress=False))} if grid else {}
+    selected = {c.label for c in configs}
+    for label, row in done.items():  # finished rows this run does not redo (e.g. `--only`): kept, not dropped
+        if label not in selected and (not grid or label in done_grid):
+            rows.append(row)
+            grid_rows.update({label: done_grid[label]} if grid else {})
     id2label = {v: k for k, v in fp.labels.items()} if fp.labels else None
     outliers = outlier_summary(fp.transformer, id2label=id2label, scheduler_config=fp.scheduler.config,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -194,6 +226,7 @@ def run_benchmark(
                "calibration_seconds": report.calibration_seconds, "rounding_seconds": report.rounding_seconds,
                "quantize_seconds": report.total_seconds, "state_dict_bytes": state_dict_bytes(pipe.transformer),
                "group_bias_bytes": group_bias_bytes(pipe.transformer),
+               "search_seconds": report.search_seconds, "group_sizes": report.group_sizes or None,
                "kernels": sorted({m.kernel for m in pipe.transformer.modules() if hasattr(m, "kernel")})}
         row.update(score_images(images, labels, fp_images, use_classifier))
         rows.append(row)

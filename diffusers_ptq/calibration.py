@@ -4,6 +4,9 @@ For every recorded Linear and every sampling step t, over tokens and samples, pe
 `max`, `min` and `absmax` ([T, C] each); optionally the per-sample absmax rows ([T, S, C]), where the S rows
 are the conditional samples 0..N-1 followed, with classifier-free guidance, by their unconditional twins.
 Statistics are small (T × C floats per layer); raw activations are never kept.
+
+Under `accelerate launch` / `torchrun` every process calibrates its shard of the samples and the statistics are
+reduced across processes before `calibrate` returns (distributed.py, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from diffusers_ptq.distributed import process_info, reduce_layer_stats, shard
 from diffusers_ptq.sampling import balanced_labels, make_scheduler, model_class_ids, sample_latents
 
 
@@ -95,6 +99,10 @@ class StatsRecorder:
             handle.remove()
         self._handles.clear()
 
+    def empty_stats(self, name: str) -> LayerStats:
+        """Statistics of a layer that saw no input here (another process's shard did): −inf, +inf, zeros."""
+        return self._init_stats(name, self.layers[name].in_features, torch.device("cpu"), torch.float32)
+
     def _init_stats(self, name: str, channels: int, device, dtype) -> LayerStats:
         shape = (self.num_steps, channels)
         rows_count = self.num_samples * (2 if self.cfg else 1)
@@ -157,6 +165,7 @@ def calibrate(
     sample_rows: bool | Sequence[str] = False,
     tokens_per_call: int = 0,
     progress: bool = True,
+    distributed: bool = True,
 ) -> CalibrationStats:
     """Sample `num_samples` latents with the transformer alone and record its Linear inputs' statistics.
 
@@ -165,6 +174,12 @@ def calibrate(
     names (default: every Linear). `sample_rows` (bool or patterns) selects layers that also keep per-sample rows.
     `tokens_per_call` > 0 keeps that many randomly chosen input rows per layer and forward call (seeded), for
     range searches that need activation samples.
+
+    Under a distributed launch (and `distributed=True`), each process samples `distributed.shard` of the labels
+    (each sample with its global index's noise seed) and the statistics are reduced across processes before
+    returning: max/absmax/rows by MAX, min by MIN (bit-exact), token samples gathered in rank order (process r > 0
+    draws its picks from seed + 7919·r, so they are not the single-process picks). Every process gets the same
+    result. In a single process (or `distributed=False`) nothing changes.
     """
     labels = list(class_labels) if class_labels is not None else balanced_labels(
         model_class_ids(transformer, id2label), num_samples)
@@ -173,11 +188,22 @@ def calibrate(
     layers = select_linears(transformer, include, exclude)
     if not layers:
         raise ValueError(f"no Linear layer matches include={include!r} exclude={exclude!r}")
+    rank, world = process_info() if distributed else (0, 1)
+    part = shard(len(labels), rank, world)
     recorder = StatsRecorder(layers, len(sched.timesteps), len(labels), cfg=guidance_scale > 1, sample_rows=sample_rows,
-                             tokens_per_call=tokens_per_call, seed=seed)
+                             tokens_per_call=tokens_per_call, seed=seed + 7919 * rank)
     with recorder:
-        sample_latents(transformer, sched, labels, seed=seed, num_inference_steps=num_inference_steps,
-                       guidance_scale=guidance_scale, batch_size=batch_size, before_forward=recorder.set_position,
-                       progress=progress)
-    return CalibrationStats(timesteps=sched.timesteps.clone().cpu(), class_labels=labels, layers=recorder.finish(),
+        sample_latents(transformer, sched, labels[part.start : part.stop], seed=seed,
+                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size,
+                       before_forward=recorder.set_position, progress=progress and rank == 0, sample_offset=part.start)
+    recorded = recorder.finish()
+    if world > 1:
+        recorded = reduce_layer_stats(recorded, list(layers), recorder.empty_stats)
+        from diffusers_ptq.attention import QuantAttnProcessor
+
+        for module in transformer.modules():  # quantized attention observing this run: its absmax too (MAX)
+            processor = getattr(module, "processor", None)
+            if isinstance(processor, QuantAttnProcessor) and processor.observing:
+                processor.reduce()
+    return CalibrationStats(timesteps=sched.timesteps.clone().cpu(), class_labels=labels, layers=recorded,
                             guidance_scale=guidance_scale, seed=seed, scheduler=scheduler)

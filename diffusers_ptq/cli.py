@@ -106,10 +106,26 @@ def _parse_overrides(items: list[str] | None) -> dict:
     return overrides
 
 
+def _quantize_device(requested: str | None) -> str | None:
+    """Where `quantize` loads and calibrates the transformer: --device if given; under a distributed launch on
+    GPUs this process's GPU (cuda:LOCAL_RANK); else None (the loader's default, the CPU)."""
+    from diffusers_ptq import distributed
+
+    if requested:
+        return requested
+    if distributed.is_distributed() and distributed.comm_device().type == "cuda":
+        return str(distributed.comm_device())
+    return None
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    """Load a float model with a recipe's config (calibrate + quantize), save the quantized checkpoint."""
+    """Load a float model with a recipe's config (calibrate + quantize), save the quantized checkpoint.
+
+    Under `accelerate launch` / `torchrun` every process calibrates its share of the samples (docs/distributed.md),
+    all end with the same quantized model, and only the main process writes the output folder."""
     from diffusers import DiTPipeline, DiTTransformer2DModel
 
+    from diffusers_ptq import distributed
     from diffusers_ptq.bundled import keep_id2label, resolve_model_path
     from diffusers_ptq.config import load_recipe, read_recipe
 
@@ -122,18 +138,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         metrics = data.get("metrics", data)
     local = Path(model)
     is_pipeline = not local.exists() or (local / "model_index.json").is_file()
-    if is_pipeline and not args.transformer_only:
+    device = _quantize_device(args.device)
+    if is_pipeline and not args.transformer_only and device is None:
         obj = DiTPipeline.from_pretrained(model, quantization_config=config)
         keep_id2label(obj, DiTPipeline.load_config(model).get("id2label"))
     else:
         subfolder = "transformer" if is_pipeline else None
-        obj = DiTTransformer2DModel.from_pretrained(model, subfolder=subfolder, quantization_config=config)
-    obj.save_pretrained(args.output)
-    from diffusers_ptq.hub import model_card
+        placement = {} if device is None else {"device_map": {"": device}}
+        obj = DiTTransformer2DModel.from_pretrained(model, subfolder=subfolder, quantization_config=config,
+                                                    **placement)
+        if is_pipeline and not args.transformer_only:  # the quantized transformer in its pipeline
+            obj = DiTPipeline.from_pretrained(model, transformer=obj)
+            keep_id2label(obj, DiTPipeline.load_config(model).get("id2label"))
+    if distributed.is_main_process():  # every process holds the same model: one writes it
+        obj.save_pretrained(args.output)
+        from diffusers_ptq.hub import model_card
 
-    # the transformer's save already wrote a card; a pipeline gets one at its root, and --metrics adds the figures
-    (Path(args.output) / "README.md").write_text(model_card(obj, metrics=metrics), encoding="utf-8")
-    print(f"{recipe['name']}: {config.label} -> {args.output}")
+        # the transformer's save already wrote a card; a pipeline gets one at its root, and --metrics adds the figures
+        (Path(args.output) / "README.md").write_text(model_card(obj, metrics=metrics), encoding="utf-8")
+        print(f"{recipe['name']}: {config.label} -> {args.output}")
+    distributed.wait_for_everyone()
     return 0
 
 
@@ -179,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config option (repeatable)")
     quant.add_argument("--transformer-only", action="store_true", help="save only the quantized transformer")
     quant.add_argument("--metrics", help="JSON of quality figures for the model card (e.g. `evaluate` output)")
+    quant.add_argument("--device", help="device to load and calibrate on, e.g. cuda (default: the CPU; under "
+                       "`accelerate launch` on GPUs, each process's own GPU)")
     quant.set_defaults(func=cmd_quantize)
     return parser
 

@@ -5,6 +5,10 @@
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
+import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +28,9 @@ SSC_ROWS = ("sample", "timestep")
 WEIGHT_ROUNDINGS = ("nearest", "gptq", "reconstruct")
 HTG_LINKAGES = ("ward", "centroid", "average", "optimal")
 HTG_SCALINGS = ("migration", "printed")
+# Q-DiT's group-size search: candidate group sizes (None = per output channel) and the proxy that scores them
+GROUP_CANDIDATES = (32, 64, 128, 256, None)
+GROUP_SEARCH_PROXIES = ("model", "output", "relative", "weight")
 
 
 def _check(name: str, value, allowed) -> None:
@@ -50,6 +57,18 @@ class QuantConfig:
         "ward" | "centroid" | "average" (the paper's greedy adjacent merging) or "optimal" (exact minimizer of the
         within-group sum of squares); `htg_ema`: the EMA coefficient of the channel max; `htg_scaling`: "migration"
         (s = m^a / max|W|^(1−a), a = `htg_alpha`) or "printed" (s = m / max|W|, the paper's formula as printed).
+    weight_group_sizes: per-layer 4-bit group sizes, {exact Linear name or fnmatch pattern: group size | None
+        (per output channel)}; an exact name wins, then the first matching pattern, then `weight_group_size`.
+        Each size must divide its layer's in_features (checked when the layer is quantized). Q-DiT's search writes one.
+    group_search_bits: None, or Q-DiT's group-size search (methods/qdit.py) under this budget of average bits per
+        quantized weight, scale and shift included (quanto stores both in float32: 4 + 64/g bits for groups of g,
+        4 + 64/in_features per output channel); every layer picks one of `group_candidates` (those dividing its
+        in_features) to minimize the summed `group_search_proxy` error: "model" (the transformer's output error
+        with only that layer rounded, on transformer inputs recorded along the calibration run), "output" (the layer's output error
+        trace(ΔW H ΔWᵀ) over the calibration inputs, H = E[xᵀx] over every timestep), "relative" (the same divided
+        by trace(W H Wᵀ)), "weight" (‖ΔW‖², no calibration). With weight_rounding="gptq" ΔW is GPTQ's.
+    act_dynamic: 8-bit activations quantized per token at run time (symmetric, scale = max|x_token| / 127)
+        instead of a static per-tensor scale; act_range is then unused.
     weight_rounding: "nearest" (round to nearest) or "gptq" (error-compensating rounding from each layer's
         input Hessian over the calibration run; `gptq_damp` is the damping as a fraction of the mean diagonal,
         `gptq_act_order` processes columns by decreasing Hessian diagonal), or "reconstruct" (AdaRound-style
@@ -62,6 +81,11 @@ class QuantConfig:
     weight_bits: int = 8
     act_bits: int | None = 8
     weight_group_size: int | None = None
+    weight_group_sizes: dict[str, int | None] | None = None
+    group_search_bits: float | None = None
+    group_candidates: list[int | None] = field(default_factory=lambda: list(GROUP_CANDIDATES))
+    group_search_proxy: str = "model"
+    act_dynamic: bool = False
     act_range: str = "minmax"
     percentile: float = 99.99
     smoothquant_alpha: float | None = None
@@ -127,6 +151,11 @@ class QuantConfig:
                 raise ValueError("weight_group_size applies to weight_bits=4 only (8-bit weights are per channel)")
             if self.weight_group_size <= 0:
                 raise ValueError(f"weight_group_size must be positive or None, got {self.weight_group_size}")
+        self._validate_groups()
+        if not isinstance(self.act_dynamic, bool):
+            raise ValueError(f"act_dynamic must be True or False, got {self.act_dynamic!r}")
+        if self.act_dynamic and self.act_bits is None:
+            raise ValueError("act_dynamic=True needs act_bits=8 (dynamic per-token int8 activations)")
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if self.quantize_attention and self.act_bits is None:
@@ -138,13 +167,63 @@ class QuantConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         self.include, self.exclude = list(self.include), list(self.exclude)
 
+    def _validate_groups(self) -> None:
+        def valid_size(g) -> bool:
+            return g is None or (isinstance(g, int) and not isinstance(g, bool) and g > 0)
+
+        if self.weight_group_sizes is not None:
+            if not isinstance(self.weight_group_sizes, dict) or not all(
+                    isinstance(k, str) and valid_size(v) for k, v in self.weight_group_sizes.items()):
+                raise ValueError("weight_group_sizes must be a mapping {layer name or fnmatch pattern: positive int "
+                                 f"group size or None (per output channel)}}, got {self.weight_group_sizes!r}")
+            self.weight_group_sizes = dict(self.weight_group_sizes)
+        if isinstance(self.group_candidates, (str, bytes)) or not hasattr(self.group_candidates, "__iter__"):
+            raise ValueError(f"group_candidates must be a list of group sizes (positive ints or None), got "
+                             f"{self.group_candidates!r}")
+        self.group_candidates = list(self.group_candidates)
+        if not self.group_candidates or not all(valid_size(g) for g in self.group_candidates) or \
+                len(set(self.group_candidates)) != len(self.group_candidates):
+            raise ValueError(f"group_candidates must be distinct positive ints or None (per output channel), got "
+                             f"{self.group_candidates!r}")
+        _check("group_search_proxy", self.group_search_proxy, GROUP_SEARCH_PROXIES)
+        if self.group_search_bits is not None:
+            bits = self.group_search_bits
+            if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not (4 < bits < math.inf):
+                raise ValueError(f"group_search_bits must be a number of bits per weight above 4 (scales included) "
+                                 f"or None, got {bits!r}")
+            if self.weight_group_sizes is not None or self.weight_group_size is not None:
+                raise ValueError("group_search_bits searches the group sizes: do not also fix them with "
+                                 "weight_group_size / weight_group_sizes (set one)")
+        if (self.weight_group_sizes or self.group_search_bits is not None) and self.weight_bits != 4:
+            raise ValueError("weight_group_sizes / group_search_bits apply to weight_bits=4 only (8-bit weights are "
+                             "per channel)")
+
+    def group_size_for(self, name: str) -> int | None:
+        """The configured (not searched) group size of one Linear: exact name, first matching pattern, default."""
+        sizes = self.weight_group_sizes or {}
+        if name in sizes:
+            return sizes[name]
+        for pattern, size in sizes.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return size
+        return self.weight_group_size
+
     @property
     def label(self) -> str:
         """Short name such as "W4A8 minmax+sq0.5"."""
         bits = f"W{self.weight_bits}A{self.act_bits or 16}"
         if self.weight_group_size:
             bits += f"g{self.weight_group_size}"
-        method = self.act_range if self.act_bits else "weight-only"
+        if self.weight_group_sizes:
+            digest = hashlib.sha1(json.dumps(self.weight_group_sizes, sort_keys=True).encode()).hexdigest()[:6]
+            bits += f"gmix-{digest}"
+        if self.group_search_bits is not None:
+            bits += f"gs{self.group_search_bits:g}"
+            if self.group_search_proxy != "model":
+                bits += f"-{self.group_search_proxy}"
+            if self.group_candidates != list(GROUP_CANDIDATES):
+                bits += "{" + ",".join("ch" if g is None else str(g) for g in self.group_candidates) + "}"
+        method = ("dynamic" if self.act_dynamic else self.act_range) if self.act_bits else "weight-only"
         if self.smoothquant_alpha is not None:
             method += f"+sq{self.smoothquant_alpha:g}"
         if self.csb_alpha is not None:
@@ -192,6 +271,8 @@ COMMON_OPTIONS: dict[str, Any] = dict(
     weight_bits=8,
     act_bits=8,
     weight_group_size=None,
+    weight_group_sizes=None,
+    act_dynamic=False,
     act_range="minmax",
     percentile=99.99,
     quantize_attention=False,
@@ -237,7 +318,8 @@ class DiffusersPTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
     """Base of the diffusers quantization configs: the engine's options plus calibration settings.
 
     Common options (defaults in `COMMON_OPTIONS`): weight_bits (8 | 4), act_bits (8 | None), weight_group_size
-    (None = per output channel, 4-bit only), act_range ("minmax" | "percentile" | "mse"), percentile,
+    (None = per output channel, 4-bit only), weight_group_sizes (per-layer group sizes: {name or fnmatch pattern:
+    size | None}), act_dynamic (per-token int8 activations computed at run time), act_range ("minmax" | "percentile" | "mse"), percentile,
     quantize_attention, weight_rounding ("nearest" | "gptq" | "reconstruct"), gptq_damp, gptq_act_order,
     reconstruct_iters, reconstruct_lr, reconstruct_batch, reconstruct_samples (block reconstruction), include / exclude (fnmatch
     patterns on Linear names), and calibration: scheduler ("ddim" | "ddpm"), num_inference_steps, guidance_scale,
@@ -391,6 +473,49 @@ class HTGConfig(DiffusersPTQConfig):
                        htg_linkage=self.linkage, htg_ema=self.ema_alpha,
                        htg_scaling="printed" if self.migration_alpha is None else "migration",
                        htg_alpha=0.5 if self.migration_alpha is None else self.migration_alpha)
+
+
+@register_config
+class QDiTConfig(DiffusersPTQConfig):
+    """Q-DiT (Chen et al., CVPR 2025): 4-bit weights in groups whose size is chosen per layer, and dynamic per-token
+    int8 activations (docs/qdit.md).
+
+    Options: bits_per_weight (the group-size search's budget: average bits per quantized weight, float32 scale and
+    shift included; 4.5 = uniform groups of 128), group_sizes (the candidates; None = per output channel; a layer
+    only takes those dividing its in_features), search_proxy ("model": the transformer's output error with only
+    that layer rounded, on inputs recorded along the calibration trajectory; "output": each layer's output error
+    trace(ΔW H ΔWᵀ) on the calibration inputs over all timesteps; "relative": the same over trace(W H Wᵀ);
+    "weight": ‖ΔW‖²), act_dynamic (True: per-token scales at run time; False: static per-tensor, `act_range`),
+    shift / scale (HTG's timestep-grouped shift and channel scaling folded first; off by default, docs/qdit.md).
+    Fixed group sizes win over the search: with `weight_group_size` or `weight_group_sizes` set, nothing is searched
+    (nor with weight_bits=8: per-channel weights, dynamic activations).
+    Defaults weight_bits=4, act_bits=8 (W4A8).
+    """
+
+    method = "qdit"
+    OPTIONS = dict(weight_bits=4, bits_per_weight=4.5, group_sizes=list(GROUP_CANDIDATES), search_proxy="model",
+                   act_dynamic=True, shift=False, scale=False)
+
+    def validate(self) -> None:
+        if not isinstance(self.shift, bool) or not isinstance(self.scale, bool):
+            raise ValueError(f"shift and scale must be True or False, got {self.shift!r}, {self.scale!r}")
+        super().validate()
+
+    def searches(self) -> bool:
+        """Whether quantizing runs the group-size search (no fixed group sizes given, a budget set)."""
+        return (self.bits_per_weight is not None and self.weight_bits == 4 and self.weight_group_size is None
+                and not self.weight_group_sizes)
+
+    def to_quant_config(self) -> QuantConfig:
+        """The search budget, candidates and proxy as the engine's group_search_* fields; HTG's switches."""
+        from dataclasses import replace
+
+        return replace(self._engine_fields(), htg_shift=self.shift, htg_scale=self.scale)
+
+    def _engine_fields(self) -> QuantConfig:
+        fields = {k: v for k, v in self.options().items() if k in QuantConfig.__dataclass_fields__}
+        return QuantConfig(**fields, group_search_bits=self.bits_per_weight if self.searches() else None,
+                           group_candidates=list(self.group_sizes), group_search_proxy=self.search_proxy)
 
 
 def config_from_dict(data: dict) -> DiffusersPTQConfig:

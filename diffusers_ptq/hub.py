@@ -112,9 +112,14 @@ def model_card(obj, *, metrics: dict | None = None, base_model: str | None = Non
 def push_to_hub(obj, repo_id: str, *, metrics: dict | None = None, base_model: str | None = None,
                 commit_message: str | None = None, private: bool | None = None, token: str | None = None,
                 create_pr: bool = False, **save_kwargs):
-    """Upload a quantized transformer or pipeline with its model card. Returns upload_folder's result."""
+    """Upload a quantized transformer or pipeline with its model card. Returns upload_folder's result (None on the
+    non-main processes of a multi-process run: only the main process uploads)."""
     from huggingface_hub import HfApi
 
+    from diffusers_ptq.distributed import is_main_process
+
+    if not is_main_process():
+        return None
     card = model_card(obj, metrics=metrics, base_model=base_model)  # fails early if obj is not quantized by us
     save_kwargs.pop("safe_serialization", None)
     save_kwargs.pop("subfolder", None)

@@ -32,6 +32,12 @@ with VNNI/AMX the u8×s8 products accumulate in int32: exact for any u8 (zp 128,
 Which of the two regimes the CPU is in is *measured* once per process (`onednn_full_range_exact`: an
 adversarial GEMM that saturates int16 pair sums), not guessed from flags; the flags are reported beside it.
 
+Dynamic per-token activations (`module.act_dynamic`, Q-DiT): each token (row) gets its own symmetric scale
+s_t = max|x_t| / 127 at run time (`per_token_scale`), q = round(x / s_t) ∈ [−127, 127]. `"emulated"` fake-quantizes
+with those scales; `"onednn"` feeds the same integers (u = q + zp, input scale 1) to the same exact GEMM and
+multiplies the output rows by s_t before adding the bias (the split path and the 4-bit epilogue unchanged);
+`"quanto"` has no per-token path (on CUDA such layers run `"emulated"`).
+
 `register_kernel` adds one; `QuantLinear.kernel` (a plain attribute, never saved) picks one; `choose_kernel`
 is the automatic choice (made when a module is frozen, loaded or moved); `set_kernel(model, name)` forces one
 on every quantized layer and raises `KernelError` for a kernel that cannot run a layer exactly.
@@ -69,6 +75,19 @@ def fake_quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int = 8)
     """Round x/scale to the signed `bits` grid and back (quanto's rounding and clamp: [-2^(b-1), 2^(b-1)-1])."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+
+
+def per_token_scale(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Dynamic symmetric scale of each token (last dim): max|x| / (2^(b-1) − 1), shape [..., 1]; an all-zero token
+    gets scale 1 (its codes are 0 either way)."""
+    absmax = x.detach().abs().amax(dim=-1, keepdim=True)
+    scale = absmax / (2 ** (bits - 1) - 1)
+    return torch.where(absmax > 0, scale, torch.ones_like(scale))
+
+
+def fake_quantize_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """x rounded per token to its own symmetric `bits` grid (`per_token_scale`) and back."""
+    return fake_quantize_symmetric(x, per_token_scale(x, bits), bits)
 
 
 # ------------------------------------------------------------------------------------------------ CPU features
@@ -150,6 +169,8 @@ def machine_kernel_info() -> dict:
 
 
 def _quanto_check(module) -> str | None:
+    if getattr(module, "act_dynamic", False):
+        return "dynamic per-token activations: quanto's path takes one static input scale; use 'emulated'"
     return None
 
 
@@ -165,7 +186,10 @@ def quanto_linear(module, x: torch.Tensor) -> torch.Tensor:
 @register_kernel("emulated")
 def emulated_linear(module, x: torch.Tensor) -> torch.Tensor:
     if module.activation_qtype is not None:
-        x = fake_quantize_symmetric(x, module.input_scale.to(x.dtype), module.activation_qtype.bits)
+        if getattr(module, "act_dynamic", False):
+            x = fake_quantize_per_token(x, module.activation_qtype.bits)
+        else:
+            x = fake_quantize_symmetric(x, module.input_scale.to(x.dtype), module.activation_qtype.bits)
     return F.linear(x, module.dequantized_weight(), bias=module.bias)
 
 
@@ -260,12 +284,12 @@ class _QuantizedInput:
     """An input quantized for the oneDNN kernel: q = clamp(round(x / scale)) exactly as `fake_quantize_symmetric`
     (same ops, same float32 division), the uint8 GEMM input u = c + zp, and the split path's residual."""
 
-    __slots__ = ("q", "u", "zp", "rows", "row_resid", "cols", "col_resid", "full_range", "_row_sums")
+    __slots__ = ("q", "u", "zp", "rows", "row_resid", "cols", "col_resid", "full_range", "_row_sums", "token_scale")
 
     def __init__(self, x2: torch.Tensor, scale: torch.Tensor, full_range: bool):
         q = torch.div(x2, scale)
         q.round_().clamp_(-128, 127)
-        self.q, self.full_range, self._row_sums = q, full_range, None
+        self.q, self.full_range, self._row_sums, self.token_scale = q, full_range, None, None
         self.rows = self.row_resid = self.cols = self.col_resid = None
         if full_range:
             self.u, self.zp = _u8(q + 128), 128
@@ -300,15 +324,22 @@ def onednn_linear(module, x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         raise KernelError(f"the oneDNN kernel runs on CPU tensors, got an input on {x.device}")
     weight = onednn_weight(module)
-    scale_t = module.input_scale.to(torch.float32)
-    scale = float(scale_t)
+    dynamic = bool(getattr(module, "act_dynamic", False))
+    if dynamic:  # per-token scales: the GEMM runs with input scale 1, the rows are scaled afterwards
+        scale_t, scale, key = None, 1.0, "dynamic"
+    else:
+        scale_t = module.input_scale.to(torch.float32)
+        scale = key = float(scale_t)
     full_range = weight.full_range
     out_shape = (*x.shape[:-1], module.out_features)
-    qx = _INPUT_CACHE.get(x, scale)
+    qx = _INPUT_CACHE.get(x, key)
     if qx is None or qx.full_range != full_range:
         x2 = x.reshape(-1, weight.in_features)
-        qx = _QuantizedInput(x2 if x2.dtype == torch.float32 else x2.float(), scale_t, full_range)
-        _INPUT_CACHE.put(x, scale, qx)
+        x2 = x2 if x2.dtype == torch.float32 else x2.float()
+        token_scale = per_token_scale(x2) if dynamic else None
+        qx = _QuantizedInput(x2, token_scale if dynamic else scale_t, full_range)
+        qx.token_scale = token_scale
+        _INPUT_CACHE.put(x, key, qx)
         ONEDNN_STATS["quantized_inputs"] += 1
         ONEDNN_STATS["rows"] += qx.q.shape[0]
         ONEDNN_STATS["channels"] += qx.q.shape[1]
@@ -319,7 +350,7 @@ def onednn_linear(module, x: torch.Tensor) -> torch.Tensor:
     bias = module.bias
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
-    y = _qlinear(qx.u, scale, qx.zp, weight.packed, weight.scales, weight.zeros, bias)
+    y = _qlinear(qx.u, scale, qx.zp, weight.packed, weight.scales, weight.zeros, None if dynamic else bias)
     if qx.row_resid is not None:  # tokens with activations beyond ±64 steps: the remainder in a second exact GEMM
         resid = _qlinear(qx.row_resid, scale, qx.zp, weight.packed, weight.scales, weight.zeros, None)
         if qx.rows is None:
@@ -331,6 +362,10 @@ def onednn_linear(module, x: torch.Tensor) -> torch.Tensor:
         y.addmm_(qx.col_resid, w_cols.T, alpha=scale)
     if weight.shift is not None:  # affine 4-bit: − s_x · (Σ_i q_i) · shift_o
         y.addmm_(qx.row_sums(), weight.shift, alpha=scale)
+    if dynamic:  # y_t = s_t · (integer GEMM)_t + bias
+        y.mul_(qx.token_scale)
+        if bias is not None:
+            y.add_(bias)
     return y.reshape(out_shape).to(x.dtype)
 
 
@@ -357,12 +392,12 @@ def available_kernels(module) -> list[str]:
 def choose_kernel(module) -> str:
     """The fastest exact kernel for a frozen QuantLinear on its device.
 
-    CUDA: quanto (torch._int_mm / its Marlin-style kernels). x86 CPU, W8A8 and per-channel W4A8: oneDNN (exact
+    CUDA: quanto (torch._int_mm / its Marlin-style kernels; dynamic per-token activations: emulated). x86 CPU, W8A8 and per-channel W4A8: oneDNN (exact
     on every x86 CPU, see the module docstring). Everything else (weight-only, grouped 4-bit, non-x86 CPUs):
     the float emulation, which is as fast as the float model, whereas quanto's CPU path is not."""
     device = module.weight.device
     if device.type == "cuda":
-        return "quanto"
+        return "quanto" if kernel_problem(module, "quanto") is None else "emulated"
     if device.type == "meta" or not getattr(module, "frozen", False):
         return default_kernel(device)
     if kernel_problem(module, "onednn") is None:

@@ -1,7 +1,9 @@
 """What is stored: optimum-quanto Linear modules with this project's static input scale.
 
 `QuantLinear` is quanto's `QLinear` (qint8 per-output-channel weights, or qint4 per-channel / grouped) with:
-- a static per-tensor int8 input scale that we compute (`input_scale`), or none for weight-only modes;
+- a static per-tensor int8 input scale that we compute (`input_scale`), or none for weight-only modes, or dynamic
+  per-token int8 inputs (`act_dynamic`: the kernel computes one scale per token at run time, max|x| / 127;
+  `input_scale` is then an unused placeholder 1.0, kept so the state dict has the same keys);
 - no output quantization;
 - the multiplication delegated to a kernel from `kernels.py` (`module.kernel`, not saved), chosen when the
   weight is frozen, loaded or moved (`kernels.choose_kernel`: the fastest kernel exact for its bit widths on
@@ -60,6 +62,7 @@ class QuantLinear(QLinear):
         self.kernel = default_kernel(self.weight.device)
         self._kernel_forced = False  # set_kernel(..., name) forces one; otherwise choose_kernel on freeze/load/move
         self._dequantized = None
+        self.act_dynamic = False  # True: per-token input scales computed by the kernel at run time
 
     def select_kernel(self) -> str:
         """Pick the fastest exact kernel for this layer where it is now (unless one was forced); returns it."""
@@ -96,18 +99,22 @@ class QuantLinear(QLinear):
 
     def extra_repr(self) -> str:
         act = self.activation_qtype.name if self.activation_qtype is not None else "none"
+        if self.activation_qtype is not None and getattr(self, "act_dynamic", False):
+            act += " (dynamic per token)"
         group = f", group_size={self.weight_group_size}" if self.weight_qtype.bits < 8 else ""
         return f"{super().extra_repr()}, weights={self.weight_qtype.name}{group}, activations={act}, kernel={self.kernel}"
 
 
 def quantize_linear(linear: torch.nn.Linear, weight_bits: int, input_scale: float | torch.Tensor | None,
-                    group_size: int | None = None, rounded: RoundedWeight | None = None) -> QuantLinear:
+                    group_size: int | None = None, rounded: RoundedWeight | None = None,
+                    act_dynamic: bool = False) -> QuantLinear:
     """A frozen QuantLinear from a float Linear.
 
     weight_bits 8: symmetric per-output-channel qint8. weight_bits 4: quanto's affine qint4, per output channel
     (group_size None) or in groups of group_size input channels. input_scale None: weight-only (A16).
     rounded: integer codes and scales from `rounding` (e.g. GPTQ) stored as the quanto weight as they are,
     instead of rounding the float weight to nearest; same format, same bits, same group size.
+    act_dynamic: int8 inputs quantized per token at run time (input_scale must then be None: nothing is calibrated).
     """
     if weight_bits not in WEIGHT_QTYPES:
         raise ValueError(f"weight_bits must be 8 or 4, got {weight_bits!r}")
@@ -116,9 +123,12 @@ def quantize_linear(linear: torch.nn.Linear, weight_bits: int, input_scale: floa
             raise ValueError("group_size applies to 4-bit weights only; 8-bit weights are per output channel")
         if group_size <= 0 or linear.in_features % group_size:
             raise ValueError(f"group_size {group_size} must divide in_features={linear.in_features}")
+    if act_dynamic and input_scale is not None:
+        raise ValueError("act_dynamic computes the input scales per token at run time: pass input_scale=None")
     module = QuantLinear.from_module(linear, weights=WEIGHT_QTYPES[weight_bits],
-                                     activations=qint8 if input_scale is not None else None)
+                                     activations=qint8 if input_scale is not None or act_dynamic else None)
     module.weight_group_size = group_size if weight_bits == 4 else None
+    module.act_dynamic = bool(act_dynamic)
     if input_scale is not None:
         scale = torch.as_tensor(input_scale, dtype=module.input_scale.dtype, device=module.input_scale.device)
         if not (scale > 0 and torch.isfinite(scale)):

@@ -36,7 +36,7 @@ from torch import nn
 
 from diffusers_ptq.groupbias import CONTEXT_ATTRIBUTE, attach_group_biases
 from diffusers_ptq.kernels import fake_quantize_symmetric
-from diffusers_ptq.rounding import RoundedWeight, _column_groups, _per_group, _rounded, quant_grid
+from diffusers_ptq.rounding import RoundedWeight, _column_groups, _per_group, _rounded, broadcast_rounded, quant_grid
 
 __all__ = ["rectified_sigmoid", "rounding_regularizer", "beta_at", "LearnedRounding", "CachedInputs",
            "cache_inputs", "reconstruct_unit", "reconstruct_weights"]
@@ -341,6 +341,8 @@ def reconstruct_weights(transformer: nn.Module, linears: dict[str, nn.Linear], i
     settings of `config` (a QuantConfig: weight_bits, weight_group_size, reconstruct_*, the calibration
     sampler's settings and seed). `input_scales`: {name: static int8 scale or None}. `init`: optional starting
     codes per name (default round-to-nearest). Returns {name: RoundedWeight} for `modules.quantize_linear`.
+    Under a distributed launch every process runs the same (unsharded) reconstruction and the main process's
+    result is broadcast, so all processes hold the same codes even where GPU training steps are not bit-reproducible.
     """
     from tqdm.auto import tqdm
 
@@ -386,4 +388,4 @@ def reconstruct_weights(transformer: nn.Module, linears: dict[str, nn.Linear], i
         for processor, absmax in zip(observers, saved):
             processor.absmax.clear()
             processor.absmax.update(absmax)
-    return result
+    return {name: broadcast_rounded(rounded, src=0) for name, rounded in result.items()}

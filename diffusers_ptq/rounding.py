@@ -1,6 +1,6 @@
 """Weight rounding that learns from calibration data: GPTQ (second-order error compensation).
 
-Pure functions, tensors in, tensors out (no project imports):
+Pure functions, tensors in, tensors out (the one project import: distributed.py, for multi-process runs):
 
 - `HessianRecorder`: forward pre-hooks that stream each Linear's input Hessian H = Σ xᵀx (mean over rows,
   optionally weighted per timestep) without storing activations.
@@ -13,6 +13,10 @@ Pure functions, tensors in, tensors out (no project imports):
 
 The grid (scale, shift) of a row or group comes from the ORIGINAL weight with quanto's own formulas, so a GPTQ
 weight is stored in exactly the format round-to-nearest uses; GPTQ only chooses different integers.
+
+Under a distributed launch (distributed.py) `HessianRecorder` sums its accumulators over processes (SUM) the first
+time `hessians()` or `means()` is called, and `gptq_quantize_weights` rounds each layer on one process (round robin)
+and broadcasts the result, so every process ends with the same codes.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from diffusers_ptq import distributed
+
 __all__ = ["HessianRecorder", "RoundedWeight", "scale_hessian", "shift_hessian", "quant_grid", "nearest_round", "gptq_round",
-           "gptq_quantize_weights"]
+           "gptq_quantize_weights", "broadcast_rounded"]
 
 
 # --------------------------------------------------------------------------------------------- Hessians
@@ -38,6 +44,8 @@ class HessianRecorder:
     a per-sample weight must have one entry per leading (batch) index of the Linear's input.
     `dtype`: accumulator dtype (float32 default; float64 for very long calibration runs).
     The accumulators live on the input's device; `hessians()` returns them on CPU in float32.
+    Under a distributed launch the first `hessians()` / `means()` call sums sums, firsts and counts over the
+    processes (every process must call it; a process whose shard was empty contributes zeros); record nothing after.
     """
 
     def __init__(self, layers: dict[str, nn.Linear], weight_fn: Callable[[torch.Tensor], float | torch.Tensor] | None = None,
@@ -53,6 +61,7 @@ class HessianRecorder:
         self.counts: dict[str, float] = {name: 0.0 for name in layers}  # Σ w over rows
         self._weight: float | torch.Tensor = 1.0
         self._handles: list = []
+        self._reduced = False
 
     def __enter__(self) -> "HessianRecorder":
         if self.transformer is not None and self.weight_fn is not None:
@@ -104,12 +113,31 @@ class HessianRecorder:
         self.firsts[name] += weighted.sum(0)
         self.counts[name] += total
 
+    def reduce(self) -> None:
+        """Sum the accumulators over processes (once; nothing in a single process). Layers that no process saw stay
+        left out."""
+        if self._reduced or not distributed.is_distributed():
+            return
+        self._reduced = True
+        for name in distributed.seen_anywhere(list(self.layers), lambda n: n in self.sums):
+            if name not in self.sums:
+                layer = self.layers[name]
+                size, device = layer.weight.shape[1], layer.weight.device
+                self.sums[name] = torch.zeros(size, size, dtype=self.dtype, device=device)
+                self.firsts[name] = torch.zeros(size, dtype=self.dtype, device=device)
+            self.sums[name] = distributed.all_reduce_sum(self.sums[name])
+            self.firsts[name] = distributed.all_reduce_sum(self.firsts[name])
+            count = torch.tensor([self.counts[name]], dtype=torch.float64)
+            self.counts[name] = float(distributed.all_reduce_sum(count))
+
     def hessians(self) -> dict[str, torch.Tensor]:
         """{name: Σ w·xᵀx / Σ w} on CPU, float32 (layers that saw no input are left out)."""
+        self.reduce()
         return {name: (h / self.counts[name]).float().cpu() for name, h in self.sums.items()}
 
     def means(self) -> dict[str, torch.Tensor]:
         """{name: Σ w·x / Σ w}: the (weighted) mean input, for transforms that also shift the input."""
+        self.reduce()
         return {name: (m / self.counts[name]).float().cpu() for name, m in self.firsts.items()}
 
 
@@ -315,12 +343,31 @@ def gptq_quantize_weights(linears: dict[str, nn.Linear], hessians: dict[str, tor
 
     The Linears must already hold their final (smoothed) float weights, and the Hessians must be those of
     their final inputs (see `scale_hessian`). Weights stay untouched.
+    Under a distributed launch layer i is rounded by process i mod world size and broadcast from there.
     """
     from tqdm.auto import tqdm
 
     missing = sorted(set(linears) - set(hessians))
     if missing:
         raise KeyError(f"no Hessian for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    return {name: gptq_round(linear.weight.detach(), hessians[name], weight_bits, group_size, damp=damp,
-                             act_order=act_order, block_size=block_size)
-            for name, linear in tqdm(linears.items(), desc="GPTQ", disable=not progress)}
+    rank, world = distributed.process_info()
+    out = {}
+    for i, (name, linear) in enumerate(tqdm(linears.items(), desc="GPTQ", disable=not progress or rank != 0)):
+        if i % world == rank:
+            out[name] = gptq_round(linear.weight.detach(), hessians[name], weight_bits, group_size, damp=damp,
+                                   act_order=act_order, block_size=block_size)
+        else:  # same shapes and grid; the codes come from the owner below
+            out[name] = nearest_round(linear.weight.detach(), weight_bits, group_size)
+    if world > 1:
+        for i, name in enumerate(linears):
+            out[name] = broadcast_rounded(out[name], src=i % world)
+    return out
+
+
+def broadcast_rounded(rounded: RoundedWeight, src: int = 0) -> RoundedWeight:
+    """Process `src`'s RoundedWeight on every process (each passes one of the same shapes and dtypes)."""
+    if not distributed.is_distributed():
+        return rounded
+    share = lambda t: None if t is None else distributed.broadcast(t, src)
+    return RoundedWeight(weight=share(rounded.weight), data=share(rounded.data), scale=share(rounded.scale),
+                         shift=share(rounded.shift), bits=rounded.bits, group_size=rounded.group_size)

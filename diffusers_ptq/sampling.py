@@ -60,6 +60,7 @@ def sample_latents(
     batch_size: int = 16,
     before_forward: Callable[[int, int, int], None] | None = None,
     progress: bool = True,
+    sample_offset: int = 0,
 ) -> torch.Tensor:
     """Denoise Gaussian noise into latents, mirroring `DiTPipeline.__call__` without the VAE.
 
@@ -67,18 +68,22 @@ def sample_latents(
     gives the pipeline). With guidance_scale > 1 the batch is doubled with the null class
     (`num_embeds_ada_norm`). DDPM's per-step noise comes from a generator seeded with `seed`.
     `before_forward(step_index, batch_start, batch_len)` is called before every transformer call.
+    `sample_offset`: the labels are samples sample_offset.. of a larger calibration set (one process's shard,
+    distributed.py): sample i here is global sample sample_offset + i, with that sample's noise seed, and
+    `batch_start` is reported as a global index. DDPM's step noise still comes from one generator per call
+    (per process), so a sharded DDPM run is not the single-process one; a sharded DDIM run is.
     Returns the final latents, [N, C, H, W].
     """
     config = transformer.config
     device, dtype = transformer.device, transformer.dtype
     null_class = config.num_embeds_ada_norm
     use_cfg = guidance_scale > 1
-    seeds = sample_seeds(seed, len(class_labels))
+    seeds = sample_seeds(seed, sample_offset + len(class_labels))[sample_offset:]
     step_generator = torch.Generator(device).manual_seed(seed)
     scheduler.set_timesteps(num_inference_steps)
     timesteps = scheduler.timesteps
     bar = tqdm(total=len(timesteps) * -(-len(class_labels) // batch_size), desc="calibration sampling",
-               disable=not progress)
+               disable=not progress or not len(class_labels))
     results = []
     for start in range(0, len(class_labels), batch_size):
         labels = torch.tensor(list(class_labels[start : start + batch_size]), device=device)
@@ -95,7 +100,7 @@ def sample_latents(
             model_input = scheduler.scale_model_input(model_input, t)
             t_batch = t.reshape(1).to(device).expand(model_input.shape[0])
             if before_forward is not None:
-                before_forward(step_index, start, n)
+                before_forward(step_index, sample_offset + start, n)
             noise_pred = transformer(model_input, timestep=t_batch, class_labels=labels_input).sample
             channels = config.in_channels
             if use_cfg:
@@ -109,4 +114,6 @@ def sample_latents(
             bar.update(1)
         results.append(model_input[:n] if use_cfg else model_input)
     bar.close()
+    if not results:  # an empty shard
+        return torch.zeros((0, config.in_channels, config.sample_size, config.sample_size), device=device, dtype=dtype)
     return torch.cat(results)

@@ -8,7 +8,8 @@ The weights file holds, besides the float tensors of the layers that stay in flo
   `<name>.weight._shift` (qint4), `<name>.input_scale`, `<name>.output_scale`, `<name>.bias`;
 - for each quantized attention processor, its frozen scales: `<attn>.ptq_processor.{q,k,v}_scale`;
 - in the safetensors header, under `"diffusers_ptq"`, the JSON metadata quanto does not keep: per module its kind,
-  shape, weight bits, int4 group size, activation bits and output-quantization state (always off); per processor its
+  shape, weight bits, int4 group size (per layer), activation bits, whether they are dynamic per-token (`act_dynamic`;
+  absent = static) and output-quantization state (always off); per processor its
   kind and bits; the format version.
 
 Loading rebuilds the modules from these tensors without calibrating (`rebuild_quantized_modules`). Module kinds are a
@@ -104,6 +105,7 @@ def _processor_kind_of(processor) -> ProcessorKind | None:
 
 
 def _describe_quant_linear(module) -> dict:
+    dynamic = bool(getattr(module, "act_dynamic", False)) and module.activation_qtype is not None
     return {
         "in_features": module.in_features,
         "out_features": module.out_features,
@@ -111,6 +113,7 @@ def _describe_quant_linear(module) -> dict:
         "weight_bits": module.weight_qtype.bits,
         "weight_group_size": module.weight_group_size if module.weight_qtype.bits < 8 else None,
         "act_bits": module.activation_qtype.bits if module.activation_qtype is not None else None,
+        **({"act_dynamic": True} if dynamic else {}),  # written only when dynamic: static metadata is unchanged
         "output_quantization": False,
     }
 
@@ -151,10 +154,15 @@ def _build_quant_linear(template: nn.Module, meta: dict, tensors: dict[str, torc
         raise CheckpointError(f"weight_group_size {meta['weight_group_size']} does not divide {meta['in_features']}")
     if meta["act_bits"] not in (8, None):
         raise CheckpointError(f"act_bits={meta['act_bits']!r} in the checkpoint metadata; supported: [8, None]")
+    act_dynamic = meta.get("act_dynamic", False)  # absent in checkpoints written before dynamic activations
+    if not isinstance(act_dynamic, bool) or (act_dynamic and meta["act_bits"] is None):
+        raise CheckpointError(f"act_dynamic={act_dynamic!r} with act_bits={meta['act_bits']!r} in the checkpoint "
+                              "metadata; dynamic activations are 8-bit (True with act_bits 8, else False)")
     activations = qint8 if meta["act_bits"] == 8 else None
     module = QuantLinear.qcreate(template, WEIGHT_QTYPES[meta["weight_bits"]], activations, device="meta")
     module = module.to_empty(device="cpu")
     module.weight_group_size = meta["weight_group_size"]
+    module.act_dynamic = act_dynamic
     result = module.load_state_dict(dict(tensors), strict=False)
     if result.unexpected_keys or not module.frozen:
         raise CheckpointError(f"could not rebuild the quantized weight (unexpected {result.unexpected_keys})")
@@ -399,7 +407,14 @@ def save_atomic(save: Callable[[str], None], save_directory: str | os.PathLike,
     Nothing under save_directory changes until every file is written (and `check(tmp_dir)` passed). A new or empty
     save_directory is replaced by one rename; into an existing folder the files are moved one by one with
     os.replace (weights first, config.json last) and stale weight shards of an earlier save are removed.
+    Under a distributed launch only the main process writes; the others return at once (no barrier here, so that
+    saving from the main process alone also works: call `distributed.wait_for_everyone()` before other processes
+    read the folder).
     """
+    from diffusers_ptq.distributed import is_main_process
+
+    if not is_main_process():
+        return
     target = Path(save_directory)
     if target.is_file():
         raise ValueError(f"{target} is a file: save_pretrained needs a folder")

@@ -6,7 +6,8 @@
   automatically (`kernels.choose_kernel`); ratios to the FP32 forward of the same run.
 - The ceiling: every Linear call of the FP32 forward (its M×K→N shape and count) timed as a bare float GEMM
   (`F.linear`) and as the bare oneDNN int8 GEMM on an already-quantized input (no quantize, no residual, no
-  epilogue): Σ float / Σ int8 is the kernel's ceiling on these shapes; with the forward's non-Linear time
+  epilogue), all calls of a shape in one timed loop, fastest of 5: Σ float / Σ int8 is the kernel's ceiling on
+  these shapes; with the forward's non-Linear time
   added unchanged (Amdahl) it is the forward's ceiling.
 - The 50-step sampling time of the bundled pipeline (10 labels, guidance 1.5): FP vs W8A8 vs W4A8 (and W8A8
   forced onto the float emulation, for comparison).
@@ -15,6 +16,7 @@ Writes JSON (every number, CPU model, ISA flags, load average) and a Markdown ta
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -63,38 +65,48 @@ def _rss_bytes() -> int:
     return 0
 
 
-def _timed(fn, repeats: int) -> dict:
-    fn()  # warm-up: prepacks weights, fills caches
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return {"seconds": statistics.median(wall), "min_seconds": min(wall), "all_seconds": wall,
-            "cpu_seconds": statistics.median(cpu)}
-
-
 def _dit_xl_inputs():
     gen = torch.Generator().manual_seed(0)
     return dict(hidden_states=torch.randn(2, 4, 32, 32, generator=gen), timestep=torch.tensor([500, 500]),
                 class_labels=torch.tensor([1, 1000]))
 
 
-def forward_worker(label: str, repeats: int = 3) -> dict:
-    """In this process: DiT-XL/2 (random weights) in mode `label`, its forward timed `repeats` times."""
+def _paired(fns: dict, repeats: int) -> dict:
+    """Each fn run once to warm up, then all of them in turn, `repeats` rounds: {name: [seconds per round]}.
+
+    Interleaving keeps the compared runs seconds apart, so a shared or throttled CPU's drift hits both sides."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _dit_xl_model():
     from diffusers import DiTTransformer2DModel
 
-    from diffusers_ptq import kernels
-    from diffusers_ptq.api import quantize_transformer
     from diffusers_ptq.bench import DIT_XL_2_256
-    from diffusers_ptq.config import QuantConfig
 
     torch.manual_seed(0)
     config = DIT_XL_2_256
     if os.environ.get("DIFFUSERS_PTQ_SPEED_TINY"):  # a dry run of the machinery (tests), not a measurement
         config = {**DIT_XL_2_256, "num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 32}
-    model = DiTTransformer2DModel(**config).eval()
+    return DiTTransformer2DModel(**config).eval()
+
+
+def forward_worker(label: str, repeats: int = 3) -> dict:
+    """In this process: DiT-XL/2 (random weights) in mode `label`; its peak memory; then its forward timed
+    `repeats` times, interleaved with a float DiT-XL/2's forward (built after the memory was read): the speedup
+    is the median of the per-round ratios."""
+    from diffusers_ptq import kernels
+    from diffusers_ptq.api import quantize_transformer
+    from diffusers_ptq.config import QuantConfig
+
+    model = _dit_xl_model()
     row = {"label": label, "threads": torch.get_num_threads(), "load_before": os.getloadavg()}
     t0 = time.time()
     if SPEED_MODES[label] is not None:
@@ -119,39 +131,59 @@ def forward_worker(label: str, repeats: int = 3) -> dict:
         for h in hooks:
             h.remove()
         before = dict(kernels.ONEDNN_STATS)
-        row.update(_timed(lambda: model(**inputs), repeats))
-    stats = {k: v - before[k] for k, v in kernels.ONEDNN_STATS.items()}
-    row["onednn_stats_per_forward"] = {k: v / (repeats + 1) for k, v in stats.items()}  # warm-up included
-    row["linear_calls"] = [{"m": m, "k": k, "n": n, "count": c} for (m, k, n), c in sorted(shapes.items())]
-    row["resident_bytes_after"] = _rss_bytes()
-    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        model(**inputs)
+        stats = {k: v - before[k] for k, v in kernels.ONEDNN_STATS.items()}
+        row["onednn_stats_per_forward"] = stats
+        row["linear_calls"] = [{"m": m, "k": k, "n": n, "count": c} for (m, k, n), c in sorted(shapes.items())]
+        row["resident_bytes_after"] = _rss_bytes()
+        row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        fns = {"model": lambda: model(**inputs)}
+        if SPEED_MODES[label] is not None:
+            reference = _dit_xl_model()
+            fns["fp32"] = lambda: reference(**inputs)
+        times = _paired(fns, repeats)
+    row.update(seconds=statistics.median(times["model"]), all_seconds=times["model"])
+    if "fp32" in times:
+        row.update(fp32_seconds=statistics.median(times["fp32"]), fp32_all_seconds=times["fp32"],
+                   speedup=statistics.median(f / q for f, q in zip(times["fp32"], times["model"])))
+    else:
+        row["speedup"] = 1.0
     row["load_after"] = os.getloadavg()
     return row
 
 
 def ceiling_worker(linear_calls: list[dict], repeats: int = 5) -> dict:
-    """Bare GEMMs on the forward's Linear shapes: float F.linear vs oneDNN's u8×s8 GEMM on a quantized input."""
+    """Bare GEMMs on the forward's Linear shapes: float F.linear vs oneDNN's u8×s8 GEMM on a quantized input; and,
+    in the same process, the float forward itself (so its non-Linear time is measured on the same CPU state)."""
     from diffusers_ptq import kernels
 
-    torch.manual_seed(0)
     rows, fp_total, int_total = [], 0.0, 0.0
     have_onednn = kernels.onednn_available()
     with torch.no_grad():
+        model, inputs = _dit_xl_model(), _dit_xl_inputs()
+        forward = min(_paired({"fp32": lambda: model(**inputs)}, 3)["fp32"])
+        del model
+        torch.manual_seed(0)
         for call in linear_calls:
             m, k, n, count = call["m"], call["k"], call["n"], call["count"]
             x, w, b = torch.randn(m, k), torch.randn(n, k) * 0.02, torch.randn(n)
-            fp = _timed(lambda: torch.nn.functional.linear(x, w, b), repeats)["seconds"]
-            row = {**call, "fp32_seconds": fp}
+            # all `count` calls of a shape timed together (a single small GEMM is below the timer's noise), float and
+            # int8 in turn; the fastest of `repeats` rounds: the bare kernel's ceiling, not a typical time
+            fns = {"fp32": lambda: [torch.nn.functional.linear(x, w, b) for _ in range(count)]}
             if have_onednn:
                 packed = torch.ops.onednn.qlinear_prepack(torch.randint(-127, 128, (n, k), dtype=torch.int8), None)
                 u = torch.randint(0, 256, (m, k), dtype=torch.uint8)
                 scales, zeros = torch.rand(n) * 1e-3, torch.zeros(n, dtype=torch.int64)
-                row["int8_seconds"] = _timed(lambda: kernels._qlinear(u, 0.01, 128, packed, scales, zeros, b),
-                                             repeats)["seconds"]
-                int_total += count * row["int8_seconds"]
-            fp_total += count * fp
+                fns["int8"] = lambda: [kernels._qlinear(u, 0.01, 128, packed, scales, zeros, b) for _ in range(count)]
+            times = _paired(fns, repeats)
+            row = {**call, "fp32_seconds": min(times["fp32"])}
+            fp_total += row["fp32_seconds"]
+            if have_onednn:
+                row["int8_seconds"] = min(times["int8"])
+                int_total += row["int8_seconds"]
             rows.append(row)
-    return {"shapes": rows, "fp32_linear_seconds": fp_total, "int8_linear_seconds": int_total if have_onednn else None}
+    return {"shapes": rows, "fp32_forward_seconds": forward, "fp32_linear_seconds": fp_total,
+            "int8_linear_seconds": int_total if have_onednn else None}
 
 
 def _run_worker(*args: str) -> dict:
@@ -161,37 +193,37 @@ def _run_worker(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, labels=tuple(range(10))) -> list[dict]:
-    """Bundled pipeline, 50 DDIM steps, one sample per label (batch 2×10 with CFG): FP, W8A8, W4A8, W8A8 emulated."""
+def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, labels=tuple(range(10)),
+                   repeats: int = 3) -> list[dict]:
+    """Bundled pipeline, 50 DDIM steps, one sample per label (batch 2×10 with CFG): FP, W8A8, W8A8 emulated, W8A8
+    with ±63 weight codes, W4A8; `repeats` interleaved rounds (median; speedup = median of per-round ratios)."""
     from diffusers_ptq import kernels
     from diffusers_ptq.api import quantize_transformer
     from diffusers_ptq.bundled import load_pipeline
     from diffusers_ptq.config import QuantConfig
     from diffusers_ptq.evaluation import generate_images
 
-    def run(pipe):
-        return _timed(lambda: generate_images(pipe, list(labels), num_inference_steps=num_inference_steps,
-                                              guidance_scale=guidance_scale, batch_size=len(labels),
-                                              progress=False), 1)
-
-    rows = []
-    pipe = load_pipeline("bundled")
-    rows.append({"label": "FP32", **run(pipe)})
-    for label, bits in (("W8A8", 8), ("W8A8-w7", 8), ("W4A8", 4)):
+    def quantized(bits: int, seven_bit: bool = False, kernel: str | None = None):
         pipe = load_pipeline("bundled")
         quantize_transformer(pipe.transformer, QuantConfig(weight_bits=bits, act_bits=8, num_samples=10),
                              id2label={i: str(i) for i in range(10)}, scheduler_config=pipe.scheduler.config,
                              progress=False)
-        if label.endswith("-w7"):
+        if seven_bit:
             to_seven_bit_codes(pipe.transformer)
-        rows.append({"label": label, "kernels": kernels.kernel_summary(pipe.transformer), **run(pipe)})
-        if label == "W8A8":
-            kernels.set_kernel(pipe.transformer, "emulated")
-            rows.append({"label": "W8A8 (emulated)", "kernels": kernels.kernel_summary(pipe.transformer), **run(pipe)})
-    fp = rows[0]["seconds"]
-    for r in rows:
-        r["speedup"] = fp / r["seconds"]
-    return rows
+        if kernel:
+            kernels.set_kernel(pipe.transformer, kernel)
+        return pipe
+
+    pipes = {"FP32": load_pipeline("bundled"), "W8A8": quantized(8), "W8A8 (emulated)": quantized(8, kernel="emulated"),
+             "W8A8-w7": quantized(8, seven_bit=True), "W4A8": quantized(4)}
+    times = _paired({label: functools.partial(generate_images, pipe, list(labels),
+                                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                              batch_size=len(labels), progress=False)
+                     for label, pipe in pipes.items()}, repeats)
+    return [{"label": label, "kernels": kernels.kernel_summary(pipe.transformer),
+             "seconds": statistics.median(times[label]), "all_seconds": times[label],
+             "speedup": statistics.median(f / q for f, q in zip(times["FP32"], times[label]))}
+            for label, pipe in pipes.items()]
 
 
 def run_speed_benchmark(output: str | os.PathLike, repeats: int = 3, modes=tuple(SPEED_MODES),
@@ -206,19 +238,19 @@ def run_speed_benchmark(output: str | os.PathLike, repeats: int = 3, modes=tuple
               "load_at_start": os.getloadavg(), "repeats": repeats, "batch": 2, "tokens": 256}
     forward = [_run_worker("--forward", label, str(repeats)) for label in modes]
     fp = next(r for r in forward if r["label"] == "FP32")
-    for r in forward:
-        r["speedup"] = fp["seconds"] / r["seconds"]
     ceiling = _run_worker("--ceiling", json.dumps(fp["linear_calls"]))
-    other = fp["seconds"] - ceiling["fp32_linear_seconds"]
+    other = ceiling["fp32_forward_seconds"] - ceiling["fp32_linear_seconds"]
     ceiling["non_linear_seconds"] = other
     if ceiling["int8_linear_seconds"]:
         ceiling["kernel_speedup"] = ceiling["fp32_linear_seconds"] / ceiling["int8_linear_seconds"]
-        ceiling["forward_speedup"] = fp["seconds"] / (max(other, 0.0) + ceiling["int8_linear_seconds"])
+        ceiling["forward_speedup"] = ceiling["fp32_forward_seconds"] / (max(other, 0.0) + ceiling["int8_linear_seconds"])
         for r in forward:
             if "A8" in r["label"]:
-                # what is neither the bare GEMMs nor the float parts: quantize, residual, epilogue, gathers
-                r["overhead_seconds"] = r["seconds"] - max(other, 0.0) - ceiling["int8_linear_seconds"]
-                r["overhead_fraction"] = r["overhead_seconds"] / r["seconds"]
+                # what is neither the bare GEMMs nor the float parts (quantize, residual, epilogue, gathers), in the
+                # ceiling process's time scale: this mode's forward = FP32 forward there / this mode's speedup
+                seconds = ceiling["fp32_forward_seconds"] / r["speedup"]
+                r["overhead_seconds"] = seconds - max(other, 0.0) - ceiling["int8_linear_seconds"]
+                r["overhead_fraction"] = r["overhead_seconds"] / seconds
                 r["fraction_of_ceiling"] = r["speedup"] / ceiling["forward_speedup"]
     result.update(forward=forward, ceiling=ceiling)
     if sampling:
@@ -239,8 +271,10 @@ def speed_markdown(result: dict) -> str:
              f"CPU: {m.get('cpu_model')}; {m['threads']} threads; torch {m['torch']}; ISA: "
              f"{', '.join(m.get('cpu_flags_of_note', []))}; VNNI/AMX: {', '.join(m['vnni_flags']) or 'none'}; "
              f"oneDNN full-range u8×s8 exact (measured): {m['onednn_full_range_exact']}. Load average at start "
-             f"{result['load_at_start'][0]:.2f}, at end {result['load_at_end'][0]:.2f}. Median of "
-             f"{result['repeats']} forwards after one warm-up; each mode in its own process.", "",
+             f"{result['load_at_start'][0]:.2f}, at end {result['load_at_end'][0]:.2f}. Each mode in its own process "
+             f"(its peak memory), its forward timed {result['repeats']} times after one warm-up, interleaved with "
+             "a float DiT-XL/2's forward in the same process: forward = median, speedup = median of the per-round "
+             "ratios.", "",
              "| mode | kernels (layers) | forward (s) | speedup vs FP32 | of the ceiling | quantize/residual/epilogue "
              "share | peak RSS (GB) | resident after (GB) |", "|---|---|---|---|---|---|---|---|"]
     for r in result["forward"]:
@@ -252,9 +286,10 @@ def speed_markdown(result: dict) -> str:
     if c.get("kernel_speedup"):
         lines += ["", f"Ceiling (bare oneDNN u8×s8 GEMM on pre-quantized inputs vs bare fp32 GEMM, every Linear call "
                   f"of the forward): Linear time {c['fp32_linear_seconds']:.2f} s → {c['int8_linear_seconds']:.2f} s "
-                  f"(**{c['kernel_speedup']:.2f}×**); non-Linear time {c['non_linear_seconds']:.2f} s; forward "
+                  f"(**{c['kernel_speedup']:.2f}×**); FP32 forward there {c['fp32_forward_seconds']:.2f} s, of which "
+                  f"non-Linear {c['non_linear_seconds']:.2f} s; forward "
                   f"ceiling (Amdahl) **{c['forward_speedup']:.2f}×**.", "",
-                  "| M×K→N | calls | fp32 (ms) | int8 (ms) | ratio |", "|---|---|---|---|---|"]
+                  "| M×K→N | calls | fp32, all calls (ms) | int8, all calls (ms) | ratio |", "|---|---|---|---|---|"]
         for s in c["shapes"]:
             lines.append(f"| {s['m']}×{s['k']}→{s['n']} | {s['count']} | {s['fp32_seconds'] * 1e3:.2f} | "
                          f"{s['int8_seconds'] * 1e3:.2f} | {s['fp32_seconds'] / s['int8_seconds']:.2f}× |")
@@ -268,7 +303,8 @@ def speed_markdown(result: dict) -> str:
                          f" and {st['residual_channels'] / max(st['channels'], 1):.1%} of the input channels.")
     if "sampling" in result:
         lines += ["", "Bundled pipeline (dit-mnist, 6 blocks, hidden 192), 50 DDIM steps, 10 samples (batch 20 with "
-                  "CFG):", "", "| model | kernels (layers) | sampling (s) | speedup vs FP32 |", "|---|---|---|---|"]
+                  "CFG); every model in one process, timed in interleaved rounds (median; speedup = median of the "
+                  "per-round ratios to FP32):", "", "| model | kernels (layers) | sampling (s) | speedup vs FP32 |", "|---|---|---|---|"]
         for r in result["sampling"]:
             kern = ", ".join(f"{k} {v}" for k, v in r.get("kernels", {}).items()) or "float"
             lines.append(f"| {r['label']} | {kern} | {r['seconds']:.2f} | {r['speedup']:.2f}× |")

@@ -18,3 +18,10 @@ def test_benchmark_rows_are_paired_and_written(tmp_path):
     assert w4["calibration_seconds"] > 0 and w8["calibration_seconds"] == 0
     table = out.with_suffix(".md").read_text()
     assert "| W4A8 minmax |" in table and result["machine"]["cpu_model"]
+
+    # a later run of only some rows (`--only`) reuses its finished rows and keeps the others
+    first = rows[1]
+    run_benchmark("bundled", configs[:1], num_samples=20, num_inference_steps=3, output=out, progress=False)
+    again = {r["label"]: r for r in json.loads(out.read_text())["rows"]}
+    assert sorted(again) == sorted(["FP32", "W8A16 weight-only", "W4A8 minmax"])
+    assert again["W8A16 weight-only"] == first and again["W4A8 minmax"] == w4
