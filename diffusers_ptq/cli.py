@@ -24,7 +24,7 @@ def _sampling_args(parser: argparse.ArgumentParser, num_samples: int = 1000, see
     parser.add_argument("--batch-size", type=int, default=250)
 
 
-SUITES_NAMES = ("main", "baselines", "ptq4dit", "htg", "methods")  # keys of bench.SUITES (not imported here: bench pulls in the engine)
+SUITES_NAMES = ("main", "baselines", "ptq4dit", "htg", "methods", "qdit")  # keys of bench.SUITES (not imported here: bench pulls in the engine)
 DEMO_CONFIGS = (dict(weight_bits=8, act_bits=8, csb_alpha=0.5), dict(weight_bits=4, act_bits=8),
                 dict(weight_bits=4, act_bits=8, htg_shift=True, htg_scale=True, weight_rounding="gptq"))
 

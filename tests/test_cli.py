@@ -34,3 +34,9 @@ def test_inception_metrics_never_download(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="never downloads"):
         inception_metrics(torch.rand(2, 3, 8, 8), None, tmp_path / "missing.pth")
+
+
+def test_cli_offers_every_benchmark_suite():
+    from diffusers_ptq import bench, cli
+
+    assert set(cli.SUITES_NAMES) == set(bench.SUITES)
