@@ -52,3 +52,27 @@ def randomize_modulation(model, seed: int = 1, std: float = 0.2) -> None:
         for name, p in model.named_parameters():
             if "norm1.linear" in name or "proj_out" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def tiny_inputs() -> dict:
+    """A fixed batch of three samples at three timesteps (one unconditional) for the tiny transformer."""
+    gen = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(3, 4, 4, 4, generator=gen), timestep=torch.tensor([999, 500, 3]),
+                class_labels=torch.tensor([0, 5, 1000]))
+
+
+def reload_bit_exact(model, folder, monkeypatch) -> DiTTransformer2DModel:
+    """Save a quantized transformer, reload it without calibrating or unpickling, and check that the output and
+    every state-dict tensor are bit-identical; returns the reloaded model."""
+    with torch.no_grad():
+        expected = model(**tiny_inputs()).sample
+    model.save_pretrained(folder)
+    with monkeypatch.context() as patch:
+        patch.setattr("diffusers_ptq.api.calibrate", lambda *a, **k: pytest.fail("calibrated on reload"))
+        patch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used"))
+        reloaded = DiTTransformer2DModel.from_pretrained(folder)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**tiny_inputs()).sample, expected)
+    before, after = model.state_dict(), reloaded.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    return reloaded

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import reload_bit_exact
 from diffusers import DiTPipeline, DiTTransformer2DModel
 from safetensors import safe_open
 
@@ -21,11 +22,6 @@ from diffusers_ptq.serialization import METADATA_KEY, CheckpointError
 FAST = dict(num_samples=2, num_inference_steps=2)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
-
-def _inputs():
-    gen = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(3, 4, 4, 4, generator=gen), timestep=torch.tensor([999, 500, 3]),
-                class_labels=torch.tensor([0, 5, 1000]))
 
 
 @pytest.fixture
@@ -46,17 +42,7 @@ def saved(tiny_transformer, tmp_path):
 ], ids=["w8a8-attn", "w4a8", "w4a8-g16", "w8a16", "w4a8-htg", "w8a8-htg-float-adaln"])
 def test_save_reload_is_bit_exact_without_calibrating(config, tiny_transformer, tmp_path, monkeypatch):
     quantize(tiny_transformer, config, progress=False)
-    with torch.no_grad():
-        expected = tiny_transformer(**_inputs()).sample
-    tiny_transformer.save_pretrained(tmp_path / "q")
-    # the reload must not calibrate nor unpickle anything
-    monkeypatch.setattr("diffusers_ptq.api.calibrate", lambda *a, **k: pytest.fail("calibrated on reload"))
-    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used"))
-    reloaded = DiTTransformer2DModel.from_pretrained(tmp_path / "q")
-    with torch.no_grad():
-        assert torch.equal(reloaded(**_inputs()).sample, expected)
-    before, after = tiny_transformer.state_dict(), reloaded.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    reloaded = reload_bit_exact(tiny_transformer, tmp_path / "q", monkeypatch)  # no calibration, no unpickling
     for name, module in tiny_transformer.named_modules():
         if isinstance(module, QuantLinear):
             again = reloaded.get_submodule(name)
