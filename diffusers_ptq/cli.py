@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(bench, seeds=[0])
     bench.set_defaults(func=cmd_bench)
     quant = sub.add_parser("quantize", help="calibrate + quantize a float DiT with a recipe, save the checkpoint")
-    quant.add_argument("--recipe", required=True, help="a recipe YAML path, or the name of one in recipes/")
+    quant.add_argument("--recipe", required=True, help="a recipe YAML path, or the name of one shipped with the "
+                       "package (diffusers_ptq/recipes/, e.g. dit-xl-2-256-w8a8-ptq4dit-100; an unknown name lists them)")
     quant.add_argument("--model", help='float DiTPipeline folder or hub id, a transformer folder, or "bundled" '
                                        "(default: the recipe's model)")
     quant.add_argument("--output", required=True, help="folder for the quantized checkpoint")

@@ -534,20 +534,46 @@ def config_from_dict(data: dict) -> DiffusersPTQConfig:
 # Recipes (YAML)
 # ---------------------------------------------------------------------------------------------------------------
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The recipes ship inside the package (package data: diffusers_ptq/recipes/*.yaml) and are found through
+# importlib.resources, so a name loads the same from a source checkout, an installed wheel or a zip.
+from importlib import resources
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+RECIPE_PACKAGE = "diffusers_ptq"
+RECIPE_FOLDER = "recipes"
 RECIPE_KEYS = ("name", "description", "model", "method", "requires", "config")
 
 
-def resolve_recipe(path_or_name: str | os.PathLike) -> Path:
-    """A recipe file: an existing path, or the name of one in the repository's recipes/ folder."""
+def recipe_dir() -> Traversable:
+    """The folder of the shipped recipes, as importlib.resources sees it (a Path, or a zip member)."""
+    return resources.files(RECIPE_PACKAGE) / RECIPE_FOLDER
+
+
+RECIPE_DIR = recipe_dir()
+
+
+def recipe_names() -> list[str]:
+    """The names of the shipped recipes (file names without `.yaml`), sorted."""
+    folder = recipe_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml") and p.is_file())
+
+
+def resolve_recipe(path_or_name: str | os.PathLike) -> Path | Traversable:
+    """A recipe file: an existing path, or the name (with or without `.yaml`) of one shipped in the package."""
     path = Path(path_or_name)
     if path.is_file():
         return path
-    for candidate in (RECIPE_DIR / path.name, RECIPE_DIR / f"{path.name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")) if RECIPE_DIR.is_dir() else []
-    raise FileNotFoundError(f"recipe {str(path_or_name)!r} not found (a path, or one of {known})")
+    name = path.name if path.name.endswith(".yaml") else f"{path.name}.yaml"
+    candidate = recipe_dir() / name
+    if candidate.is_file():
+        return candidate
+    raise FileNotFoundError(f"recipe {str(path_or_name)!r} not found (a path, or one of the recipes shipped in "
+                            f"{RECIPE_PACKAGE}/{RECIPE_FOLDER}: {recipe_names()})")
 
 
 def read_recipe(path_or_name: str | os.PathLike) -> dict:
@@ -565,7 +591,7 @@ def read_recipe(path_or_name: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: method={data.get('method')!r}; allowed values: {sorted(METHODS)}")
     if not isinstance(data.get("config", {}), dict):
         raise ValueError(f"{path}: config must be a mapping of options")
-    return {"name": data.get("name", path.stem), "description": data.get("description", ""),
+    return {"name": data.get("name", Path(path.name).stem), "description": data.get("description", ""),
             "model": data.get("model"), "method": data["method"], "requires": data.get("requires"),
             "config": dict(data.get("config") or {}), "path": str(path)}
 

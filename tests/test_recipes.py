@@ -1,42 +1,175 @@
-"""YAML recipes: every shipped recipe loads into a valid config; the CLI quantizes with one."""
+"""YAML recipes: shipped as package data and found through importlib.resources; every one loads into a valid
+config; the recipes named for a paper carry that paper's settings; the CLI quantizes with one."""
 
+import copy
 import json
 import re
+import shutil
+import zipfile
+from importlib import resources
+from pathlib import Path
 
 import pytest
 from diffusers import DiTPipeline
 
-from diffusers_ptq import METHODS, PTQ4DiTConfig, load_recipe
+import diffusers_ptq
+from diffusers_ptq import METHODS, PTQ4DiTConfig, load_recipe, quantize
+from diffusers_ptq import config as config_module
 from diffusers_ptq.cli import main
-from diffusers_ptq.config import RECIPE_DIR, read_recipe
+from diffusers_ptq.config import (
+    RECIPE_DIR,
+    read_recipe,
+    recipe_dir,
+    recipe_names,
+    resolve_recipe,
+)
 from diffusers_ptq.modules import QuantLinear
 
-RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
+NAMES = recipe_names()
+PACKAGE_RECIPES = resources.files("diffusers_ptq") / "recipes"
+PTQ4DIT_PAPER = [n for n in NAMES if re.fullmatch(r"dit-xl-2-(256|512)-w[48]a8-ptq4dit-(250|100|50)", n)]
+HTG_PAPER = [n for n in NAMES if re.fullmatch(r"dit-xl-2-(256|512)-w[48]a8-htg-(250|100|50)", n)]
+QDIT_PAPER = [n for n in NAMES if re.fullmatch(r"qdit-dit-xl-2-(256|512)-w4a8", n)]
+
+
+def test_recipes_come_from_the_package_not_the_source_tree(tmp_path, monkeypatch):
+    assert NAMES and RECIPE_DIR == PACKAGE_RECIPES == recipe_dir()
+    on_disk = sorted(p.name[:-5] for p in PACKAGE_RECIPES.iterdir() if p.name.endswith(".yaml"))
+    assert NAMES == on_disk
+    package_folder = Path(diffusers_ptq.__file__).resolve().parent
+    monkeypatch.chdir(tmp_path)  # a name resolves whatever the working directory
+    for name in ("bundled-w8a8-ptq4dit", "dit-xl-2-256-w4a8-htg-100"):
+        path = resolve_recipe(name)
+        assert path == PACKAGE_RECIPES / f"{name}.yaml"
+        assert Path(str(path)).resolve().parent == package_folder / "recipes"
+        assert read_recipe(f"{name}.yaml")["path"] == read_recipe(name)["path"] == str(path)
+    # the old README example: a "recipes/NAME.yaml" path that does not exist here still names a shipped recipe
+    assert read_recipe("recipes/bundled-w8a8-ptq4dit.yaml")["name"] == "bundled-w8a8-ptq4dit"
+
+
+def test_recipes_load_from_a_zip(tmp_path, monkeypatch):
+    """importlib.resources hands back a zip member for a zipped package: no filesystem Path is assumed."""
+    archive = tmp_path / "pkg.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for entry in PACKAGE_RECIPES.iterdir():
+            zf.writestr(f"diffusers_ptq/recipes/{entry.name}", entry.read_bytes())
+    zipped = zipfile.Path(archive, "diffusers_ptq/recipes/")
+    monkeypatch.setattr(config_module, "recipe_dir", lambda: zipped)
+    monkeypatch.chdir(tmp_path)
+    assert recipe_names() == NAMES
+    recipe = read_recipe("dit-xl-2-256-w4a8-htg-100")
+    assert "pkg.zip" in recipe["path"] and recipe["name"] == "dit-xl-2-256-w4a8-htg-100"
+    assert load_recipe("bundled-w4a8-ptq4dit", num_samples=3).num_samples == 3
+    with pytest.raises(FileNotFoundError, match="dit-xl-2-512-w8a8-ptq4dit-250"):
+        load_recipe("no-such-recipe")
+
+
+def test_pyproject_ships_every_recipe_as_package_data():
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("not a source checkout")
+    patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["diffusers_ptq"]
+    folder = pyproject.parent / "diffusers_ptq" / "recipes"
+    shipped = {p for pattern in patterns for p in (pyproject.parent / "diffusers_ptq").glob(pattern) if p.is_file()}
+    assert {p for p in folder.iterdir() if p.suffix == ".yaml" or p.name == "README.md"} <= shipped
+    assert not (pyproject.parent / "recipes").exists()  # one copy only: the package's
 
 
 def test_the_paper_and_bundled_settings_are_all_there():
-    names = {p.stem for p in RECIPES}
+    names = set(NAMES)
     for res in (256, 512):
         for steps in (250, 100, 50):
             for bits in (8, 4):
                 assert f"dit-xl-2-{res}-w{bits}a8-ptq4dit-{steps}" in names
                 assert f"dit-xl-2-{res}-w{bits}a8-htg-{steps}" in names
     assert {"bundled-w8a8-ptq4dit", "bundled-w4a8-ptq4dit", "bundled-w8a8-minmax", "bundled-w4a8-minmax"} <= names
+    assert {"qdit-dit-xl-2-256-w4a8", "qdit-dit-xl-2-512-w4a8"} <= names
+    # every recipe for the real model is named for a paper and checked below
+    real = {n for n in NAMES if recipe_model(n) != "bundled"}
+    assert real == set(PTQ4DIT_PAPER) | set(HTG_PAPER) | set(QDIT_PAPER)
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_loads_into_the_config_its_name_says(path):
-    recipe = read_recipe(path)
-    config = load_recipe(path)
-    assert type(config) is METHODS[recipe["method"]] and recipe["name"] == path.stem
-    bits = re.search(r"w(\d)a(\d+)", path.stem)
+def recipe_model(name):
+    return read_recipe(name)["model"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recipe_loads_into_the_config_its_name_says(name):
+    recipe = read_recipe(name)
+    config = load_recipe(name)
+    assert type(config) is METHODS[recipe["method"]] and recipe["name"] == name
+    assert recipe["description"]
+    bits = re.search(r"w(\d)a(\d+)", name)
     assert (config.weight_bits, config.act_bits) == (int(bits[1]), int(bits[2]))
-    steps = re.search(r"-(\d+)$", path.stem)
+    steps = re.search(r"-(\d+)$", name)
     if steps:
         assert config.num_inference_steps == int(steps[1]) and config.scheduler == "ddpm"
-        assert recipe["model"] == f"facebook/DiT-XL-2-{path.stem.split('-')[3]}"
+    res = re.search(r"dit-xl-2-(256|512)", name)
+    assert recipe["model"] == (f"facebook/DiT-XL-2-{res[1]}" if res else "bundled")
     assert recipe["requires"] is None  # every method of the recipes is implemented
     assert type(config).from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    config.to_quant_config()  # the engine's settings validate too
+
+
+def _common_paper_settings(config):
+    engine = config.to_quant_config()
+    assert engine.scheduler == "ddpm" and engine.guidance_scale == 1.5
+    assert engine.weight_group_size is None and not engine.weight_group_sizes  # per output channel
+    assert engine.include == list(config_module.DEFAULT_INCLUDE) and engine.exclude == []
+    return engine
+
+
+@pytest.mark.parametrize("name", PTQ4DIT_PAPER)
+def test_ptq4dit_recipes_use_the_official_code_settings(name):
+    """adreamwu/PTQ4DiT quant_sample.py: CSB + SSC, MSE ranges, --sm_abit 8, --recon with 20k iterations."""
+    engine = _common_paper_settings(load_recipe(name))
+    assert engine.csb_alpha == 0.5 and engine.ssc and engine.ssc_rows == "sample"
+    assert engine.act_range == "mse" and not engine.act_dynamic
+    assert engine.quantize_attention
+    assert engine.weight_rounding == "reconstruct" and engine.reconstruct_iters == 20000
+    assert engine.reconstruct_batch == 32 and engine.reconstruct_lr == pytest.approx(1e-3)
+    assert engine.reconstruct_samples == 1600
+    assert engine.num_samples == 32
+
+
+@pytest.mark.parametrize("name", HTG_PAPER)
+def test_htg_recipes_use_the_paper_settings(name):
+    """HTG Sec. 5.1: G = floor(T/10), EMA 0.99, Q-Diffusion-style ranges, attention matmuls at 8 bits, 32 samples."""
+    engine = _common_paper_settings(load_recipe(name))
+    assert engine.htg_shift and engine.htg_scale and engine.htg_groups is None  # None: floor(T/10)
+    assert engine.htg_ema == 0.99 and engine.htg_scaling == "printed"
+    assert engine.act_range == "mse" and not engine.act_dynamic
+    assert engine.quantize_attention
+    assert engine.weight_rounding == "nearest"  # "runs out-of-the-box without re-training or fine-tuning"
+    assert engine.num_samples == 32
+    assert engine.smoothquant_alpha is None and engine.csb_alpha is None
+
+
+@pytest.mark.parametrize("name", QDIT_PAPER)
+def test_qdit_recipes_use_the_paper_settings(name):
+    config = load_recipe(name)
+    engine = config.to_quant_config()
+    assert engine.scheduler == "ddpm" and engine.guidance_scale == 1.5 and engine.num_inference_steps == 50
+    assert engine.weight_bits == 4 and engine.act_dynamic and engine.group_search_bits == 4.5
+
+
+def test_readme_lists_every_recipe_with_the_paper_fid():
+    readme = (PACKAGE_RECIPES / "README.md").read_text(encoding="utf-8")
+    rows = {m[1]: m[0] for m in re.finditer(r"^\| `([a-z0-9-]+)` \|.*$", readme, re.MULTILINE)}
+    assert set(NAMES) <= set(rows), f"no row in diffusers_ptq/recipes/README.md: {sorted(set(NAMES) - set(rows))}"
+    assert "6.73 (5.02)" in rows["dit-xl-2-256-w4a8-htg-100"] and "7.75 (5.02)" in rows["dit-xl-2-256-w4a8-ptq4dit-100"]
+    assert "17.60 (9.06)" in rows["dit-xl-2-512-w4a8-htg-100"] and "21.59" in rows["qdit-dit-xl-2-512-w4a8"]
+
+
+@pytest.mark.parametrize("name", ["dit-xl-2-256-w4a8-ptq4dit-50", "dit-xl-2-256-w8a8-htg-50"])
+def test_paper_recipes_run_on_the_bundled_model(bundled_pipe, name):
+    """The papers' settings are ones the engine runs (budgets cut down: 2 samples, 3 steps, 2 iterations)."""
+    pipe = copy.deepcopy(bundled_pipe)
+    config = load_recipe(name, num_samples=2, num_inference_steps=3, batch_size=4, reconstruct_iters=2,
+                         reconstruct_samples=8, reconstruct_batch=4)
+    quantize(pipe, config, progress=False)
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn1.to_q, QuantLinear)
 
 
 def test_recipe_by_name_with_overrides_and_bad_recipes(tmp_path):
@@ -52,8 +185,12 @@ def test_recipe_by_name_with_overrides_and_bad_recipes(tmp_path):
     bad.write_text("method: ptq4dit\nbits: 8\n")
     with pytest.raises(ValueError, match="unknown recipe key"):
         load_recipe(bad)
-    with pytest.raises(FileNotFoundError, match="bundled-w8a8-ptq4dit"):
+    with pytest.raises(FileNotFoundError, match="bundled-w8a8-ptq4dit") as error:
         load_recipe("no-such-recipe")
+    assert all(name in str(error.value) for name in NAMES)  # the error lists every known name
+    copied = tmp_path / "mine.yaml"  # a recipe file outside the package, by path
+    shutil.copy(str(PACKAGE_RECIPES / "bundled-w8a8-minmax.yaml"), copied)
+    assert read_recipe(copied)["path"] == str(copied)
 
 
 def test_cli_quantize_with_a_recipe(tmp_path):
