@@ -19,6 +19,7 @@ registry (`register_module_kind` / `register_processor_kind`): a later kind (HTG
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -118,8 +119,28 @@ def _describe_quant_linear(module) -> dict:
     }
 
 
+def _weight_group_size(meta: dict) -> int | None:
+    """The metadata's weight group size, checked: None (per output channel) or, for 4-bit weights, a positive
+    integer that divides in_features (a 0 would otherwise end in a ZeroDivisionError)."""
+    group, bits, inp = meta["weight_group_size"], meta["weight_bits"], meta["in_features"]
+    if group is None:
+        return None
+    if bits != 4:
+        raise CheckpointError(f"weight_group_size={group!r} with weight_bits={bits!r} in the checkpoint metadata; "
+                              "weight groups apply to 4-bit weights only (null otherwise): corrupt checkpoint, "
+                              "quantize and save the model again")
+    if isinstance(group, bool) or not isinstance(group, int) or group <= 0 or inp % group:
+        raise CheckpointError(f"weight_group_size={group!r} in the checkpoint metadata; expected null (per output "
+                              f"channel) or a positive integer that divides in_features ({inp}): corrupt "
+                              "checkpoint, quantize and save the model again")
+    return group
+
+
 def _expected_quant_linear(meta: dict) -> dict:
-    out, inp, bits, group = meta["out_features"], meta["in_features"], meta["weight_bits"], meta["weight_group_size"]
+    out, inp, bits = meta["out_features"], meta["in_features"], meta["weight_bits"]
+    if bits not in (8, 4):
+        raise CheckpointError(f"weight_bits={bits!r} in the checkpoint metadata; supported: [8, 4]")
+    group = _weight_group_size(meta)
     scalar = ((), torch.float32)
     expected = {"input_scale": scalar, "output_scale": scalar}
     if meta["bias"]:
@@ -127,13 +148,11 @@ def _expected_quant_linear(meta: dict) -> dict:
     if bits == 8:
         expected["weight._data"] = ((out, inp), torch.int8)
         expected["weight._scale"] = ((out, 1), torch.float32)
-    elif bits == 4:
+    else:
         rows, cols = (out, inp) if group is None else (out * inp // group, group)
         expected["weight._data._data"] = (((rows + 1) // 2, cols), torch.uint8)
         expected["weight._scale"] = ((rows, 1), torch.float32)
         expected["weight._shift"] = ((rows, 1), torch.float32)
-    else:
-        raise CheckpointError(f"weight_bits={bits!r} in the checkpoint metadata; supported: [8, 4]")
     return expected
 
 
@@ -150,8 +169,7 @@ def _build_quant_linear(template: nn.Module, meta: dict, tensors: dict[str, torc
                               f"bias={meta['bias']}) but the model has {template}")
     if meta.get("output_quantization"):
         raise CheckpointError("output quantization is not supported (the metadata says it is on)")
-    if meta["weight_group_size"] is not None and meta["in_features"] % meta["weight_group_size"]:
-        raise CheckpointError(f"weight_group_size {meta['weight_group_size']} does not divide {meta['in_features']}")
+    group = _weight_group_size(meta)
     if meta["act_bits"] not in (8, None):
         raise CheckpointError(f"act_bits={meta['act_bits']!r} in the checkpoint metadata; supported: [8, None]")
     act_dynamic = meta.get("act_dynamic", False)  # absent in checkpoints written before dynamic activations
@@ -161,7 +179,7 @@ def _build_quant_linear(template: nn.Module, meta: dict, tensors: dict[str, torc
     activations = qint8 if meta["act_bits"] == 8 else None
     module = QuantLinear.qcreate(template, WEIGHT_QTYPES[meta["weight_bits"]], activations, device="meta")
     module = module.to_empty(device="cpu")
-    module.weight_group_size = meta["weight_group_size"]
+    module.weight_group_size = group
     module.act_dynamic = act_dynamic
     result = module.load_state_dict(dict(tensors), strict=False)
     if result.unexpected_keys or not module.frozen:
@@ -397,49 +415,126 @@ def _rebuild_group_biases(model: nn.Module, layouts: dict, grouped: dict, device
 # Atomic save
 # ------------------------------------------------------------------------------------------------------------------
 
-_WEIGHT_FILE = re.compile(r"^diffusion_pytorch_model.*\.safetensors(\.index\.json)?$")
+_WEIGHT_FILE = re.compile(r"^diffusion_pytorch_model.*\.(safetensors|bin)(\.index\.json)?$")
 
 
 def save_atomic(save: Callable[[str], None], save_directory: str | os.PathLike,
                 extra_files: dict[str, str] | None = None, check: Callable[[Path], None] | None = None) -> None:
-    """Run `save(tmp_dir)` in a fresh folder next to save_directory, then publish it.
+    """Run `save(tmp_dir)` in a fresh folder next to save_directory, then swap the whole folder in.
 
-    Nothing under save_directory changes until every file is written (and `check(tmp_dir)` passed). A new or empty
-    save_directory is replaced by one rename; into an existing folder the files are moved one by one with
-    os.replace (weights first, config.json last) and stale weight shards of an earlier save are removed.
-    Under a distributed launch only the main process writes; the others return at once (no barrier here, so that
-    saving from the main process alone also works: call `distributed.wait_for_everyone()` before other processes
-    read the folder).
+    Steps: (1) `save(tmp)` writes into the sibling `.<name>.partial-<id>`, then `extra_files` and `check(tmp)`;
+    every file and folder in it is fsynced. (2) An existing save_directory is renamed to `.<name>.old-<id>`.
+    (3) The new folder is renamed to save_directory and the parent folder fsynced. (4) The files of the old folder
+    that are not part of the checkpoint (a user's notes, a `.git` folder, ...: anything but weight files
+    `diffusion_pytorch_model*` and names the new save wrote) are moved into the new folder, which is fsynced;
+    (5) the old folder, now only the previous checkpoint, is deleted. So save_directory always holds the old
+    or the new checkpoint whole (never old shards with a new index or config), and nothing of the user's is lost.
+
+    Where a crash (kill, power loss) stops it, and what `recover_interrupted_save` (run at the start of every
+    save, and after a failed one) does:
+    - during (1): save_directory is untouched; the `.partial-` folder is deleted;
+    - between (2) and (3): save_directory is missing and the old checkpoint is whole in `.<name>.old-<id>`:
+      it is renamed back (the new checkpoint is dropped);
+    - during (4) or (5): save_directory is the new checkpoint; the rest of the user's files are moved over from
+      the `.old-` folder, which is then deleted.
+    After an exception (not a crash) the same recovery runs at once, so a failed save leaves the previous
+    folder as it was and no temporary folder. One writer per folder at a time.
+
+    A path to a file, or the current working directory (or a folder above it), is refused; a missing or empty
+    folder is fine; a symlink is followed (the folder it points to is swapped). Under a distributed launch only the main process writes; the others return at once (no barrier
+    here, so that saving from the main process alone also works: call `distributed.wait_for_everyone()` before
+    other processes read the folder).
     """
     from diffusers_ptq.distributed import is_main_process
 
     if not is_main_process():
         return
-    target = Path(save_directory)
-    if target.is_file():
-        raise ValueError(f"{target} is a file: save_pretrained needs a folder")
+    target = Path(os.path.realpath(save_directory))
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file: save_pretrained needs a folder (pass a folder path)")
+    if target == Path.cwd() or target in Path.cwd().parents:
+        raise ValueError(f"{target} is (or holds) the current working directory: an atomic save replaces the whole "
+                         "folder; save into a subfolder or change directory first")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    recover_interrupted_save(target)
+    prefix = f".{target.name}.partial-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    old = target.parent / f".{target.name}.old-{tmp.name[len(prefix):]}"
+    replacing = target.exists()
     try:
         save(str(tmp))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         if check is not None:
             check(tmp)
-        if target.is_dir() and not any(target.iterdir()):
-            target.rmdir()
-        if not target.exists():
-            os.rename(tmp, target)
-            return
-        written = sorted(p.name for p in tmp.iterdir())
-        order = sorted(written, key=lambda n: (n == "config.json", not _WEIGHT_FILE.match(n), n))
-        for name in order:
-            os.replace(tmp / name, target / name)
-        for stale in target.iterdir():
-            if stale.name not in written and _WEIGHT_FILE.match(stale.name):
-                stale.unlink()
+        _fsync_tree(tmp)
+        if replacing:
+            os.rename(target, old)
+        os.rename(tmp, target)
+        _fsync(target.parent)
+    except BaseException:
+        recover_interrupted_save(target)  # the old folder back if it was moved away; the partial folder removed
+        raise
+    if replacing:
+        _retire(old, target)
+
+
+def recover_interrupted_save(save_directory: str | os.PathLike) -> None:
+    """Repair what an interrupted `save_atomic` left next to save_directory (see its crash states): put the old
+    checkpoint back if save_directory is missing, else finish moving the user's files out of the replaced folder
+    and delete it; delete partially written folders. Nothing to do (and nothing done) after a save that finished."""
+    target = Path(os.path.realpath(save_directory))
+    if not target.parent.is_dir():
+        return
+    leftover = re.compile(rf"\.{re.escape(target.name)}\.(old|partial)-[^.]+")
+    found: dict[str, list[Path]] = {"old": [], "partial": []}
+    for sibling in sorted(target.parent.iterdir()):
+        match = leftover.fullmatch(sibling.name)
+        if match:
+            found[match.group(1)].append(sibling)
+    olds = found["old"]
+    if olds and not os.path.lexists(target):
+        if len(olds) > 1:
+            raise CheckpointError(f"{target} is missing and interrupted saves left several earlier folders "
+                                  f"{[str(p) for p in olds]}: rename the one to keep to {target.name}, delete the rest")
+        os.rename(olds.pop(), target)
+        _fsync(target.parent)
+    for old in olds:
+        _retire(old, target)
+    for partial in found["partial"]:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _retire(old: Path, target: Path) -> None:
+    """Move what is not checkpoint (weights, or names the new save wrote) from the replaced folder into the new
+    one, then delete the replaced folder."""
+    for item in sorted(old.iterdir()):
+        if not _WEIGHT_FILE.match(item.name) and not os.path.lexists(target / item.name):
+            os.rename(item, target / item.name)
+    _fsync(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    """Flush a file, or a folder's entries (so that renames in it survive a power loss), to disk."""
+    if os.name == "nt" and os.path.isdir(path):
+        return  # Windows cannot open a folder for fsync (NTFS journals the renames itself)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as error:  # some filesystems (FUSE mounts) cannot fsync a folder; files are always fsynced
+        if not os.path.isdir(path) or error.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                _fsync(os.path.join(root, name))
+        _fsync(root)
 
 
 def check_saved_folder(folder: Path) -> None:
