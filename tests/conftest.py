@@ -7,6 +7,80 @@ from diffusers import DiTTransformer2DModel
 torch.set_num_threads(2)
 
 
+# --- float rounding bounds for tolerances (issue #17) ---------------------------------------------------------------
+# CI runs on different CPUs (AVX2 EPYC, AVX512-VNNI Xeon, maybe ARM); their BLAS kernels add a GEMM's products in
+# different orders (SIMD width, blocking, FMA), so float32 results differ between machines by rounding. A tolerance
+# for float32 arithmetic must hold for *every* order: derive it from the a-priori bound below, not from what one
+# machine gave. tests/test_tolerances.py checks the bound against adversarial data in several orders.
+
+
+def unit_roundoff(dtype: torch.dtype = torch.float32) -> float:
+    """u = 2^-p for a p-bit significand: 2^-24 for float32, 2^-53 for float64 (half of torch.finfo(dtype).eps)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def gamma(n: int, dtype: torch.dtype = torch.float32) -> float:
+    """γ_n = n·u / (1 − n·u): a quantity that went through n roundings, each fl(x∘y) = (x∘y)(1 + δ) with |δ| ≤ u,
+    has relative error at most γ_n (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., Lemma 3.1)."""
+    u = unit_roundoff(dtype)
+    if n < 0 or n * u >= 1:
+        raise ValueError(f"gamma needs 0 <= n·u < 1, got n={n} (u={u:g})")
+    return n * u / (1 - n * u)
+
+
+def matmul_error_bound(a: torch.Tensor, b: torch.Tensor, *, scale=None, bias=None, extra_roundings: int = 0,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Elementwise a-priori bound on |computed − exact| for `scale · (a @ b.T) + bias` computed in `dtype`.
+
+    a: [..., K], b: [N, K] (the layout of F.linear(a, b)); scale: None or broadcastable to the [..., N] result;
+    bias: None or [N]. Returns a float64 tensor shaped like the result:
+
+        γ_n · (|scale| · (|a| @ |b|.T) + |bias|),   n = K + extra_roundings + (scale given) + (bias given)
+
+    Higham §3.1 (the inner-product bound): a length-K dot product computed in floating point, in ANY summation order (sequential,
+    reversed, pairwise, blocked, several SIMD accumulators, with or without FMA), has |error| ≤ γ_K · Σ|a_i b_i|:
+    every product goes through one multiply and at most K − 1 additions. Multiplying the sum by a scale, or adding a
+    bias as one more term, is one more rounding each (counted automatically). `extra_roundings` counts roundings
+    the caller's exact value did not have, e.g. 2 when the exact value is computed from float64 inputs that were
+    rounded to float32 (one rounding per factor of every product), 1 for a scale that was itself rounded.
+    Σ|a||b| is computed in float64 (its own rounding, ~K·2^-53 relative, is negligible next to γ_n in float32).
+
+    Assumptions (name them where a test relies on this): IEEE arithmetic in `dtype` with round-to-nearest; no
+    overflow, underflow or subnormals (the bound has no absolute term); the GEMM really accumulates in `dtype` —
+    not in TF32/bfloat16 (torch.get_float32_matmul_precision() == "highest", the default) nor in float16; the
+    inputs given here are the exact values the computation started from (round them first, or count their
+    rounding in extra_roundings). It bounds the worst case over orders and data: typical errors are ~√K·u·Σ|ab|,
+    and recursive summation can come within a few percent of it (tests/test_tolerances.py shows both).
+    """
+    a64, b64 = a.detach().double().abs(), b.detach().double().abs()
+    k = a64.shape[-1]
+    if b64.shape[-1] != k:
+        raise ValueError(f"inner dimensions differ: a {tuple(a.shape)}, b {tuple(b.shape)} (b is [N, K])")
+    n = k + extra_roundings
+    total = a64 @ b64.T
+    if scale is not None:
+        total = total * torch.as_tensor(scale).detach().double().abs()
+        n += 1
+    if bias is not None:
+        total = total + torch.as_tensor(bias).detach().double().abs()
+        n += 1
+    return gamma(n, dtype) * total
+
+
+def assert_within_bound(actual: torch.Tensor, expected: torch.Tensor, bound, what: str = "") -> None:
+    """|actual − expected| ≤ bound elementwise (bound: a tensor broadcastable to them, or a number), compared in
+    float64; the message names the element furthest over its bound. For bounds from matmul_error_bound."""
+    err = (torch.as_tensor(actual).detach().double() - torch.as_tensor(expected).detach().double()).abs()
+    bound = torch.as_tensor(bound, dtype=torch.float64).expand_as(err)
+    assert err.shape == torch.as_tensor(expected).shape, (err.shape, torch.as_tensor(expected).shape)
+    ok = err <= bound  # False for NaN too
+    if not bool(ok.all()):
+        worst = int(torch.where(ok, torch.zeros_like(err), err / bound).nan_to_num(float("inf")).argmax())
+        raise AssertionError(f"{what + ': ' if what else ''}error {float(err.flatten()[worst]):.3g} > bound "
+                             f"{float(bound.flatten()[worst]):.3g} ({int((~ok).sum())} of {ok.numel()} elements): "
+                             "more than float rounding can explain")
+
+
 def make_tiny_transformer(seed: int = 0) -> DiTTransformer2DModel:
     """A random DiT built from a config (2 blocks, 32 channels): fast, with nonzero adaLN so stats differ."""
     torch.manual_seed(seed)

@@ -7,6 +7,8 @@ from diffusers_ptq.modules import quantize_linear
 from diffusers_ptq.rounding import (HessianRecorder, gptq_quantize_weights, gptq_round, nearest_round, quant_grid,
                                     scale_hessian, shift_hessian)
 
+from conftest import assert_within_bound, gamma, matmul_error_bound, unit_roundoff
+
 FORMATS = [(8, None), (4, None), (4, 16)]
 
 
@@ -149,7 +151,14 @@ def test_quant_linear_from_gptq_dequantizes_to_gptq_weight(bits, group_size, act
     assert torch.equal(module.weight.dequantize(), rounded.weight)
     assert not module.weight.requires_grad
     xs = x[:5] if act_scale is None else x[:5].div(act_scale).round().clamp(-128, 127) * act_scale
-    torch.testing.assert_close(module(x[:5]), torch.nn.functional.linear(xs, rounded.weight, linear.bias))
+    # both sides are float32 evaluations of Σ q·s·w + b over K = 64 terms, in whatever order the kernel and F.linear
+    # add them: each within γ_{K+6} (Σ|xs|·|terms of w| + |b|) (conftest.matmul_error_bound; 6 roundings cover the
+    # input's q·s, the kernel's scale product and multiply, its 4-bit shift term, and |xs| for the exact |q·s|).
+    # The kernel's weight terms are code·scale and shift (w = code·scale − shift): magnitudes ≤ |w| + 2|shift|.
+    shift = _reference_grid(linear.weight.detach(), bits, group_size)[1]
+    w_terms = rounded.weight.abs() + (0 if shift is None else 2 * shift.abs())
+    assert_within_bound(module(x[:5]), torch.nn.functional.linear(xs, rounded.weight, linear.bias),
+                        2 * matmul_error_bound(xs, w_terms, bias=linear.bias, extra_roundings=6))
     # the stored format is the one round-to-nearest produces: same keys, shapes and dtypes
     nearest = quantize_linear(linear, bits, act_scale, group_size).state_dict()
     state = module.state_dict()
@@ -188,8 +197,12 @@ def test_hessian_streamed_over_calls_equals_all_rows_at_once():
             linear(chunk)
     rows = x.reshape(-1, 16)
     assert set(recorder.hessians()) == {"lin"}  # a layer that saw nothing has no Hessian
-    torch.testing.assert_close(recorder.hessians()["lin"], rows.T @ rows / len(rows), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(recorder.means()["lin"], rows.mean(0), rtol=1e-5, atol=1e-6)
+    # streamed (3 addmm calls) and at once: two float32 orders of the same N-term sums, then one division each
+    n = len(rows)
+    assert_within_bound(recorder.hessians()["lin"], rows.T @ rows / n,
+                        2 * matmul_error_bound(rows.T, rows.T, extra_roundings=1) / n)
+    assert_within_bound(recorder.means()["lin"], rows.mean(0),
+                        2 * matmul_error_bound(rows.T, torch.ones(1, n), extra_roundings=1)[:, 0] / n)
     linear(x)  # hooks are gone after the context
     assert recorder.counts["lin"] == len(rows)
 
@@ -225,7 +238,13 @@ def test_hessian_weighted_by_timestep(per_sample):
             rows = xi[b].double()
             num += w[b] * rows.T @ rows
             den += float(w[b]) * len(rows)
-    torch.testing.assert_close(recorder.hessians()["proj"], (num / den).float(), rtol=1e-5, atol=1e-6)
+    # the float64 reference is exact to float32's eye (up to its final rounding, u·|ref|); the recorder's float32
+    # sums have N + 4 roundings (weight cast and multiply, the count's cast, the division), each relative to
+    # Σ w|x_i||x_j| / Σ w ≤ sqrt(H_ii H_jj) (Cauchy–Schwarz)
+    ref = num / den
+    d = ref.diagonal().sqrt()
+    assert_within_bound(recorder.hessians()["proj"], ref.float(),
+                        gamma(x[..., 0].numel() + 4) * d[:, None] * d[None, :] + unit_roundoff() * ref.abs())
 
 
 def test_scale_hessian_is_the_hessian_of_the_scaled_input():
@@ -233,7 +252,11 @@ def test_scale_hessian_is_the_hessian_of_the_scaled_input():
     s = torch.linspace(0.3, 4.0, 16)
     h = x.T @ x / len(x)
     xs = x / s
-    torch.testing.assert_close(scale_hessian(h, s), xs.T @ xs / len(x), rtol=1e-5, atol=1e-6)
+    # H / (s sᵀ): N + 1 roundings, then 2; (x / s)ᵀ(x / s) / N: 2 per product (the divisions), N + 1: both within
+    # γ_{N+3} |x/s|ᵀ|x/s| / N of the exact value, in any summation order
+    a = x.double() / s.double()
+    assert_within_bound(scale_hessian(h, s), xs.T @ xs / len(x), 2 * matmul_error_bound(a.T, a.T, extra_roundings=3)
+                        / len(x))
 
 
 def test_shift_then_scale_hessian_is_the_hessian_of_the_smoothed_input():
@@ -241,7 +264,12 @@ def test_shift_then_scale_hessian_is_the_hessian_of_the_smoothed_input():
     z, s = torch.linspace(-1.0, 2.0, 16), torch.linspace(0.3, 4.0, 16)
     h, mean = x.T @ x / len(x), x.mean(0)
     xs = (x - z) / s
-    torch.testing.assert_close(scale_hessian(shift_hessian(h, mean, z), s), xs.T @ xs / len(x), rtol=1e-4, atol=1e-5)
+    # H − zμᵀ − μzᵀ + zzᵀ cancels: its rounding is relative to Σ(|x_i| + |z_i|)(|x_j| + |z_j|) / N, not to the
+    # result; N + 7 roundings on our side (the sums, the products, three additions, the scaling), N + 5 on the
+    # reference's ((x − z) / s rounded twice per factor): both within γ_{N+7} of that, divided by s_i s_j
+    a = (x.double().abs() + z.double().abs()) / s.double()
+    assert_within_bound(scale_hessian(shift_hessian(h, mean, z), s), xs.T @ xs / len(x),
+                        2 * matmul_error_bound(a.T, a.T, extra_roundings=7) / len(x))
 
 
 def test_quant_grid_is_the_original_weights_grid():
