@@ -39,14 +39,16 @@ def install_timestep_context(transformer: nn.Module) -> TimestepContext:
     if context is not None:
         return context
     context = TimestepContext()
-
-    def publish(_module, args, kwargs):
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        context.timestep = None if timestep is None else torch.as_tensor(timestep).reshape(-1)
-
-    transformer.register_forward_pre_hook(publish, with_kwargs=True)
+    transformer.register_forward_pre_hook(_publish_timestep, with_kwargs=True)
     setattr(transformer, CONTEXT_ATTRIBUTE, context)
     return context
+
+
+def _publish_timestep(transformer: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook: the forward's `timestep` into the transformer's own context (looked up on the module it
+    runs for, so a deep copy publishes into the copy's context)."""
+    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    getattr(transformer, CONTEXT_ATTRIBUTE).timestep = None if timestep is None else torch.as_tensor(timestep).reshape(-1)
 
 
 class GroupBias(nn.Module):
@@ -63,6 +65,7 @@ class GroupBias(nn.Module):
         self.register_buffer("edges", edges.detach().float().clone())
         self.register_buffer("values", values.detach().float().clone())
         self.register_buffer("rows", torch.tensor(rows, dtype=torch.long))
+        self.row_range = (int(rows[0]), int(rows[1]))  # the same as Python ints: no tensor read in forward
         self.context = context
 
     def groups(self, timestep: torch.Tensor) -> torch.Tensor:
@@ -71,13 +74,13 @@ class GroupBias(nn.Module):
 
     def full_width(self, out_features: int) -> torch.Tensor:
         """The G bias vectors padded with zeros to the layer's width ([G, out_features])."""
-        start, stop = (int(v) for v in self.rows)
+        start, stop = self.row_range
         full = self.values.new_zeros(len(self.values), out_features)
         full[:, start:stop] = self.values
         return full
 
     def extra_repr(self) -> str:
-        return f"groups={len(self.values)}, rows={tuple(int(v) for v in self.rows)}"
+        return f"groups={len(self.values)}, rows={self.row_range}"
 
 
 def _add_group_biases(module: nn.Module, _args, output: torch.Tensor) -> torch.Tensor:

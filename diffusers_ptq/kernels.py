@@ -29,8 +29,10 @@ with VNNI/AMX the u8×s8 products accumulate in int32: exact for any u8 (zp 128,
   operands, so equal to the integer product to float rounding), whichever costs less for this input (DiT
   activations put their outliers in a few channels). Same integers as q·w, never saturated; the cost is one
   int8 GEMM plus the residual's share.
-Which of the two regimes the CPU is in is *measured* once per process (`onednn_full_range_exact`: an
-adversarial GEMM that saturates int16 pair sums), not guessed from flags; the flags are reported beside it.
+Which of the two regimes the CPU is in is *measured*, once per process and input width K
+(`onednn_probe(K)`: adversarial GEMMs that would saturate int16 pair sums, with M = 1 and M = 256 rows), not
+guessed from flags; the flags are reported beside it. The same probe checks that the op runs at all: if it fails
+here, `choose_kernel` warns once and falls back to the next exact kernel.
 
 Dynamic per-token activations (`module.act_dynamic`, Q-DiT): each token (row) gets its own symmetric scale
 s_t = max|x_t| / 127 at run time (`per_token_scale`), q = round(x / s_t) ∈ [−127, 127]. `"emulated"` fake-quantizes
@@ -38,43 +40,74 @@ with those scales; `"onednn"` feeds the same integers (u = q + zp, input scale 1
 multiplies the output rows by s_t before adding the bias (the split path and the 4-bit epilogue unchanged);
 `"quanto"` has no per-token path (on CUDA such layers run `"emulated"`).
 
-`register_kernel` adds one; `QuantLinear.kernel` (a plain attribute, never saved) picks one; `choose_kernel`
-is the automatic choice (made when a module is frozen, loaded or moved); `set_kernel(model, name)` forces one
-on every quantized layer and raises `KernelError` for a kernel that cannot run a layer exactly.
+Kernels are a registry of `Kernel` objects (name, priority, the devices the automatic choice may use it on,
+`check(module) -> reason | None`, `prepare(module) -> state`, `run(module, state, x)`); `choose_kernel` takes the
+highest-priority one that can run a layer exactly on its device, by those fields alone. A kernel's prepared state
+(oneDNN's packed weight, the dequantized weight) lives in memory on the module, never in a checkpoint, and is
+rebuilt when the weight object changes (load, move).
+
+How they behave as torch modules: `"onednn"` is one custom op (`torch.ops.diffusers_ptq.onednn_linear`) with a
+fake (shape) implementation, so `torch.compile` (Inductor, `fullgraph=True` too) traces through it as one opaque
+call, and an autograd formula: the gradient to the input is that of the dequantized weight, grad_x = grad_y · W
+(the activation rounding is a straight-through estimator, as in quanto), the weights get none (frozen). The
+`"emulated"` kernel is plain torch ops with the same straight-through rounding. Nothing reads tensor version
+counters or keeps per-call caches, so `torch.inference_mode()`, `no_grad` and grad mode give identical outputs.
 """
 
 from __future__ import annotations
 
 import functools
 import platform
-import weakref
-from typing import Callable
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-
-KERNELS: dict[str, Callable] = {}
-_CHECKS: dict[str, Callable] = {}
 
 
 class KernelError(ValueError):
     """A kernel was asked to run a layer it cannot run exactly (or at all) here."""
 
 
-def register_kernel(name: str, check: Callable | None = None):
-    """Register `fn(module, x) -> y` under `name`; `check(module) -> str | None` says why it cannot run a module."""
-    def wrap(fn: Callable) -> Callable:
-        KERNELS[name] = fn
-        _CHECKS[name] = check or (lambda module: None)
-        return fn
+@dataclass(frozen=True)
+class Kernel:
+    """One way to run a quantized Linear.
 
-    return wrap
+    run(module, state, x) -> y, with state = prepare(module) (built once per weight, kept in memory, never saved);
+    check(module) -> why it cannot run the module exactly here, or None; priority: the automatic choice takes the
+    highest-priority kernel that can run a layer; devices: the device types on which the automatic choice may take
+    it (None: any) — a kernel may run elsewhere when forced (`set_kernel`)."""
+
+    name: str
+    run: Callable
+    prepare: Callable = lambda module: None
+    check: Callable = lambda module: None
+    priority: int = 0
+    devices: tuple[str, ...] | None = None
+
+
+KERNELS: dict[str, Kernel] = {}
+
+
+def register_kernel(kernel: Kernel) -> Kernel:
+    """Add (or replace) a kernel in the registry."""
+    KERNELS[kernel.name] = kernel
+    return kernel
+
+
+def round_ste(t: torch.Tensor) -> torch.Tensor:
+    """torch.round, with a straight-through gradient when t requires grad (t + (round(t) − t) is exactly round(t):
+    both are floats within 0.5 of each other, so their difference and the sum are exact)."""
+    r = torch.round(t)
+    return t + (r - t).detach() if t.requires_grad else r
 
 
 def fake_quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Round x/scale to the signed `bits` grid and back (quanto's rounding and clamp: [-2^(b-1), 2^(b-1)-1])."""
+    """Round x/scale to the signed `bits` grid and back (quanto's rounding and clamp: [-2^(b-1), 2^(b-1)-1]).
+    Differentiable with a straight-through estimator for the rounding (zero outside the clamp)."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+    return torch.clamp(round_ste(x / scale), qmin, qmax) * scale
 
 
 def per_token_scale(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
@@ -88,6 +121,52 @@ def per_token_scale(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
 def fake_quantize_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """x rounded per token to its own symmetric `bits` grid (`per_token_scale`) and back."""
     return fake_quantize_symmetric(x, per_token_scale(x, bits), bits)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """quanto's packed layout in torch ops (the low bits first, along dim 0), cut to `rows` rows. This package
+    reads 4-bit codes with this function only: quanto's own `unpack` op (a C++ extension it JIT-compiles on first
+    use on CPU) is never called by diffusers_ptq and is left as quanto registers it."""
+    parts = [(packed >> (bits * i)) & (2**bits - 1) for i in range(8 // bits)]
+    return torch.cat(parts).to(torch.uint8)[:rows]
+
+
+def weight_codes(weight) -> torch.Tensor:
+    """The integer codes of a quanto weight as stored: int8 [out, in] (8-bit), uint8 [out, in] (4-bit per channel)
+    or uint8 [out·in/group, group] (4-bit in groups)."""
+    data = weight._data
+    if data.dtype == torch.int8:
+        return data
+    return unpack_bits(data._data, data.bits, data.shape[0])
+
+
+def dequantize_weight(weight) -> torch.Tensor:
+    """The float weight [out, in] a quanto weight stands for: scale · code (8-bit) or scale · code − shift
+    (quanto's affine 4-bit; the same float operations as quanto's dequantize, so the same values)."""
+    codes = weight_codes(weight)
+    w = weight._scale * codes
+    if codes.dtype == torch.uint8:
+        w = w - weight._shift
+    return w.reshape(weight.shape)
+
+
+def _prepared(module, kernel: Kernel):
+    """The kernel's state for this module's current weight, built on first use (the cache follows the weight object
+    and the kernel; a move or load replaces the weight and so the state)."""
+    cache = module.__dict__.get("_kernel_state")
+    if cache is None or cache[0] != kernel.name or cache[1] is not module.weight:
+        cache = (kernel.name, module.weight, kernel.prepare(module))
+        module.__dict__["_kernel_state"] = cache
+    return cache[2]
+
+
+def run_kernel(module, x: torch.Tensor) -> torch.Tensor:
+    """y = module(x) on the module's kernel."""
+    kernel = KERNELS[module.kernel]
+    return kernel.run(module, _prepared(module, kernel), x)
 
 
 # ------------------------------------------------------------------------------------------------ CPU features
@@ -140,32 +219,69 @@ def _qlinear(u: torch.Tensor, x_scale: float, zero_point: int, packed, w_scales,
                                               torch.float32, "none", [], "")
 
 
-@functools.lru_cache(maxsize=None)
-def onednn_full_range_exact() -> bool:
-    """Measured: does oneDNN's u8×s8 GEMM stay exact for full-range uint8 inputs (255) times ±127/−128 weights?
+@dataclass(frozen=True)
+class ProbeResult:
+    """What the oneDNN probe found for one input width K: `problem` (None: the op runs and the split path is
+    exact) and whether one full-range GEMM is exact (int32 accumulation)."""
 
-    True on VNNI/AMX CPUs (int32 accumulation); False where pairs of products are summed in int16 with
-    saturation (AVX2). False too where oneDNN is not available."""
-    if not onednn_available():
-        return False
-    k, n = 64, 16
+    problem: str | None
+    full_range_exact: bool
+
+
+PROBE_ROWS = (1, 256)  # the GEMM shapes served: one token (M = 1) and a batch of tokens (M >= 256)
+
+
+def _probe_gemm(k: int, rows: int, u_value: int) -> bool:
+    """One adversarial GEMM: rows × K inputs all `u_value` times weight rows of +127 and of −128 (the largest int16
+    pair sums), against the exact integer result rounded once to float32 (oneDNN's single int32 -> float rounding)."""
+    n = 16
     w = torch.full((n, k), 127, dtype=torch.int8)
     w[n // 2:] = -128
-    u = torch.full((4, k), 255, dtype=torch.uint8)
+    u = torch.full((rows, k), u_value, dtype=torch.uint8)
     packed = torch.ops.onednn.qlinear_prepack(w, None)
     y = _qlinear(u, 1.0, 0, packed, torch.ones(n), torch.zeros(n, dtype=torch.int64), None)
-    ref = (u.double() @ w.double().T)
-    return bool(torch.equal(y.double(), ref))
+    reference = (u.long() @ w.long().T).to(torch.float32)
+    return bool(torch.equal(y, reference))
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_probe(k: int) -> ProbeResult:
+    """Run oneDNN's u8×s8 GEMM here for input width K (once per process and K) with M = 1 and M = 256 rows: does it
+    run, is the split path's input range (u <= 128) exact, is the full range (u = 255) exact? A failure is a
+    `problem`, and warns once (the layers of that width fall back to the next exact kernel)."""
+    if not onednn_available():
+        return ProbeResult("oneDNN int8 linear is not available here (needs an x86 CPU and a torch build with "
+                           "torch.ops.onednn.qlinear_pointwise)", False)
+    try:
+        split_exact = all(_probe_gemm(k, rows, 128) for rows in PROBE_ROWS)
+        full_exact = all(_probe_gemm(k, rows, 255) for rows in PROBE_ROWS)
+    except RuntimeError as error:
+        problem = f"oneDNN int8 linear failed to run here for K={k}: {error}"
+    else:
+        problem = None if split_exact else (f"oneDNN int8 linear is not exact here for K={k} even with inputs "
+                                             "in [0, 128]")
+    if problem is not None:
+        warnings.warn(f"kernel 'onednn': {problem}; those layers fall back to the next exact kernel",
+                      RuntimeWarning, stacklevel=2)
+        return ProbeResult(problem, False)
+    return ProbeResult(None, full_exact)
+
+
+def onednn_full_range_exact(k: int = 64) -> bool:
+    """Measured: does oneDNN's u8×s8 GEMM stay exact for full-range uint8 inputs (255) times +127/−128 weights over
+    K terms? True on VNNI/AMX CPUs (int32 accumulation); False where pairs of products are summed in int16 with
+    saturation (AVX2), or where oneDNN is not available."""
+    return onednn_probe(k).full_range_exact
 
 
 def machine_kernel_info() -> dict:
     """What the kernel choice rests on, for benchmark records."""
     return {"onednn_available": onednn_available(), "vnni_flags": sorted(f for f in VNNI_FLAGS if f in cpu_flags()),
-            "onednn_full_range_exact": onednn_full_range_exact(),
+            "onednn_full_range_exact": {k: onednn_full_range_exact(k) for k in (64, 1152, 4608)},
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-# ------------------------------------------------------------------------------------------------ kernels
+# ------------------------------------------------------------------------------------------------ quanto, emulated
 
 
 def _quanto_check(module) -> str | None:
@@ -174,8 +290,7 @@ def _quanto_check(module) -> str | None:
     return None
 
 
-@register_kernel("quanto", _quanto_check)
-def quanto_linear(module, x: torch.Tensor) -> torch.Tensor:
+def _quanto_linear(module, _state, x: torch.Tensor) -> torch.Tensor:
     from optimum.quanto import quantize_activation
 
     if module.activation_qtype is not None:
@@ -183,20 +298,24 @@ def quanto_linear(module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.qweight, bias=module.bias)
 
 
-@register_kernel("emulated")
-def emulated_linear(module, x: torch.Tensor) -> torch.Tensor:
+def _emulated_linear(module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if module.activation_qtype is not None:
-        if getattr(module, "act_dynamic", False):
+        if module.act_dynamic:
             x = fake_quantize_per_token(x, module.activation_qtype.bits)
         else:
             x = fake_quantize_symmetric(x, module.input_scale.to(x.dtype), module.activation_qtype.bits)
-    return F.linear(x, module.dequantized_weight(), bias=module.bias)
+    return F.linear(x, weight, bias=module.bias)
+
+
+register_kernel(Kernel("quanto", _quanto_linear, check=_quanto_check, priority=20, devices=("cuda",)))
+register_kernel(Kernel("emulated", _emulated_linear, prepare=lambda module: dequantize_weight(module.weight).detach(),
+                       priority=0))
+
+
+# ------------------------------------------------------------------------------------------------ oneDNN
 
 
 def _onednn_check(module) -> str | None:
-    if not onednn_available():
-        return ("oneDNN int8 linear is not available here (needs an x86 CPU and a torch build with "
-                "torch.ops.onednn.qlinear_pointwise)")
     if module.weight.device.type != "cpu":
         return f"the oneDNN kernel runs on CPU; this layer is on {module.weight.device}"
     if module.activation_qtype is None:
@@ -209,70 +328,44 @@ def _onednn_check(module) -> str | None:
                 "output channel; grouped weights run on 'emulated'")
     if bits not in (4, 8):
         return f"{bits}-bit weights are not supported by the oneDNN kernel"
-    return None
+    return onednn_probe(module.in_features).problem
 
 
-class _OneDNNWeight:
-    """The weight as oneDNN wants it: int8 codes prepacked once, per-channel scales, the 4-bit shift term."""
+@dataclass
+class OneDNNWeight:
+    """The weight as oneDNN wants it: int8 codes prepacked once, per-channel scales, the 4-bit shift term, and
+    whether one full-range GEMM is exact for it here."""
 
-    def __init__(self, module):
-        problem = _onednn_check(module)
-        if problem is not None:
-            raise KernelError(f"kernel 'onednn': {problem}")
-        w = module.weight
-        if module.weight_qtype.bits == 8:
-            codes = w._data.to(torch.int8)
-            self.shift = None
-        else:  # quanto affine qint4, per output channel: w = scale * code - shift, code in 0..15
-            codes = w._data.unpack().to(torch.int8)
-            self.shift = (-w._shift.reshape(1, -1)).to(torch.float32).contiguous()  # [1, N] for the rank-1 epilogue
-        self.in_features = codes.shape[1]
-        # one full-range GEMM is exact when int16 pair sums cannot saturate: int32 accumulation (VNNI/AMX,
-        # measured), or weight codes within [-64, 63] (2·255·64 <= 32768: all 4-bit codes, 7-bit 8-bit codes)
-        self.full_range = bool(onednn_full_range_exact() or (int(codes.min()) >= -64 and int(codes.max()) <= 63))
-        self.scales = w._scale.reshape(-1).to(torch.float32).contiguous()
-        self.zeros = torch.zeros_like(self.scales, dtype=torch.int64)
-        self.packed = torch.ops.onednn.qlinear_prepack(codes.contiguous(), None)
-        self.source = w  # a strong reference, as QuantLinear's dequantized cache (a weakref blocks module.to())
+    packed: torch.Tensor  # opaque oneDNN tensor (in memory only)
+    scales: torch.Tensor  # [N] float32
+    zeros: torch.Tensor  # [N] int64
+    shift: torch.Tensor | None  # [1, N] float32: −shift for the rank-1 epilogue of affine 4-bit weights
+    full_range: bool
 
 
-def onednn_weight(module) -> _OneDNNWeight:
-    """The module's prepared oneDNN weight, prepacked on first use and cached in memory (follows the weight object)."""
-    cache = module.__dict__.get("_onednn_weight")
-    if cache is None or cache.source is not module.weight:
-        cache = _OneDNNWeight(module)
-        module.__dict__["_onednn_weight"] = cache
-    return cache
+def prepare_onednn(module) -> OneDNNWeight:
+    problem = _onednn_check(module)
+    if problem is not None:
+        raise KernelError(f"kernel 'onednn': {problem}")
+    w = module.weight
+    codes = weight_codes(w).to(torch.int8)  # 4-bit: codes 0..15 (per output channel: [out, in])
+    shift = None if module.weight_qtype.bits == 8 else (-w._shift.reshape(1, -1)).to(torch.float32).contiguous()
+    # one full-range GEMM is exact when int16 pair sums cannot saturate: int32 accumulation (VNNI/AMX, measured),
+    # or weight codes within [-64, 63] (2·255·64 <= 32768: all 4-bit codes, 7-bit 8-bit codes)
+    full_range = bool(onednn_full_range_exact(module.in_features) or (int(codes.min()) >= -64 and int(codes.max()) <= 63))
+    scales = w._scale.reshape(-1).to(torch.float32).contiguous()
+    return OneDNNWeight(torch.ops.onednn.qlinear_prepack(codes.contiguous(), None), scales,
+                        torch.zeros_like(scales, dtype=torch.int64), shift, full_range)
 
 
-class _InputCache:
-    """The last quantized input (q/k/v and other layers reading one activation with one scale share it)."""
-
-    def __init__(self):
-        self.key = None
-        self.value = None
-
-    def get(self, x: torch.Tensor, scale: float):
-        key = self.key
-        if key is not None and key[0]() is x and key[1] == x._version and key[2] == scale:
-            return self.value
-        return None
-
-    def put(self, x: torch.Tensor, scale: float, value) -> None:
-        self.key = (weakref.ref(x), x._version, scale)
-        self.value = value
-
-
-_INPUT_CACHE = _InputCache()
 SPLIT = 64  # without int32 accumulation: |q| <= 64 goes in one exact GEMM (u = q + 64 <= 128)
 # a float multiply-add costs about this many int8 ones (measured ~2.5x on AVX2 for the same shapes): the residual
 # of the split path goes by input channels (float, on the few channels holding large activations) when that is
 # cheaper than by tokens (a second int8 GEMM over the rows holding them)
 FLOAT_COST = 2.5
-# counters for the benchmark: kernel calls, inputs quantized (fewer than calls when q/k/v share one), their rows
-# and channels, and how many of those the split path's residual had to cover
-ONEDNN_STATS = {"calls": 0, "quantized_inputs": 0, "rows": 0, "residual_rows": 0, "channels": 0,
-                "residual_channels": 0}
+# counters for the benchmark: kernel calls, their rows and channels, and how many of those the split path's
+# residual had to cover
+ONEDNN_STATS = {"calls": 0, "rows": 0, "residual_rows": 0, "channels": 0, "residual_channels": 0}
 
 
 def _u8(t: torch.Tensor) -> torch.Tensor:
@@ -280,16 +373,16 @@ def _u8(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int16).to(torch.uint8)
 
 
-class _QuantizedInput:
+class QuantizedInput:
     """An input quantized for the oneDNN kernel: q = clamp(round(x / scale)) exactly as `fake_quantize_symmetric`
     (same ops, same float32 division), the uint8 GEMM input u = c + zp, and the split path's residual."""
 
-    __slots__ = ("q", "u", "zp", "rows", "row_resid", "cols", "col_resid", "full_range", "_row_sums", "token_scale")
+    __slots__ = ("q", "u", "zp", "rows", "row_resid", "cols", "col_resid")
 
     def __init__(self, x2: torch.Tensor, scale: torch.Tensor, full_range: bool):
         q = torch.div(x2, scale)
         q.round_().clamp_(-128, 127)
-        self.q, self.full_range, self._row_sums, self.token_scale = q, full_range, None, None
+        self.q = q
         self.rows = self.row_resid = self.cols = self.col_resid = None
         if full_range:
             self.u, self.zp = _u8(q + 128), 128
@@ -313,60 +406,91 @@ class _QuantizedInput:
                 self.row_resid = _u8((qr - qr.clamp(-SPLIT, SPLIT)).add_(SPLIT))  # in [0, 127]
         self.u = _u8(c.add_(SPLIT))
 
-    def row_sums(self) -> torch.Tensor:
-        if self._row_sums is None:
-            self._row_sums = self.q.sum(dim=-1, keepdim=True)  # integers, exact in float32 below 2^24
-        return self._row_sums
+
+def _dequantize_codes(w_data: torch.Tensor, w_scales: torch.Tensor, w_shift: Optional[torch.Tensor],
+                      bits: int) -> torch.Tensor:
+    """The float weight [N, K] from the op's weight inputs (for the input gradient)."""
+    n = w_scales.shape[0]
+    codes = w_data if bits == 8 else unpack_bits(w_data, bits, n)
+    w = w_scales.reshape(n, 1) * codes
+    return w if w_shift is None else w + w_shift.reshape(n, 1)  # w_shift holds −shift
 
 
-@register_kernel("onednn", _onednn_check)
-def onednn_linear(module, x: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("diffusers_ptq::onednn_linear", mutates_args=())
+def onednn_linear_op(x: torch.Tensor, packed: torch.Tensor, w_data: torch.Tensor, w_scales: torch.Tensor,
+                     w_zeros: torch.Tensor, w_shift: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     input_scale: Optional[torch.Tensor], full_range: bool, bits: int) -> torch.Tensor:
+    """y = x·Wᵀ + b on oneDNN's exact u8×s8 GEMM. x float [..., K]; packed: the prepacked int8 codes; w_data: the
+    stored codes (int8 [N, K], or quanto's packed 4-bit [⌈N/2⌉, K]); w_scales [N]; w_shift: [1, N] −shift of affine
+    4-bit weights, or None; input_scale: the static per-tensor scale, or None for dynamic per-token scales."""
     if x.device.type != "cpu":
         raise KernelError(f"the oneDNN kernel runs on CPU tensors, got an input on {x.device}")
-    weight = onednn_weight(module)
-    dynamic = bool(getattr(module, "act_dynamic", False))
-    if dynamic:  # per-token scales: the GEMM runs with input scale 1, the rows are scaled afterwards
-        scale_t, scale, key = None, 1.0, "dynamic"
-    else:
-        scale_t = module.input_scale.to(torch.float32)
-        scale = key = float(scale_t)
-    full_range = weight.full_range
-    out_shape = (*x.shape[:-1], module.out_features)
-    qx = _INPUT_CACHE.get(x, key)
-    if qx is None or qx.full_range != full_range:
-        x2 = x.reshape(-1, weight.in_features)
-        x2 = x2 if x2.dtype == torch.float32 else x2.float()
-        token_scale = per_token_scale(x2) if dynamic else None
-        qx = _QuantizedInput(x2, token_scale if dynamic else scale_t, full_range)
-        qx.token_scale = token_scale
-        _INPUT_CACHE.put(x, key, qx)
-        ONEDNN_STATS["quantized_inputs"] += 1
-        ONEDNN_STATS["rows"] += qx.q.shape[0]
-        ONEDNN_STATS["channels"] += qx.q.shape[1]
-        ONEDNN_STATS["residual_rows"] += (0 if qx.row_resid is None else
-                                          qx.q.shape[0] if qx.rows is None else qx.rows.numel())
-        ONEDNN_STATS["residual_channels"] += 0 if qx.cols is None else qx.cols.numel()
+    n, k = w_scales.shape[0], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    x2 = x2 if x2.dtype == torch.float32 else x2.float()
+    dynamic = input_scale is None
+    token_scale = per_token_scale(x2) if dynamic else None
+    scale_t = token_scale if dynamic else input_scale.to(torch.float32)
+    scale = 1.0 if dynamic else float(scale_t)
+    qx = QuantizedInput(x2, scale_t, full_range)
     ONEDNN_STATS["calls"] += 1
-    bias = module.bias
+    ONEDNN_STATS["rows"] += qx.q.shape[0]
+    ONEDNN_STATS["channels"] += k
+    ONEDNN_STATS["residual_rows"] += (0 if qx.row_resid is None else qx.q.shape[0] if qx.rows is None
+                                      else qx.rows.numel())
+    ONEDNN_STATS["residual_channels"] += 0 if qx.cols is None else qx.cols.numel()
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
-    y = _qlinear(qx.u, scale, qx.zp, weight.packed, weight.scales, weight.zeros, None if dynamic else bias)
+    y = _qlinear(qx.u, scale, qx.zp, packed, w_scales, w_zeros, None if dynamic else bias)
     if qx.row_resid is not None:  # tokens with activations beyond ±64 steps: the remainder in a second exact GEMM
-        resid = _qlinear(qx.row_resid, scale, qx.zp, weight.packed, weight.scales, weight.zeros, None)
+        resid = _qlinear(qx.row_resid, scale, qx.zp, packed, w_scales, w_zeros, None)
         if qx.rows is None:
             y.add_(resid)
         else:
             y.index_add_(0, qx.rows, resid)
     if qx.cols is not None:  # input channels with activations beyond ±64 steps: their remainder in float
-        w_cols = module.weight._data.index_select(1, qx.cols).float().mul_(weight.scales.unsqueeze(1))
+        w_cols = w_data.index_select(1, qx.cols).float().mul_(w_scales.unsqueeze(1))
         y.addmm_(qx.col_resid, w_cols.T, alpha=scale)
-    if weight.shift is not None:  # affine 4-bit: − s_x · (Σ_i q_i) · shift_o
-        y.addmm_(qx.row_sums(), weight.shift, alpha=scale)
+    if w_shift is not None:  # affine 4-bit: − s_x · (Σ_i q_i) · shift_o
+        y.addmm_(qx.q.sum(dim=-1, keepdim=True), w_shift, alpha=scale)  # row sums: integers, exact below 2^24
     if dynamic:  # y_t = s_t · (integer GEMM)_t + bias
-        y.mul_(qx.token_scale)
+        y.mul_(token_scale)
         if bias is not None:
             y.add_(bias)
-    return y.reshape(out_shape).to(x.dtype)
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+@onednn_linear_op.register_fake
+def _(x, packed, w_data, w_scales, w_zeros, w_shift, bias, input_scale, full_range, bits):
+    return x.new_empty((*x.shape[:-1], w_scales.shape[0]))
+
+
+def _onednn_setup_context(ctx, inputs, output):
+    _, _, w_data, w_scales, _, w_shift, _, _, _, bits = inputs
+    ctx.save_for_backward(w_data, w_scales, w_shift)
+    ctx.bits = bits
+
+
+def _onednn_backward(ctx, grad):
+    """grad_x = grad_y · W (dequantized weight; straight-through for the activation rounding); none to the rest."""
+    w_data, w_scales, w_shift = ctx.saved_tensors
+    weight = _dequantize_codes(w_data, w_scales, w_shift, ctx.bits)
+    return grad @ weight.to(grad.dtype), None, None, None, None, None, None, None, None, None
+
+
+onednn_linear_op.register_autograd(_onednn_backward, setup_context=_onednn_setup_context)
+
+
+def _onednn_linear(module, weight: OneDNNWeight, x: torch.Tensor) -> torch.Tensor:
+    w = module.weight
+    w_data = w._data if module.weight_qtype.bits == 8 else w._data._data
+    return onednn_linear_op(x, weight.packed, w_data, weight.scales, weight.zeros, weight.shift, module.bias,
+                            None if module.act_dynamic else module.input_scale, weight.full_range,
+                            module.weight_qtype.bits)
+
+
+register_kernel(Kernel("onednn", _onednn_linear, prepare=prepare_onednn, check=_onednn_check, priority=30,
+                       devices=("cpu",)))
 
 
 # ------------------------------------------------------------------------------------------------ choice
@@ -381,7 +505,7 @@ def kernel_problem(module, name: str) -> str | None:
     """Why `name` cannot run `module` exactly here, or None when it can."""
     if name not in KERNELS:
         return f"unknown kernel {name!r}; registered: {sorted(KERNELS)}"
-    return _CHECKS[name](module)
+    return KERNELS[name].check(module)
 
 
 def available_kernels(module) -> list[str]:
@@ -390,49 +514,13 @@ def available_kernels(module) -> list[str]:
 
 
 def choose_kernel(module) -> str:
-    """The fastest exact kernel for a frozen QuantLinear on its device.
-
-    CUDA: quanto (torch._int_mm / its Marlin-style kernels; dynamic per-token activations: emulated). x86 CPU, W8A8 and per-channel W4A8: oneDNN (exact
-    on every x86 CPU, see the module docstring). Everything else (weight-only, grouped 4-bit, non-x86 CPUs):
-    the float emulation, which is as fast as the float model, whereas quanto's CPU path is not."""
+    """The fastest exact kernel for a frozen quantized Linear on its device: the registered kernel of highest
+    priority whose `devices` include the layer's device type and whose check passes (on CUDA: quanto; on an x86
+    CPU, W8A8 and per-channel W4A8: oneDNN; elsewhere the float emulation, as fast as the float model)."""
     device = module.weight.device
-    if device.type == "cuda":
-        return "quanto" if kernel_problem(module, "quanto") is None else "emulated"
     if device.type == "meta" or not getattr(module, "frozen", False):
         return default_kernel(device)
-    if kernel_problem(module, "onednn") is None:
-        return "onednn"
-    return "emulated"
-
-
-def quant_linears(model: torch.nn.Module):
-    from diffusers_ptq.modules import QuantLinear
-
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
-
-
-def set_kernel(model: torch.nn.Module, name: str) -> dict[str, str]:
-    """Force kernel `name` on every QuantLinear of `model` (or on `model` itself); "auto" restores the automatic
-    choice. Raises KernelError, changing nothing, if the kernel cannot run one of the layers exactly here.
-    Returns {layer name: kernel}."""
-    layers = quant_linears(model)
-    if name != "auto":
-        problems = [(n, kernel_problem(m, name)) for n, m in layers]
-        problems = [(n, p) for n, p in problems if p is not None]
-        if problems:
-            shown = "; ".join(f"{n or '<module>'}: {p}" for n, p in problems[:3])
-            more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
-            raise KernelError(f"kernel {name!r} cannot run {len(problems)} of {len(layers)} quantized layers "
-                              f"exactly here — {shown}{more}")
-    for _, m in layers:
-        m.kernel = choose_kernel(m) if name == "auto" else name
-        m._kernel_forced = name != "auto"
-    return {n: m.kernel for n, m in layers}
-
-
-def kernel_summary(model: torch.nn.Module) -> dict[str, int]:
-    """How many quantized layers run on each kernel."""
-    counts: dict[str, int] = {}
-    for _, m in quant_linears(model):
-        counts[m.kernel] = counts.get(m.kernel, 0) + 1
-    return counts
+    for kernel in sorted(KERNELS.values(), key=lambda k: -k.priority):
+        if (kernel.devices is None or device.type in kernel.devices) and kernel.check(module) is None:
+            return kernel.name
+    raise KernelError(f"no registered kernel can run {module!r} on {device}")

@@ -7,44 +7,38 @@
 - no output quantization;
 - the multiplication delegated to a kernel from `kernels.py` (`module.kernel`, not saved), chosen when the
   weight is frozen, loaded or moved (`kernels.choose_kernel`: the fastest kernel exact for its bit widths on
-  this device) or forced with `kernels.set_kernel`.
+  this device) or forced with `set_kernel`;
+- a `copy.deepcopy` that copies quanto's weight tensors (quanto's own tensors do not support it) and leaves the
+  kernel's in-memory state behind (the copy prepares its own).
 
-Importing this module also replaces quanto's CPU int4 `unpack` (a C++ extension that quanto JIT-compiles on
-first use, ~40-70 s and a compiler needed) with the equivalent pure-torch function: no compile ever happens.
+4-bit codes are read with `kernels.unpack_bits` (torch ops): quanto's CPU `unpack` op, a C++ extension quanto
+JIT-compiles on first use, is never called by this package and stays as quanto registers it.
 """
 
 from __future__ import annotations
 
-import warnings
+import copy
 from typing import TYPE_CHECKING
 
 import torch
 from optimum.quanto import QLinear, qint4, qint8
 
-from diffusers_ptq.kernels import KERNELS, choose_kernel, default_kernel
+from diffusers_ptq.kernels import KernelError, choose_kernel, default_kernel, dequantize_weight, kernel_problem, run_kernel
 
 if TYPE_CHECKING:
     from diffusers_ptq.rounding import RoundedWeight
 
 WEIGHT_QTYPES = {8: qint8, 4: qint4}
+KERNEL_STATE = "_kernel_state"  # the kernel's prepared weight (kernels._prepared): in memory only
 
 
-def _unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """quanto's `unpack` in torch ops: the low bits first, along dim 0 (same layout as the C++ kernel)."""
-    return torch.cat([(packed >> (bits * i)) & (2**bits - 1) for i in range(8 // bits)]).to(torch.uint8)
-
-
-def _register_pure_unpack() -> None:
-    import optimum.quanto.library.extensions.cpp  # noqa: F401  (registers the compiling kernel first)
-
-    global _UNPACK_LIBRARY
-    _UNPACK_LIBRARY = torch.library.Library("quanto", "IMPL")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Overriding a previously registered kernel": intended
-        _UNPACK_LIBRARY.impl("unpack", _unpack_bits, "CPU")
-
-
-_register_pure_unpack()
+def _copy_tensor(t: torch.Tensor, memo: dict) -> torch.Tensor:
+    """A deep copy of a plain or quanto (wrapper subclass) tensor, through its flatten/unflatten protocol."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return copy.deepcopy(t, memo)
+    names, meta = t.__tensor_flatten__()
+    inner = {name: _copy_tensor(getattr(t, name), memo) for name in names}
+    return type(t).__tensor_unflatten__(inner, meta, t.size(), t.stride())
 
 
 class QuantLinear(QLinear):
@@ -61,7 +55,6 @@ class QuantLinear(QLinear):
         self.disable_output_quantization()
         self.kernel = default_kernel(self.weight.device)
         self._kernel_forced = False  # set_kernel(..., name) forces one; otherwise choose_kernel on freeze/load/move
-        self._dequantized = None
         self.act_dynamic = False  # True: per-token input scales computed by the kernel at run time
 
     def select_kernel(self) -> str:
@@ -76,26 +69,37 @@ class QuantLinear(QLinear):
 
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
-        self.__dict__.pop("_onednn_weight", None)  # prepared kernel weights follow the stored weight
-        self._dequantized = None
+        self.__dict__.pop(KERNEL_STATE, None)  # prepared kernel weights follow the stored weight
         if getattr(self, "frozen", False) and hasattr(self, "_kernel_forced"):
             self.select_kernel()
         return result
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop("_onednn_weight", None)  # in-memory kernel cache (an opaque oneDNN tensor): never pickled or saved
+        state.pop(KERNEL_STATE, None)  # in-memory kernel state (e.g. an opaque oneDNN tensor): never pickled or saved
         return state
 
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == KERNEL_STATE:
+                continue
+            if key == "_parameters":
+                value = {name: None if p is None else torch.nn.Parameter(_copy_tensor(p.detach(), memo),
+                                                                         requires_grad=p.requires_grad)
+                         for name, p in value.items()}
+            else:
+                value = copy.deepcopy(value, memo)
+            new.__dict__[key] = value
+        return new
+
     def dequantized_weight(self) -> torch.Tensor:
-        """The float weight the quantized one stands for (cached; the cache follows the weight object)."""
-        if self._dequantized is None or self._dequantized[0] is not self.weight:
-            w = self.weight.dequantize() if hasattr(self.weight, "dequantize") else self.qweight.dequantize()
-            self._dequantized = (self.weight, w.detach())
-        return self._dequantized[1]
+        """The float weight [out, in] the quantized one stands for (computed on each call; not cached)."""
+        return dequantize_weight(self.weight).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return KERNELS[self.kernel](self, x)
+        return run_kernel(self, x)
 
     def extra_repr(self) -> str:
         act = self.activation_qtype.name if self.activation_qtype is not None else "none"
@@ -177,3 +181,34 @@ def seven_bit_weight(weight: torch.Tensor) -> RoundedWeight:
     codes = torch.clamp(torch.round(w / torch.where(scale == 0, torch.ones_like(scale), scale)), -64, 63)
     return RoundedWeight(weight=codes * scale, data=codes.to(torch.int8), scale=scale, shift=None, bits=8,
                          group_size=None)
+
+
+def quant_linears(model: torch.nn.Module) -> list[tuple[str, QuantLinear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def set_kernel(model: torch.nn.Module, name: str) -> dict[str, str]:
+    """Force kernel `name` on every QuantLinear of `model` (or on `model` itself); "auto" restores the automatic
+    choice. Raises KernelError, changing nothing, if the kernel cannot run one of the layers exactly here.
+    Returns {layer name: kernel}."""
+    layers = quant_linears(model)
+    if name != "auto":
+        problems = [(n, kernel_problem(m, name)) for n, m in layers]
+        problems = [(n, p) for n, p in problems if p is not None]
+        if problems:
+            shown = "; ".join(f"{n or '<module>'}: {p}" for n, p in problems[:3])
+            more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
+            raise KernelError(f"kernel {name!r} cannot run {len(problems)} of {len(layers)} quantized layers "
+                              f"exactly here — {shown}{more}")
+    for _, m in layers:
+        m.kernel = choose_kernel(m) if name == "auto" else name
+        m._kernel_forced = name != "auto"
+    return {n: m.kernel for n, m in layers}
+
+
+def kernel_summary(model: torch.nn.Module) -> dict[str, int]:
+    """How many quantized layers run on each kernel."""
+    counts: dict[str, int] = {}
+    for _, m in quant_linears(model):
+        counts[m.kernel] = counts.get(m.kernel, 0) + 1
+    return counts

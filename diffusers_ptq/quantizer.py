@@ -215,6 +215,7 @@ def save_pretrained(model, save_directory, is_main_process: bool = True, save_fu
         raise ValueError("diffusers_ptq checkpoints are saved as safetensors only (safe_serialization=True)")
     if not is_main_process:
         return
+    model.hf_quantizer._model = weakref.ref(model)  # this model (a deep copy carries its original's reference)
     serialization.save_atomic(
         lambda tmp: ModelMixin.save_pretrained(model, tmp, safe_serialization=True, variant=variant,
                                                max_shard_size=max_shard_size),

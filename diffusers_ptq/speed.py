@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from diffusers_ptq.modules import kernel_summary, set_kernel
+
 SPEED_MODES = {
     "FP32": None,
     "W8A8": dict(weight_bits=8, act_bits=8),
@@ -47,7 +49,6 @@ def to_seven_bit_codes(model: torch.nn.Module) -> None:
         if isinstance(m, QuantLinear) and m.weight_qtype.bits == 8:
             rounded = seven_bit_weight(m.dequantized_weight())
             m.weight = torch.nn.Parameter(_quanto_weight(rounded, m), requires_grad=False)
-            m._dequantized = None
 
 
 def _rss_bytes() -> int:
@@ -98,10 +99,10 @@ def _dit_xl_model():
     return DiTTransformer2DModel(**config).eval()
 
 
-def forward_worker(label: str, repeats: int = 3) -> dict:
+def forward_worker(label: str, repeats: int = 3, compiled: bool = True) -> dict:
     """In this process: DiT-XL/2 (random weights) in mode `label`; its peak memory; then its forward timed
-    `repeats` times, interleaved with a float DiT-XL/2's forward (built after the memory was read): the speedup
-    is the median of the per-round ratios."""
+    `repeats` times, interleaved with the same model under `torch.compile` (`compiled`) and a float DiT-XL/2's
+    eager forward (built after the memory was read): speedups are medians of the per-round ratios."""
     from diffusers_ptq import kernels
     from diffusers_ptq.api import quantize_transformer
     from diffusers_ptq.config import QuantConfig
@@ -115,7 +116,7 @@ def forward_worker(label: str, repeats: int = 3) -> dict:
         if label.endswith("-w7"):
             to_seven_bit_codes(model)
     row["quantize_seconds"] = time.time() - t0
-    row["kernels"] = kernels.kernel_summary(model)
+    row["kernels"] = kernel_summary(model)
     shapes: dict[tuple, int] = {}
 
     def record(module, args):
@@ -138,11 +139,20 @@ def forward_worker(label: str, repeats: int = 3) -> dict:
         row["resident_bytes_after"] = _rss_bytes()
         row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         fns = {"model": lambda: model(**inputs)}
+        if compiled:  # torch.compile (Inductor, default mode) of the same model: compiled on the warm-up call
+            torch._dynamo.reset()
+            compiled_model = torch.compile(model)
+            fns["compiled"] = lambda: compiled_model(**inputs)
         if SPEED_MODES[label] is not None:
             reference = _dit_xl_model()
             fns["fp32"] = lambda: reference(**inputs)
+        t0 = time.time()
         times = _paired(fns, repeats)
+        row["timing_seconds"] = time.time() - t0
     row.update(seconds=statistics.median(times["model"]), all_seconds=times["model"])
+    if compiled:
+        row.update(compiled_seconds=statistics.median(times["compiled"]), compiled_all_seconds=times["compiled"],
+                   compiled_vs_eager=statistics.median(e / c for e, c in zip(times["model"], times["compiled"])))
     if "fp32" in times:
         row.update(fp32_seconds=statistics.median(times["fp32"]), fp32_all_seconds=times["fp32"],
                    speedup=statistics.median(f / q for f, q in zip(times["fp32"], times["model"])))
@@ -197,7 +207,6 @@ def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, l
                    repeats: int = 3) -> list[dict]:
     """Bundled pipeline, 50 DDIM steps, one sample per label (batch 2×10 with CFG): FP, W8A8, W8A8 emulated, W8A8
     with ±63 weight codes, W4A8; `repeats` interleaved rounds (median; speedup = median of per-round ratios)."""
-    from diffusers_ptq import kernels
     from diffusers_ptq.api import quantize_transformer
     from diffusers_ptq.bundled import load_pipeline
     from diffusers_ptq.config import QuantConfig
@@ -211,7 +220,7 @@ def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, l
         if seven_bit:
             to_seven_bit_codes(pipe.transformer)
         if kernel:
-            kernels.set_kernel(pipe.transformer, kernel)
+            set_kernel(pipe.transformer, kernel)
         return pipe
 
     pipes = {"FP32": load_pipeline("bundled"), "W8A8": quantized(8), "W8A8 (emulated)": quantized(8, kernel="emulated"),
@@ -220,7 +229,7 @@ def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, l
                                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                               batch_size=len(labels), progress=False)
                      for label, pipe in pipes.items()}, repeats)
-    return [{"label": label, "kernels": kernels.kernel_summary(pipe.transformer),
+    return [{"label": label, "kernels": kernel_summary(pipe.transformer),
              "seconds": statistics.median(times[label]), "all_seconds": times[label],
              "speedup": statistics.median(f / q for f, q in zip(times["FP32"], times[label]))}
             for label, pipe in pipes.items()]
@@ -275,13 +284,16 @@ def speed_markdown(result: dict) -> str:
              f"(its peak memory), its forward timed {result['repeats']} times after one warm-up, interleaved with "
              "a float DiT-XL/2's forward in the same process: forward = median, speedup = median of the per-round "
              "ratios.", "",
-             "| mode | kernels (layers) | forward (s) | speedup vs FP32 | of the ceiling | quantize/residual/epilogue "
-             "share | peak RSS (GB) | resident after (GB) |", "|---|---|---|---|---|---|---|---|"]
+             "| mode | kernels (layers) | forward (s) | speedup vs FP32 | compiled (s) | compiled vs eager | compiled "
+             "vs FP32 eager | of the ceiling | quantize/residual/epilogue share | peak RSS (GB) | resident after (GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["forward"]:
         kern = ", ".join(f"{k} {v}" for k, v in r["kernels"].items()) or "float"
         share = f"{r['overhead_fraction']:.0%}" if "overhead_fraction" in r else "–"
         frac = f"{r['fraction_of_ceiling']:.0%}" if "fraction_of_ceiling" in r else "–"
-        lines.append(f"| {r['label']} | {kern} | {r['seconds']:.2f} | {r['speedup']:.2f}× | {frac} | {share} | "
+        comp = (f"{r['compiled_seconds']:.2f} | {r['compiled_vs_eager']:.2f}× | "
+                f"{r['speedup'] * r['compiled_vs_eager']:.2f}×") if "compiled_seconds" in r else "– | – | –"
+        lines.append(f"| {r['label']} | {kern} | {r['seconds']:.2f} | {r['speedup']:.2f}× | {comp} | {frac} | {share} | "
                      f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['resident_bytes_after'] / 1e9:.2f} |")
     if c.get("kernel_speedup"):
         lines += ["", f"Ceiling (bare oneDNN u8×s8 GEMM on pre-quantized inputs vs bare fp32 GEMM, every Linear call "
@@ -297,8 +309,7 @@ def speed_markdown(result: dict) -> str:
         st = r.get("onednn_stats_per_forward") or {}
         if st.get("calls"):
             lines.append("")
-            lines.append(f"{r['label']}: {st['calls']:.0f} oneDNN calls per forward, {st['quantized_inputs']:.0f} "
-                         f"inputs quantized (q/k/v share one); split-path residual over "
+            lines.append(f"{r['label']}: {st['calls']:.0f} oneDNN calls per forward (eager); split-path residual over "
                          f"{st['residual_rows'] / max(st['rows'], 1):.1%} of the token rows"
                          f" and {st['residual_channels'] / max(st['channels'], 1):.1%} of the input channels.")
     if "sampling" in result:
@@ -331,30 +342,34 @@ def w8a8_range_quality(num_samples: int = 200, seed: int = 0, output: str | os.P
     layers = {n: m for n, m in pipe.transformer.named_modules() if isinstance(m, QuantLinear)}
     float_weights = {n: fp.transformer.get_submodule(n).weight.detach() for n in layers}
 
-    def a7(module, x):
+    def a7(module, weight, x):
         scale = module.input_scale.to(x.dtype) * 127 / 63
-        return torch.nn.functional.linear(kernels.fake_quantize_symmetric(x, scale, 7), module.dequantized_weight(),
-                                          module.bias)
+        return torch.nn.functional.linear(kernels.fake_quantize_symmetric(x, scale, 7), weight, module.bias)
+
+    def w7(module) -> torch.Tensor:
+        w = float_weights[next(n for n, m in layers.items() if m is module)]
+        return kernels.fake_quantize_symmetric(w, w.abs().amax(1, keepdim=True) / 63, 7)
 
     def score(label):
         r = evaluate(pipe, fp, num_samples=num_samples, seeds=[seed], progress=False)
         return {"label": label, **{k: v["mean"] for k, v in r["metrics"].items()}}
 
-    kernels.set_kernel(pipe.transformer, "emulated")  # the same integers as the onednn split path, to float rounding
+    set_kernel(pipe.transformer, "emulated")  # the same integers as the onednn split path, to float rounding
     rows = [score("W8A8 exact (8-bit weights and activations: the onednn split path)")]
-    kernels.KERNELS["_study_a7"] = a7  # not registered for use: removed below
-    try:
-        kernels.set_kernel(pipe.transformer, "emulated")
-        for m in layers.values():
-            m.kernel = "_study_a7"
-        rows.append(score("W8A7 (activations on [-64, 63], same range): one GEMM, zero point 64"))
+    emulated = kernels.KERNELS["emulated"]
+    studies = {"_study_a7": (kernels.Kernel("_study_a7", a7, prepare=emulated.prepare),
+                             "W8A7 (activations on [-64, 63], same range): one GEMM, zero point 64"),
+               "_study_w7": (kernels.Kernel("_study_w7", emulated.run, prepare=w7),
+                             "W7A8 (weights on ±63 per output channel): one GEMM, full-range input")}
+    try:  # study kernels, registered for this measurement only
+        for name, (kernel, label) in studies.items():
+            kernels.register_kernel(kernel)
+            set_kernel(pipe.transformer, name)
+            rows.append(score(label))
     finally:
-        del kernels.KERNELS["_study_a7"]
-    kernels.set_kernel(pipe.transformer, "emulated")
-    for name, m in layers.items():
-        w = float_weights[name]
-        m._dequantized = (m.weight, kernels.fake_quantize_symmetric(w, w.abs().amax(1, keepdim=True) / 63, 7))
-    rows.append(score("W7A8 (weights on ±63 per output channel): one GEMM, full-range input"))
+        for name in studies:
+            kernels.KERNELS.pop(name, None)
+        set_kernel(pipe.transformer, "emulated")
     result = {"num_samples": num_samples, "seed": seed, "rows": rows}
     if output is not None:
         Path(output).write_text(json.dumps(result, indent=2) + "\n")
@@ -363,7 +378,8 @@ def w8a8_range_quality(num_samples: int = 200, seed: int = 0, output: str | os.P
 
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "--forward":
-        print(json.dumps(forward_worker(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 3)))
+        print(json.dumps(forward_worker(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 3,
+                                        compiled=len(sys.argv) <= 4 or sys.argv[4] != "--eager-only")))
     elif len(sys.argv) == 3 and sys.argv[1] == "--ceiling":
         print(json.dumps(ceiling_worker(json.loads(sys.argv[2]))))
     elif len(sys.argv) >= 2 and sys.argv[1] == "--w8a8-quality":

@@ -8,8 +8,8 @@ import torch
 from diffusers_ptq import kernels
 from diffusers_ptq.api import quantize_transformer
 from diffusers_ptq.config import QuantConfig
-from diffusers_ptq.kernels import KernelError, available_kernels, choose_kernel, kernel_problem, set_kernel
-from diffusers_ptq.modules import QuantLinear, quantize_linear
+from diffusers_ptq.kernels import KernelError, QuantizedInput, available_kernels, choose_kernel, kernel_problem
+from diffusers_ptq.modules import QuantLinear, quantize_linear, set_kernel
 from diffusers_ptq.rounding import RoundedWeight
 
 HAS_ONEDNN = kernels.onednn_available()
@@ -23,7 +23,7 @@ def _codes(module: QuantLinear):
     if module.weight_qtype.bits == 8:
         return w._data.long(), w._scale.reshape(n, 1).double(), None
     groups = k // (module.weight_group_size or k)
-    codes = w._data.unpack().long().reshape(n, k)  # grouped layout [n * groups, group] is row-major in [n, k]
+    codes = kernels.weight_codes(w).long().reshape(n, k)  # grouped layout [n * groups, group] is row-major in [n, k]
     return codes, w._scale.reshape(n, groups).double(), w._shift.reshape(n, groups).double()
 
 
@@ -51,15 +51,29 @@ def integer_reference(module: QuantLinear, x: torch.Tensor) -> tuple[torch.Tenso
     return y.reshape(shape), bound.reshape(shape)
 
 
-def assert_matches_integer_reference(module, x, kernel, rel=2e-6):
-    """|y − reference| within float32 rounding of the largest partial term: a saturated int16 pair sum (an
-    error of hundreds of integer steps or more) cannot hide in that."""
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def float_rounding_bound(terms: int, bound: torch.Tensor) -> torch.Tensor:
+    """A-priori bound on the float32 error of a result made of `terms` products summed in any order, plus a few
+    more roundings: |fl(Σ a_i b_i) − Σ a_i b_i| ≤ γ_n Σ|a_i b_i|, γ_n = n·u / (1 − n·u), u = 2^-24 (Higham, §3.1).
+    n = terms + 4 covers the rounding of the inputs (x/s rounded to an integer is exact; q·s and code·scale are each
+    rounded once), the scale multiply of the integer result, the 4-bit shift term and the bias add; `bound` is
+    Σ|terms| (+|bias|) computed in float64. Integer kernels are tighter (exact accumulation, then a few roundings)."""
+    n = terms + 4
+    gamma = n * FLOAT32_UNIT_ROUNDOFF / (1 - n * FLOAT32_UNIT_ROUNDOFF)
+    return gamma * bound
+
+
+def assert_matches_integer_reference(module, x, kernel):
+    """|y − reference| within float32 rounding of Σ|terms| over K terms (a bound that holds for every summation
+    order, so on every CPU): a saturated int16 pair sum (an error of thousands of integer steps) cannot hide in it."""
     module.kernel = kernel
     with torch.no_grad():
         y = module(x).double()
     ref, bound = integer_reference(module, x)
     err = (y - ref).abs()
-    tol = rel * bound + 1e-6
+    tol = float_rounding_bound(module.in_features, bound)
     worst = float((err / tol).max())
     assert worst <= 1, f"{kernel}: error {float(err.max()):.3g} exceeds float rounding (worst ratio {worst:.2f})"
 
@@ -136,17 +150,38 @@ def test_choice_per_bit_width_on_x86():
 
 
 @needs_onednn
-def test_full_range_probe_agrees_with_a_raw_gemm():
-    """The measured regime: a raw single full-range GEMM is exact iff the probe says so (if it saturates here,
-    the kernel must be using the split path — covered by the adversarial tests above)."""
-    w = torch.full((8, 128), 127, dtype=torch.int8)
-    u = torch.full((3, 128), 255, dtype=torch.uint8)
+@pytest.mark.parametrize("k", [64, 1152, 4608])
+def test_full_range_probe_agrees_with_a_raw_gemm(k):
+    """The measured regime: a raw single full-range GEMM over K terms is exact iff the probe says so (if it saturates
+    here, the kernel must be using the split path — covered by the adversarial tests above)."""
+    w = torch.full((8, k), 127, dtype=torch.int8)
+    u = torch.full((3, k), 255, dtype=torch.uint8)
     packed = torch.ops.onednn.qlinear_prepack(w, None)
     y = kernels._qlinear(u, 1.0, 0, packed, torch.ones(8), torch.zeros(8, dtype=torch.int64), None)
-    exact = torch.equal(y.double(), u.double() @ w.double().T)
-    assert exact == kernels.onednn_full_range_exact()
+    exact = torch.equal(y, (u.long() @ w.long().T).to(torch.float32))
+    assert exact == kernels.onednn_full_range_exact(k)
+    assert kernels.onednn_probe(k).problem is None
     if kernels.has_vnni():
         assert exact
+
+
+@needs_onednn
+def test_a_kernel_that_fails_its_probe_falls_back_with_a_warning(monkeypatch):
+    """The probe runs the op for the widths it will serve; if it fails here, the layers take the next exact kernel
+    (a warning says so) instead of failing at run time."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated oneDNN failure")
+
+    monkeypatch.setattr(kernels, "onednn_available", lambda: True)
+    monkeypatch.setattr(kernels, "_qlinear", broken)
+    kernels.onednn_probe.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="simulated oneDNN failure"):
+            module = quantize_linear(_linear(in_f=96), 8, 0.02)
+        assert module.kernel == "emulated"
+        assert "failed to run" in kernel_problem(module, "onednn")
+    finally:
+        kernels.onednn_probe.cache_clear()
 
 
 def _channel_outliers(module, rows=40, channels=(3, 17, 200)):
@@ -158,25 +193,31 @@ def _channel_outliers(module, rows=40, channels=(3, 17, 200)):
     return x
 
 
+def _split(module, x) -> QuantizedInput:
+    """How the split path quantizes this input (the kernel builds the same object inside its op)."""
+    return QuantizedInput(x.reshape(-1, module.in_features).float(), module.input_scale, full_range=False)
+
+
 @needs_onednn
 def test_split_path_is_exact_by_tokens_and_by_channels(monkeypatch):
     """Force the no-VNNI split path (as on AVX2) on any machine: its residual by tokens (large activations spread
     over the input) and by input channels (a few outlier channels) both equal the integer reference."""
-    monkeypatch.setattr(kernels, "onednn_full_range_exact", lambda: False)
+    monkeypatch.setattr(kernels, "onednn_full_range_exact", lambda k=64: False)
     module = _extreme_int8()
+    assert not kernels.prepare_onednn(module).full_range
     x = _adversarial_inputs(module)
     assert_matches_integer_reference(module, x, "onednn")
-    assert kernels._INPUT_CACHE.value.row_resid is not None and kernels._INPUT_CACHE.value.cols is None
+    assert _split(module, x).row_resid is not None and _split(module, x).cols is None
     x = x.reshape(-1, module.in_features)[:12]
     x[3:] = torch.randint(-64, 65, (9, module.in_features)).float() * float(module.input_scale)
     assert_matches_integer_reference(module, x, "onednn")  # a few tokens: gathered, then added back
-    assert kernels._INPUT_CACHE.value.rows.tolist() == [0, 1]  # row 2 lies within ±64 steps
+    assert _split(module, x).rows.tolist() == [0, 1]  # row 2 lies within ±64 steps
     x = _channel_outliers(module)
     assert_matches_integer_reference(module, x, "onednn")
-    assert kernels._INPUT_CACHE.value.cols.tolist() == [3, 17, 200] and kernels._INPUT_CACHE.value.row_resid is None
+    assert _split(module, x).cols.tolist() == [3, 17, 200] and _split(module, x).row_resid is None
     x = torch.randint(-64, 65, (7, module.in_features)).float() * float(module.input_scale)  # no residual at all
     assert_matches_integer_reference(module, x, "onednn")
-    assert kernels._INPUT_CACHE.value.cols is None and kernels._INPUT_CACHE.value.row_resid is None
+    assert _split(module, x).cols is None and _split(module, x).row_resid is None
 
 
 @needs_onednn
@@ -185,30 +226,14 @@ def test_seven_bit_weight_codes_take_one_full_range_gemm_exactly(monkeypatch):
     where int16 pair sums saturate; one code of 64 sends the layer back to the split path."""
     from diffusers_ptq.modules import seven_bit_weight
 
-    monkeypatch.setattr(kernels, "onednn_full_range_exact", lambda: False)
+    monkeypatch.setattr(kernels, "onednn_full_range_exact", lambda k=64: False)
     lin = _linear()
     module = quantize_linear(lin, 8, 0.02, rounded=seven_bit_weight(lin.weight))
     codes = module.weight._data
-    assert int(codes.abs().max()) == 63 and kernels.onednn_weight(module).full_range
+    assert int(codes.abs().max()) == 63 and kernels.prepare_onednn(module).full_range
     for x in (_adversarial_inputs(module), _channel_outliers(module)):
         assert_matches_integer_reference(module, x, "onednn")
-        assert kernels._INPUT_CACHE.value.zp == 128 and kernels._INPUT_CACHE.value.row_resid is None
-    assert not kernels.onednn_weight(_extreme_int8()).full_range
-
-
-@needs_onednn
-def test_shared_input_is_quantized_once_and_cache_respects_changes():
-    a = quantize_linear(_linear(seed=0), 8, 0.02)
-    b = quantize_linear(_linear(seed=1), 8, 0.02)
-    x = torch.randn(5, 256)
-    with torch.no_grad():
-        a(x)
-        cached = kernels._INPUT_CACHE.value
-        b(x)
-        assert kernels._INPUT_CACHE.value is cached
-        x.mul_(2)  # in place: a new version, quantized again
-        assert_matches_integer_reference(b, x, "onednn")
-        assert kernels._INPUT_CACHE.value is not cached
+    assert not kernels.prepare_onednn(_extreme_int8()).full_range
 
 
 def _tiny_quantized(tiny_transformer, **config):
@@ -260,9 +285,13 @@ def test_forcing_an_unavailable_or_inexact_kernel_is_a_clear_error(tiny_transfor
     with pytest.raises(KernelError, match="groups of 32"):
         set_kernel(grouped, "onednn")
     monkeypatch.setattr(kernels, "onednn_available", lambda: False)
-    with pytest.raises(KernelError, match="not available"):
-        set_kernel(quantize_linear(_linear(), 8, 0.02), "onednn")
-    assert choose_kernel(quantize_linear(_linear(), 8, 0.02)) == "emulated"
+    kernels.onednn_probe.cache_clear()
+    try:
+        with pytest.raises(KernelError, match="not available"):
+            set_kernel(quantize_linear(_linear(), 8, 0.02), "onednn")
+        assert choose_kernel(quantize_linear(_linear(), 8, 0.02)) == "emulated"
+    finally:
+        kernels.onednn_probe.cache_clear()
 
 
 @needs_onednn
@@ -277,11 +306,11 @@ def test_prepared_weights_are_never_saved_and_follow_moves(tiny_transformer, tmp
     keys = set(model.state_dict())
     assert not any("onednn" in k for k in keys)
     layer = next(m for m in model.modules() if isinstance(m, QuantLinear))
-    assert "_onednn_weight" in layer.__dict__ and "_onednn_weight" not in layer.__getstate__()
+    assert "_kernel_state" in layer.__dict__ and "_kernel_state" not in layer.__getstate__()
     for m in model.modules():  # a move drops the prepared weights; they are prepared again on the next forward
         if isinstance(m, QuantLinear):
             m.to("cpu")
-    assert "_onednn_weight" not in layer.__dict__ and layer.kernel == "onednn"
+    assert "_kernel_state" not in layer.__dict__ and layer.kernel == "onednn"
     assert torch.equal(_forward(model), expected)
     model.save_pretrained(tmp_path / "q")
     reloaded = DiTTransformer2DModel.from_pretrained(tmp_path / "q")
