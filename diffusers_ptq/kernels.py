@@ -163,6 +163,11 @@ def _prepared(module, kernel: Kernel):
     return cache[2]
 
 
+def prepare_kernel(module) -> None:
+    """Build the module's kernel state now, outside any forward: a `torch.compile`d forward then only reads it."""
+    _prepared(module, KERNELS[module.kernel])
+
+
 def run_kernel(module, x: torch.Tensor) -> torch.Tensor:
     """y = module(x) on the module's kernel."""
     kernel = KERNELS[module.kernel]

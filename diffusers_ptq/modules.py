@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING
 import torch
 from optimum.quanto import QLinear, qint4, qint8
 
-from diffusers_ptq.kernels import KernelError, choose_kernel, default_kernel, dequantize_weight, kernel_problem, run_kernel
+from diffusers_ptq.kernels import (
+    KernelError,
+    choose_kernel,
+    default_kernel,
+    dequantize_weight,
+    kernel_problem,
+    prepare_kernel,
+    run_kernel,
+)
 
 if TYPE_CHECKING:
     from diffusers_ptq.rounding import RoundedWeight
@@ -58,9 +66,12 @@ class QuantLinear(QLinear):
         self.act_dynamic = False  # True: per-token input scales computed by the kernel at run time
 
     def select_kernel(self) -> str:
-        """Pick the fastest exact kernel for this layer where it is now (unless one was forced); returns it."""
+        """Pick the fastest exact kernel for this layer where it is now (unless one was forced) and prepare it (so
+        that a compiled forward finds the prepared weight); returns it."""
         if not self._kernel_forced:
             self.kernel = choose_kernel(self)
+        if self.frozen and self.weight.device.type != "meta":
+            prepare_kernel(self)
         return self.kernel
 
     def freeze(self):
@@ -92,6 +103,7 @@ class QuantLinear(QLinear):
             else:
                 value = copy.deepcopy(value, memo)
             new.__dict__[key] = value
+        new.select_kernel()  # its own kernel state
         return new
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -201,8 +213,10 @@ def set_kernel(model: torch.nn.Module, name: str) -> dict[str, str]:
             raise KernelError(f"kernel {name!r} cannot run {len(problems)} of {len(layers)} quantized layers "
                               f"exactly here — {shown}{more}")
     for _, m in layers:
-        m.kernel = choose_kernel(m) if name == "auto" else name
         m._kernel_forced = name != "auto"
+        if m._kernel_forced:
+            m.kernel = name
+        m.select_kernel()
     return {n: m.kernel for n, m in layers}
 
 

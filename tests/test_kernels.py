@@ -307,10 +307,11 @@ def test_prepared_weights_are_never_saved_and_follow_moves(tiny_transformer, tmp
     assert not any("onednn" in k for k in keys)
     layer = next(m for m in model.modules() if isinstance(m, QuantLinear))
     assert "_kernel_state" in layer.__dict__ and "_kernel_state" not in layer.__getstate__()
-    for m in model.modules():  # a move drops the prepared weights; they are prepared again on the next forward
+    prepared = layer.__dict__["_kernel_state"]
+    for m in model.modules():  # a move drops the prepared weights and prepares them anew (before any forward)
         if isinstance(m, QuantLinear):
             m.to("cpu")
-    assert "_kernel_state" not in layer.__dict__ and layer.kernel == "onednn"
+    assert layer.__dict__["_kernel_state"] is not prepared and layer.kernel == "onednn"
     assert torch.equal(_forward(model), expected)
     model.save_pretrained(tmp_path / "q")
     reloaded = DiTTransformer2DModel.from_pretrained(tmp_path / "q")
