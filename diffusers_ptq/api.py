@@ -18,9 +18,9 @@ from diffusers_ptq.config import QuantConfig
 from diffusers_ptq.groupbias import move_group_biases
 from diffusers_ptq.methods import baselines, htg, ptq4dit, qdit
 from diffusers_ptq.modules import quantize_linear
-from diffusers_ptq.rounding import HessianRecorder, RoundedWeight, gptq_quantize_weights, scale_hessian
 from diffusers_ptq.reconstruction import reconstruct_weights
 from diffusers_ptq.reparam import SmoothingTarget, apply_smoothing, dit_smoothing_targets, shift_input_per_group
+from diffusers_ptq.rounding import HessianRecorder, RoundedWeight, gptq_quantize_weights, scale_hessian
 
 
 @dataclass

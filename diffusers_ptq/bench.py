@@ -14,16 +14,16 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from diffusers_ptq.api import quantize_transformer
 from diffusers_ptq.bundled import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_pipeline
 from diffusers_ptq.config import QuantConfig
-from diffusers_ptq.groupbias import group_bias_bytes
 from diffusers_ptq.evaluation import class_ids_of, generate_images, score_images, uses_mnist_classifier, write_json
+from diffusers_ptq.groupbias import group_bias_bytes
 from diffusers_ptq.sampling import balanced_labels
 from diffusers_ptq.utils import machine_info, save_grid
 

@@ -12,8 +12,8 @@ reduced across processes before `calibrate` returns (distributed.py, docs/distri
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ class LayerStats:
     sample_absmax: torch.Tensor | None = None  # [T, S, C]
     token_samples: torch.Tensor | None = None  # [M, C]: randomly sampled input rows (tokens) over all steps
 
-    def divided(self, s: torch.Tensor) -> "LayerStats":
+    def divided(self, s: torch.Tensor) -> LayerStats:
         """The statistics of the input divided by s > 0 per channel (what a smoothed layer sees)."""
         return LayerStats(*(None if v is None else v / s for v in (self.max, self.min, self.absmax,
                                                                    self.sample_absmax, self.token_samples)))
@@ -89,7 +89,7 @@ class StatsRecorder:
     def set_position(self, step_index: int, batch_start: int, batch_len: int) -> None:
         self._position = (step_index, batch_start, batch_len)
 
-    def __enter__(self) -> "StatsRecorder":
+    def __enter__(self) -> StatsRecorder:
         for name, module in self.layers.items():
             self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
         return self

@@ -259,7 +259,7 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin  # 
 
 # Method name -> config class. `quantizer.py` registers every entry with diffusers (and transformers) on
 # `import diffusers_ptq`; `register_method` adds new ones (see quantizer.register_method).
-METHODS: dict[str, type["DiffusersPTQConfig"]] = {}
+METHODS: dict[str, type[DiffusersPTQConfig]] = {}
 # The pipeline component a bare config quantizes when passed to `DiffusionPipeline.from_pretrained`.
 PIPELINE_COMPONENT = "transformer"
 # quant_method as written into a saved config.json: diffusers' "Unknown quantization type, got <this>" error then
@@ -300,7 +300,7 @@ def saved_method_name(name: str) -> str:
     return SAVED_METHOD_TEMPLATE.format(name=name)
 
 
-def register_config(cls: type["DiffusersPTQConfig"]) -> type["DiffusersPTQConfig"]:
+def register_config(cls: type[DiffusersPTQConfig]) -> type[DiffusersPTQConfig]:
     """Class decorator: add a config class to METHODS under `cls.method` (diffusers registration: quantizer.py)."""
     name = cls.method
     if not name or not isinstance(name, str):
@@ -536,8 +536,9 @@ def config_from_dict(data: dict) -> DiffusersPTQConfig:
 
 # The recipes ship inside the package (package data: diffusers_ptq/recipes/*.yaml) and are found through
 # importlib.resources, so a name loads the same from a source checkout, an installed wheel or a zip.
-from importlib import resources
-from typing import TYPE_CHECKING
+# (E402: this section's imports are kept with it on purpose.)
+from importlib import resources  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable

@@ -16,8 +16,8 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import scipy.linalg

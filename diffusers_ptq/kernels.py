@@ -59,8 +59,8 @@ from __future__ import annotations
 import functools
 import platform
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +177,7 @@ def run_kernel(module, x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ CPU features
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's ISA flags (/proc/cpuinfo, else lscpu); empty where neither exists."""
     try:
@@ -249,7 +249,7 @@ def _probe_gemm(k: int, rows: int, u_value: int) -> bool:
     return bool(torch.equal(y, reference))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def onednn_probe(k: int) -> ProbeResult:
     """Run oneDNN's u8×s8 GEMM here for input width K (once per process and K) with M = 1 and M = 256 rows: does it
     run, is the split path's input range (u <= 128) exact, is the full range (u = 255) exact? A failure is a
@@ -412,7 +412,7 @@ class QuantizedInput:
         self.u = _u8(c.add_(SPLIT))
 
 
-def _dequantize_codes(w_data: torch.Tensor, w_scales: torch.Tensor, w_shift: Optional[torch.Tensor],
+def _dequantize_codes(w_data: torch.Tensor, w_scales: torch.Tensor, w_shift: torch.Tensor | None,
                       bits: int) -> torch.Tensor:
     """The float weight [N, K] from the op's weight inputs (for the input gradient)."""
     n = w_scales.shape[0]
@@ -423,8 +423,8 @@ def _dequantize_codes(w_data: torch.Tensor, w_scales: torch.Tensor, w_shift: Opt
 
 @torch.library.custom_op("diffusers_ptq::onednn_linear", mutates_args=())
 def onednn_linear_op(x: torch.Tensor, packed: torch.Tensor, w_data: torch.Tensor, w_scales: torch.Tensor,
-                     w_zeros: torch.Tensor, w_shift: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                     input_scale: Optional[torch.Tensor], full_range: bool, bits: int) -> torch.Tensor:
+                     w_zeros: torch.Tensor, w_shift: torch.Tensor | None, bias: torch.Tensor | None,
+                     input_scale: torch.Tensor | None, full_range: bool, bits: int) -> torch.Tensor:
     """y = x·Wᵀ + b on oneDNN's exact u8×s8 GEMM. x float [..., K]; packed: the prepacked int8 codes; w_data: the
     stored codes (int8 [N, K], or quanto's packed 4-bit [⌈N/2⌉, K]); w_scales [N]; w_shift: [1, N] −shift of affine
     4-bit weights, or None; input_scale: the static per-tensor scale, or None for dynamic per-token scales."""

@@ -27,8 +27,8 @@ tensors out; `reconstruct_unit` runs one optimization; `reconstruct_weights` dri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -154,11 +154,11 @@ class CachedInputs:
     def __len__(self) -> int:
         return len(next(iter(self.rows.values())))
 
-    def take(self, index: torch.Tensor) -> "CachedInputs":
+    def take(self, index: torch.Tensor) -> CachedInputs:
         return CachedInputs({k: v[index] for k, v in self.rows.items()}, self.static,
                             None if self.timesteps is None else self.timesteps[index])
 
-    def with_rows(self, **rows: torch.Tensor) -> "CachedInputs":
+    def with_rows(self, **rows: torch.Tensor) -> CachedInputs:
         return CachedInputs({**self.rows, **rows}, self.static, self.timesteps)
 
 
@@ -185,7 +185,7 @@ class _InputCache:
         sample = torch.where(i < n, start + i, self.num_samples + start + i - n)
         return step * self.per_step + sample
 
-    def __enter__(self) -> "_InputCache":
+    def __enter__(self) -> _InputCache:
         self._handles.append(self.transformer.register_forward_pre_hook(self._timestep_hook, with_kwargs=True))
         for name, module in self.units.items():
             self._handles.append(module.register_forward_pre_hook(self._make_hook(name), with_kwargs=True))

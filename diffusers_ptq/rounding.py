@@ -21,8 +21,8 @@ and broadcasts the result, so every process ends with the same codes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -63,7 +63,7 @@ class HessianRecorder:
         self._handles: list = []
         self._reduced = False
 
-    def __enter__(self) -> "HessianRecorder":
+    def __enter__(self) -> HessianRecorder:
         if self.transformer is not None and self.weight_fn is not None:
             self._handles.append(self.transformer.register_forward_pre_hook(self._timestep_hook, with_kwargs=True))
         for name, layer in self.layers.items():
@@ -368,6 +368,8 @@ def broadcast_rounded(rounded: RoundedWeight, src: int = 0) -> RoundedWeight:
     """Process `src`'s RoundedWeight on every process (each passes one of the same shapes and dtypes)."""
     if not distributed.is_distributed():
         return rounded
-    share = lambda t: None if t is None else distributed.broadcast(t, src)
+    def share(t):
+        return None if t is None else distributed.broadcast(t, src)
+
     return RoundedWeight(weight=share(rounded.weight), data=share(rounded.data), scale=share(rounded.scale),
                          shift=share(rounded.shift), bits=rounded.bits, group_size=rounded.group_size)

@@ -6,7 +6,7 @@ pipeline sample with the same seed start from the same noise.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler

@@ -25,9 +25,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -226,7 +226,6 @@ _register_builtin_kinds()
 def quantization_metadata(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, extra tensors) of a quantized model: every registered module and processor kind."""
     from diffusers_ptq import __version__
-
     from diffusers_ptq.groupbias import group_bias_layout
 
     modules, processors, group_biases, extra = {}, {}, {}, {}

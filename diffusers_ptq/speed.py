@@ -171,20 +171,23 @@ def ceiling_worker(linear_calls: list[dict], repeats: int = 5) -> dict:
     have_onednn = kernels.onednn_available()
     with torch.no_grad():
         model, inputs = _dit_xl_model(), _dit_xl_inputs()
-        forward = min(_paired({"fp32": lambda: model(**inputs)}, 3)["fp32"])
+        # F821: ruff sees the `del model` below; the lambda is called (by _paired) before it
+        forward = min(_paired({"fp32": lambda: model(**inputs)}, 3)["fp32"])  # noqa: F821
         del model
         torch.manual_seed(0)
         for call in linear_calls:
             m, k, n, count = call["m"], call["k"], call["n"], call["count"]
             x, w, b = torch.randn(m, k), torch.randn(n, k) * 0.02, torch.randn(n)
             # all `count` calls of a shape timed together (a single small GEMM is below the timer's noise), float and
-            # int8 in turn; the fastest of `repeats` rounds: the bare kernel's ceiling, not a typical time
-            fns = {"fp32": lambda: [torch.nn.functional.linear(x, w, b) for _ in range(count)]}
+            # int8 in turn; the fastest of `repeats` rounds: the bare kernel's ceiling, not a typical time.
+            # B023: the lambdas are called (by _paired) within this iteration, so they see its variables
+            fns = {"fp32": lambda: [torch.nn.functional.linear(x, w, b) for _ in range(count)]}  # noqa: B023
             if have_onednn:
                 packed = torch.ops.onednn.qlinear_prepack(torch.randint(-127, 128, (n, k), dtype=torch.int8), None)
                 u = torch.randint(0, 256, (m, k), dtype=torch.uint8)
                 scales, zeros = torch.rand(n) * 1e-3, torch.zeros(n, dtype=torch.int64)
-                fns["int8"] = lambda: [kernels._qlinear(u, 0.01, 128, packed, scales, zeros, b) for _ in range(count)]
+                fns["int8"] = lambda: [kernels._qlinear(u, 0.01, 128, packed, scales, zeros, b)  # noqa: B023
+                                       for _ in range(count)]  # noqa: B023
             times = _paired(fns, repeats)
             row = {**call, "fp32_seconds": min(times["fp32"])}
             fp_total += row["fp32_seconds"]

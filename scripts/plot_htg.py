@@ -77,7 +77,7 @@ def main() -> None:
         "model": args.model, "layer": args.layer, "group_starts": transform.starts,
         "group_edges_timesteps": transform.edges.tolist(),
         "absmax_before": float(layer.absmax.max()), "absmax_after": float(torch.maximum(after_max.abs(), after_min.abs()).max()),
-        "max_over_median_before": float((layer.absmax.amax(0).max() / layer.absmax.amax(0).median())),
+        "max_over_median_before": float(layer.absmax.amax(0).max() / layer.absmax.amax(0).median()),
         "max_over_median_after": float((lambda a: a.max() / a.median())(torch.maximum(after_max.abs(), after_min.abs()).amax(0))),
     }
     Path(args.output).with_suffix(".json").write_text(json.dumps(summary, indent=2))

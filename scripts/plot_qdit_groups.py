@@ -27,7 +27,7 @@ if bench.is_file():
     for row in json.loads(bench.read_text())["rows"][1:]:
         config = row.get("config") or {}
         if config.get("group_search_bits") == 5.0 and row.get("group_sizes") and not config.get("htg_shift"):
-            series[f"proxy search, 5.0 b/w budget"] = row["group_sizes"]
+            series["proxy search, 5.0 b/w budget"] = row["group_sizes"]
             break
 
 

@@ -71,11 +71,13 @@ with torch.no_grad():
             for module in (static, dynamic):  # warm up (oneDNN prepacks the weight once)
                 for _ in range(3):
                             module(x)
-            t_static, t_dynamic, ratio = timed_pair(lambda: static(x), lambda: dynamic(x), args.repeats)
+            # B023: timed_pair calls the lambdas within this iteration, so they see its variables
+            t_static, t_dynamic, ratio = timed_pair(lambda: static(x), lambda: dynamic(x), args.repeats)  # noqa: B023
             scale = static.input_scale
-            q_static, q_dynamic, _ = timed_pair(lambda: torch.clamp(torch.round(x / scale), -128, 127),
-                                                lambda: torch.clamp(torch.round(x / kernels.per_token_scale(x)),
-                                                                    -128, 127), args.repeats)
+            q_static, q_dynamic, _ = timed_pair(
+                lambda: torch.clamp(torch.round(x / scale), -128, 127),  # noqa: B023
+                lambda: torch.clamp(torch.round(x / kernels.per_token_scale(x)), -128, 127),  # noqa: B023
+                args.repeats)
             rows.append({"shape": shape_name, "layer": layer_name, "tokens": m, "in": k, "out": n,
                          "static_s": t_static[0], "dynamic_s": t_dynamic[0],
                          "static_median_s": t_static[1], "dynamic_median_s": t_dynamic[1],

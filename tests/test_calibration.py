@@ -79,8 +79,10 @@ def test_include_exclude_and_errors(tiny_transformer):
 
 
 def test_calibration_is_deterministic(tiny_transformer):
-    run = lambda: calibrate(tiny_transformer, scheduler="ddpm", num_inference_steps=3, num_samples=3, seed=3,
-                            include=["*to_v"], progress=False)
+    def run():
+        return calibrate(tiny_transformer, scheduler="ddpm", num_inference_steps=3, num_samples=3, seed=3,
+                         include=["*to_v"], progress=False)
+
     a, b = run(), run()
     for name in a.layers:
         assert torch.equal(a.layers[name].max, b.layers[name].max)

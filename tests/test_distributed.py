@@ -66,8 +66,10 @@ def test_a_shard_samples_its_global_indices(tiny_transformer):
     """Samples 2..4 run alone with sample_offset=2 are the full run's samples 2..4 (noise seeded by global index)."""
     labels = [1, 2, 3, 4, 5]
     scheduler = make_scheduler("ddim")
-    run = lambda lab, offset: sample_latents(tiny_transformer, scheduler, lab, seed=7, num_inference_steps=2,
-                                             guidance_scale=1.5, batch_size=2, progress=False, sample_offset=offset)
+    def run(lab, offset):
+        return sample_latents(tiny_transformer, scheduler, lab, seed=7, num_inference_steps=2, guidance_scale=1.5,
+                              batch_size=2, progress=False, sample_offset=offset)
+
     positions = []
     part = sample_latents(tiny_transformer, scheduler, labels[2:], seed=7, num_inference_steps=2, guidance_scale=1.5,
                           batch_size=2, progress=False, sample_offset=2,
@@ -116,7 +118,9 @@ def runs(tmp_path_factory):
                  subprocess.Popen(launch, **common)]
     for process in processes:
         _finish(process)
-    load = lambda path: torch.load(path, weights_only=False)
+    def load(path):
+        return torch.load(path, weights_only=False)
+
     return dict(single=single, multi=multi, one=load(single / "rank0.pt"),
                 ranks=[load(multi / "rank0.pt"), load(multi / "rank1.pt")])
 

@@ -3,17 +3,21 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import assert_within_bound, bundled_relative_error, matmul_error_bound, randomize_modulation
 
 from diffusers_ptq.api import quantize_transformer
 from diffusers_ptq.calibration import calibrate
 from diffusers_ptq.config import QuantConfig
-from diffusers_ptq.methods.baselines import (mse_range, percentile_range, scale_from_range, smoothquant_factors,
-                                             weight_input_absmax)
 from diffusers_ptq.kernels import unpack_bits
+from diffusers_ptq.methods.baselines import (
+    mse_range,
+    percentile_range,
+    scale_from_range,
+    smoothquant_factors,
+    weight_input_absmax,
+)
 from diffusers_ptq.modules import QuantLinear, quantize_linear
 from diffusers_ptq.reparam import apply_smoothing, dit_smoothing_targets
-
-from conftest import assert_within_bound, bundled_relative_error, matmul_error_bound, randomize_modulation
 
 
 def _forward(model, seed=0):
@@ -95,8 +99,9 @@ def test_pure_unpack_matches_quanto_layout():
 def test_quanto_cpu_unpack_is_left_as_quanto_registers_it(monkeypatch):
     """Importing diffusers_ptq replaces nothing of quanto's: its CPU unpack op still calls quanto's C++ extension
     (faked here, so nothing is compiled)."""
-    import diffusers_ptq  # noqa: F401
     from optimum.quanto.library.extensions import cpp
+
+    import diffusers_ptq  # noqa: F401
 
     class FakeLibrary:
         @staticmethod

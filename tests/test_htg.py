@@ -3,6 +3,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import randomize_modulation
 from diffusers import DiTTransformer2DModel
 
 from diffusers_ptq.api import htg_fold, htg_vectors, quantize_transformer
@@ -12,8 +13,6 @@ from diffusers_ptq.groupbias import GroupBias, group_bias_bytes
 from diffusers_ptq.methods import htg
 from diffusers_ptq.modules import QuantLinear
 from diffusers_ptq.reparam import dit_smoothing_targets
-
-from conftest import randomize_modulation
 
 
 def _brute_force(z, num_groups):

@@ -3,6 +3,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_modulation
 from diffusers import DiTTransformer2DModel
 from scipy.stats import rankdata, spearmanr
 
@@ -11,8 +12,6 @@ from diffusers_ptq.calibration import calibrate
 from diffusers_ptq.config import QuantConfig
 from diffusers_ptq.methods import ptq4dit
 from diffusers_ptq.reparam import dit_smoothing_targets
-
-from conftest import randomize_modulation
 
 
 def _forward(model, timesteps, labels, seed=0):

@@ -10,8 +10,7 @@ import torch
 from conftest import matmul_error_bound, reload_bit_exact
 from diffusers import DiTPipeline
 
-from diffusers_ptq import METHODS, QDiTConfig, config_from_dict, load_recipe, quantize
-from diffusers_ptq import kernels
+from diffusers_ptq import METHODS, QDiTConfig, config_from_dict, kernels, load_recipe, quantize
 from diffusers_ptq.api import quantize_transformer
 from diffusers_ptq.bundled import BUNDLED_MODEL_DIR
 from diffusers_ptq.config import QuantConfig, read_recipe

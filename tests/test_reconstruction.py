@@ -6,8 +6,15 @@ import torch
 from diffusers_ptq.api import quantize_transformer
 from diffusers_ptq.config import PTQ4DiTConfig, QuantConfig
 from diffusers_ptq.modules import quantize_linear
-from diffusers_ptq.reconstruction import (CachedInputs, LearnedRounding, beta_at, cache_inputs, reconstruct_unit,
-                                          rectified_sigmoid, rounding_regularizer)
+from diffusers_ptq.reconstruction import (
+    CachedInputs,
+    LearnedRounding,
+    beta_at,
+    cache_inputs,
+    reconstruct_unit,
+    rectified_sigmoid,
+    rounding_regularizer,
+)
 from diffusers_ptq.rounding import nearest_round, quant_grid
 from tests.conftest import assert_within_bound, bundled_relative_error, make_tiny_transformer, matmul_error_bound
 

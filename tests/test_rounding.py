@@ -2,12 +2,18 @@
 
 import pytest
 import torch
+from conftest import assert_within_bound, gamma, matmul_error_bound, unit_roundoff
 
 from diffusers_ptq.modules import quantize_linear
-from diffusers_ptq.rounding import (HessianRecorder, gptq_quantize_weights, gptq_round, nearest_round, quant_grid,
-                                    scale_hessian, shift_hessian)
-
-from conftest import assert_within_bound, gamma, matmul_error_bound, unit_roundoff
+from diffusers_ptq.rounding import (
+    HessianRecorder,
+    gptq_quantize_weights,
+    gptq_round,
+    nearest_round,
+    quant_grid,
+    scale_hessian,
+    shift_hessian,
+)
 
 FORMATS = [(8, None), (4, None), (4, 16)]
 

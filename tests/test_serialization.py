@@ -230,8 +230,9 @@ def test_pipeline_push_to_hub_puts_the_card_at_the_root(monkeypatch):
 
 def test_design_card_example_runs_as_written(tmp_path, monkeypatch):
     """../shared/DESIGN.md's first example, with the bundled model's folder for the Hub id and a faked Hub."""
-    import diffusers_ptq  # noqa: F401  registers "ptq4dit" / "htg" with diffusers' quantizer registry
     from diffusers import DiTPipeline
+
+    import diffusers_ptq  # noqa: F401  registers "ptq4dit" / "htg" with diffusers' quantizer registry
     from diffusers_ptq import HTGConfig
     from diffusers_ptq.bundled import BUNDLED_MODEL_DIR
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 
@@ -117,7 +117,7 @@ class TransformerInputRecorder:
         self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self._handle = None
 
-    def __enter__(self) -> "TransformerInputRecorder":
+    def __enter__(self) -> TransformerInputRecorder:
         self._handle = self.transformer.register_forward_pre_hook(self._hook, with_kwargs=True)
         return self
 
