@@ -5,9 +5,8 @@
 (Q-DiT: issue #12).
 """
 
-__version__ = "0.1.0"
-
-from diffusers_ptq.config import (  # noqa: E402
+from diffusers_ptq._version import __version__
+from diffusers_ptq.config import (
     METHODS,
     BaselineConfig,
     DiffusersPTQConfig,
@@ -18,10 +17,11 @@ from diffusers_ptq.config import (  # noqa: E402
     config_from_dict,
     load_recipe,
 )
-from diffusers_ptq.hub import model_card, push_to_hub  # noqa: E402
-from diffusers_ptq.quantizer import DiffusersPTQQuantizer, quantize, register_method  # noqa: E402
+from diffusers_ptq.hub import model_card, push_to_hub
+from diffusers_ptq.quantizer import DiffusersPTQQuantizer, quantize, register_method
 
 __all__ = [
+    "__version__",
     "METHODS",
     "BaselineConfig",
     "DiffusersPTQConfig",

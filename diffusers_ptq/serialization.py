@@ -225,7 +225,7 @@ _register_builtin_kinds()
 
 def quantization_metadata(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, extra tensors) of a quantized model: every registered module and processor kind."""
-    from diffusers_ptq import __version__
+    from diffusers_ptq._version import __version__
     from diffusers_ptq.groupbias import group_bias_layout
 
     modules, processors, group_biases, extra = {}, {}, {}, {}
