@@ -440,9 +440,9 @@ def save_atomic(save: Callable[[str], None], save_directory: str | os.PathLike,
     folder as it was and no temporary folder. One writer per folder at a time.
 
     A path to a file, or the current working directory (or a folder above it), is refused; a missing or empty
-    folder is fine; a symlink is followed (the folder it points to is swapped). Under a distributed launch only the main process writes; the others return at once (no barrier
-    here, so that saving from the main process alone also works: call `distributed.wait_for_everyone()` before
-    other processes read the folder).
+    folder is fine; a symlink is followed (the folder it points to is swapped). Under a distributed launch only the
+    main process writes; the others return at once (no barrier here, so that saving from the main process alone
+    also works: call `distributed.wait_for_everyone()` before other processes read the folder).
     """
     from diffusers_ptq.distributed import is_main_process
 
