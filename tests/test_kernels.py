@@ -4,6 +4,7 @@ exact kernel runs it; forcing a kernel that cannot run a layer exactly is a clea
 
 import pytest
 import torch
+from conftest import gamma
 
 from diffusers_ptq import kernels
 from diffusers_ptq.api import quantize_transformer
@@ -51,18 +52,13 @@ def integer_reference(module: QuantLinear, x: torch.Tensor) -> tuple[torch.Tenso
     return y.reshape(shape), bound.reshape(shape)
 
 
-FLOAT32_UNIT_ROUNDOFF = 2.0**-24
-
-
 def float_rounding_bound(terms: int, bound: torch.Tensor) -> torch.Tensor:
     """A-priori bound on the float32 error of a result made of `terms` products summed in any order, plus a few
-    more roundings: |fl(Σ a_i b_i) − Σ a_i b_i| ≤ γ_n Σ|a_i b_i|, γ_n = n·u / (1 − n·u), u = 2^-24 (Higham, §3.1).
-    n = terms + 4 covers the rounding of the inputs (x/s rounded to an integer is exact; q·s and code·scale are each
-    rounded once), the scale multiply of the integer result, the 4-bit shift term and the bias add; `bound` is
-    Σ|terms| (+|bias|) computed in float64. Integer kernels are tighter (exact accumulation, then a few roundings)."""
-    n = terms + 4
-    gamma = n * FLOAT32_UNIT_ROUNDOFF / (1 - n * FLOAT32_UNIT_ROUNDOFF)
-    return gamma * bound
+    more roundings: γ_n·Σ|terms| (conftest.gamma; Higham §3.1). n = terms + 4 covers the rounding of the inputs
+    (x/s rounded to an integer is exact; q·s and code·scale are each rounded once), the scale multiply of the integer
+    result, the 4-bit shift term and the bias add; `bound` is Σ|terms| (+|bias|) computed in float64. Integer
+    kernels are tighter (exact accumulation, then a few roundings)."""
+    return gamma(terms + 4) * bound
 
 
 def assert_matches_integer_reference(module, x, kernel):
