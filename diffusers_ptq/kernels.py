@@ -143,14 +143,18 @@ def weight_codes(weight) -> torch.Tensor:
     return unpack_bits(data._data, data.bits, data.shape[0])
 
 
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, neg_shift: torch.Tensor | None = None) -> torch.Tensor:
+    """scale · code, plus neg_shift (= −shift) for quanto's affine 4-bit weights; scale and neg_shift hold one value
+    per row of codes. The same float operations as quanto's dequantize (x + (−s) is the same float as x − s)."""
+    w = scale * codes
+    return w if neg_shift is None else w + neg_shift
+
+
 def dequantize_weight(weight) -> torch.Tensor:
-    """The float weight [out, in] a quanto weight stands for: scale · code (8-bit) or scale · code − shift
-    (quanto's affine 4-bit; the same float operations as quanto's dequantize, so the same values)."""
+    """The float weight [out, in] a quanto weight stands for: scale · code (8-bit) or scale · code − shift (4-bit)."""
     codes = weight_codes(weight)
-    w = weight._scale * codes
-    if codes.dtype == torch.uint8:
-        w = w - weight._shift
-    return w.reshape(weight.shape)
+    neg_shift = -weight._shift if codes.dtype == torch.uint8 else None
+    return dequantize_codes(codes, weight._scale, neg_shift).reshape(weight.shape)
 
 
 def _prepared(module, kernel: Kernel):
@@ -412,15 +416,6 @@ class QuantizedInput:
         self.u = _u8(c.add_(SPLIT))
 
 
-def _dequantize_codes(w_data: torch.Tensor, w_scales: torch.Tensor, w_shift: torch.Tensor | None,
-                      bits: int) -> torch.Tensor:
-    """The float weight [N, K] from the op's weight inputs (for the input gradient)."""
-    n = w_scales.shape[0]
-    codes = w_data if bits == 8 else unpack_bits(w_data, bits, n)
-    w = w_scales.reshape(n, 1) * codes
-    return w if w_shift is None else w + w_shift.reshape(n, 1)  # w_shift holds −shift
-
-
 @torch.library.custom_op("diffusers_ptq::onednn_linear", mutates_args=())
 def onednn_linear_op(x: torch.Tensor, packed: torch.Tensor, w_data: torch.Tensor, w_scales: torch.Tensor,
                      w_zeros: torch.Tensor, w_shift: torch.Tensor | None, bias: torch.Tensor | None,
@@ -478,8 +473,10 @@ def _onednn_setup_context(ctx, inputs, output):
 
 def _onednn_backward(ctx, grad):
     """grad_x = grad_y · W (dequantized weight; straight-through for the activation rounding); none to the rest."""
-    w_data, w_scales, w_shift = ctx.saved_tensors
-    weight = _dequantize_codes(w_data, w_scales, w_shift, ctx.bits)
+    w_data, w_scales, w_shift = ctx.saved_tensors  # w_shift holds −shift, [1, N]
+    n = w_scales.shape[0]
+    codes = w_data if ctx.bits == 8 else unpack_bits(w_data, ctx.bits, n)
+    weight = dequantize_codes(codes, w_scales.reshape(n, 1), None if w_shift is None else w_shift.reshape(n, 1))
     return grad @ weight.to(grad.dtype), None, None, None, None, None, None, None, None, None
 
 
