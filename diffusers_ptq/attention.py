@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 
 from diffusers_ptq import distributed
-from diffusers_ptq.kernels import fake_quantize_symmetric, round_ste
+from diffusers_ptq.kernels import fake_quantize_symmetric, round_clamp
 
 
 def fake_quantize_probabilities(p: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Round softmax outputs in [0, 1] to the unsigned `bits` grid (scale 1 / (2^bits − 1)); straight-through
     gradient."""
     levels = 2**bits - 1
-    return round_ste(p * levels) / levels
+    return round_clamp(p * levels, 0, levels) / levels  # p·levels lies in [0, levels]: the clamp changes nothing
 
 
 class QuantAttnProcessor:

@@ -96,18 +96,31 @@ def register_kernel(kernel: Kernel) -> Kernel:
     return kernel
 
 
-def round_ste(t: torch.Tensor) -> torch.Tensor:
-    """torch.round, with a straight-through gradient when t requires grad (t + (round(t) − t) is exactly round(t):
-    both are floats within 0.5 of each other, so their difference and the sum are exact)."""
-    r = torch.round(t)
-    return t + (r - t).detach() if t.requires_grad else r
+class _RoundClampSTE(torch.autograd.Function):
+    """clamp(round(t), lo, hi) in value; the identity in the gradient (a straight-through estimator, unclipped:
+    quanto's activation quantizer passes the gradient through unchanged too)."""
+
+    @staticmethod
+    def forward(ctx, t, lo, hi):
+        return torch.clamp(torch.round(t), lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+def round_clamp(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """clamp(round(t), lo, hi), with a straight-through gradient when t requires grad (the same values either way)."""
+    if t.requires_grad:
+        return _RoundClampSTE.apply(t, lo, hi)
+    return torch.clamp(torch.round(t), lo, hi)
 
 
 def fake_quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Round x/scale to the signed `bits` grid and back (quanto's rounding and clamp: [-2^(b-1), 2^(b-1)-1]).
-    Differentiable with a straight-through estimator for the rounding (zero outside the clamp)."""
+    Differentiable with a straight-through estimator (`round_clamp`)."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return torch.clamp(round_ste(x / scale), qmin, qmax) * scale
+    return round_clamp(x / scale, qmin, qmax) * scale
 
 
 def per_token_scale(x: torch.Tensor, bits: int = 8) -> torch.Tensor:

@@ -127,6 +127,27 @@ def test_kernel_equals_integer_reference_random_and_adversarial(layer, kernel):
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
+@pytest.mark.parametrize("kernel", ["onednn", "emulated"])
+def test_input_gradient_is_that_of_the_dequantized_weight(layer, kernel):
+    """Straight-through backward: grad_x = grad_y · W with W the dequantized weight (computed directly here), the
+    same whichever kernel ran the forward; the stored weight gets no gradient."""
+    module = LAYERS[layer]()
+    problem = kernel_problem(module, kernel)
+    if problem is not None:
+        pytest.skip(problem)
+    module.kernel = kernel
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, module.in_features, requires_grad=True)
+    grad_y = torch.randn(2, 5, module.out_features)
+    module(x).backward(grad_y)
+    w = module.dequantized_weight().double()
+    expected = grad_y.double() @ w
+    bound = gamma(module.out_features + 4) * (grad_y.double().abs() @ w.abs())  # N-term sums; W, x/s·s rounded
+    assert float(((x.grad.double() - expected).abs() - bound).max()) <= 0
+    assert module.weight.grad is None
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_the_chosen_kernel_never_saturates_here(layer):
     """The kernel picked automatically on this machine, on worst-case inputs: fails if it silently saturates."""
     module = LAYERS[layer]()
