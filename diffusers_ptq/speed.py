@@ -349,8 +349,10 @@ def w8a8_range_quality(num_samples: int = 200, seed: int = 0, output: str | os.P
         scale = module.input_scale.to(x.dtype) * 127 / 63
         return torch.nn.functional.linear(kernels.fake_quantize_symmetric(x, scale, 7), weight, module.bias)
 
+    names = {id(m): n for n, m in layers.items()}
+
     def w7(module) -> torch.Tensor:
-        w = float_weights[next(n for n, m in layers.items() if m is module)]
+        w = float_weights[names[id(module)]]
         return kernels.fake_quantize_symmetric(w, w.abs().amax(1, keepdim=True) / 63, 7)
 
     def score(label):
