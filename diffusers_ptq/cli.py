@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from diffusers_ptq.bundled import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_pipeline
-from diffusers_ptq.evaluation import evaluate, write_json
+from diffusers_ptq.harness.bundled import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_pipeline
+from diffusers_ptq.harness.evaluation import evaluate, write_json
+from diffusers_ptq.harness.utils import machine_info
 from diffusers_ptq.sampling import SCHEDULERS
-from diffusers_ptq.utils import machine_info
 
 
 def _sampling_args(parser: argparse.ArgumentParser, num_samples: int = 1000, seeds: list[int] = (0, 1, 2)) -> None:
@@ -31,8 +31,8 @@ DEMO_CONFIGS = (dict(weight_bits=8, act_bits=8, csb_alpha=0.5), dict(weight_bits
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: quantize the bundled model (W8A8 PTQ4DiT, W4A8 min-max, W4A8 HTG + GPTQ), compare with FP."""
-    from diffusers_ptq.bench import run_benchmark
     from diffusers_ptq.config import QuantConfig
+    from diffusers_ptq.harness.bench import run_benchmark
 
     out = Path(args.output_dir)
     configs = [QuantConfig(**c, num_samples=args.calibration_samples, num_inference_steps=args.steps,
@@ -73,14 +73,14 @@ def _load_image_folder(folder: str) -> torch.Tensor:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.speed:
-        from diffusers_ptq.speed import run_speed_benchmark
+        from diffusers_ptq.harness.speed import run_speed_benchmark
 
         output = "speed.json" if args.output == "results.json" else args.output
         result = run_speed_benchmark(output, repeats=args.speed_repeats)
         print(Path(output).with_suffix(".md").read_text())
         print(f"written: {output} and {Path(output).with_suffix('.md')} ({result['total_seconds']:.0f} s)")
         return 0
-    from diffusers_ptq.bench import SUITES, run_benchmark
+    from diffusers_ptq.harness.bench import SUITES, run_benchmark
 
     calibration = dict(num_samples=args.calibration_samples, num_inference_steps=args.steps,
                        guidance_scale=args.guidance_scale, scheduler=args.scheduler)
@@ -126,8 +126,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from diffusers import DiTPipeline, DiTTransformer2DModel
 
     from diffusers_ptq import distributed
-    from diffusers_ptq.bundled import keep_id2label, resolve_model_path
     from diffusers_ptq.config import load_recipe, read_recipe
+    from diffusers_ptq.harness.bundled import keep_id2label, resolve_model_path
 
     recipe = read_recipe(args.recipe)
     config = load_recipe(args.recipe, **_parse_overrides(args.set))

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffusers_ptq import distributed  # noqa: E402
-from diffusers_ptq.utils import machine_info  # noqa: E402
+from diffusers_ptq.harness.utils import machine_info  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "results" / "calibration-processes.json"
 
@@ -47,7 +47,7 @@ def _model(args):
                                       num_embeds_ada_norm=1000).eval()
         scheduler_config, id2label = None, None
     else:
-        from diffusers_ptq.bundled import load_pipeline
+        from diffusers_ptq.harness.bundled import load_pipeline
 
         pipe = load_pipeline("bundled")
         model, scheduler_config = pipe.transformer, dict(pipe.scheduler.config)

@@ -26,8 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from diffusers_ptq.harness.utils import machine_info  # noqa: E402
 from diffusers_ptq.rounding import gptq_round, nearest_round  # noqa: E402
-from diffusers_ptq.utils import machine_info  # noqa: E402
 
 HIDDEN = 1152
 SHAPES = {  # name: (out_features, in_features) of one DiT-XL/2 block's Linears

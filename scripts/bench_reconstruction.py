@@ -20,9 +20,9 @@ import time
 import torch
 
 from diffusers_ptq import api
-from diffusers_ptq.bundled import load_pipeline
 from diffusers_ptq.config import QuantConfig
-from diffusers_ptq.evaluation import generate_images, psnr, relative_mse
+from diffusers_ptq.harness.bundled import load_pipeline
+from diffusers_ptq.harness.evaluation import generate_images, psnr, relative_mse
 from diffusers_ptq.sampling import balanced_labels
 
 

@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 
 from diffusers_ptq import api
-from diffusers_ptq.bundled import load_pipeline
 from diffusers_ptq.calibration import calibrate
 from diffusers_ptq.config import QuantConfig
-from diffusers_ptq.evaluation import generate_images, psnr
+from diffusers_ptq.harness.bundled import load_pipeline
+from diffusers_ptq.harness.evaluation import generate_images, psnr
+from diffusers_ptq.harness.utils import machine_info
 from diffusers_ptq.methods import ptq4dit
 from diffusers_ptq.reparam import dit_smoothing_targets
 from diffusers_ptq.rounding import HessianRecorder
 from diffusers_ptq.sampling import balanced_labels
-from diffusers_ptq.utils import machine_info
 
 
 def ssc_step_weights(pipe, config: QuantConfig) -> dict[int, float]:

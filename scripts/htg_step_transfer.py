@@ -13,10 +13,10 @@ import argparse
 from pathlib import Path
 
 from diffusers_ptq.api import quantize_transformer
-from diffusers_ptq.bundled import load_pipeline
 from diffusers_ptq.config import QuantConfig
-from diffusers_ptq.evaluation import evaluate, write_json
-from diffusers_ptq.utils import machine_info
+from diffusers_ptq.harness.bundled import load_pipeline
+from diffusers_ptq.harness.evaluation import evaluate, write_json
+from diffusers_ptq.harness.utils import machine_info
 
 
 def main() -> None:

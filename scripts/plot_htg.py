@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from diffusers_ptq.api import htg_vectors
-from diffusers_ptq.bundled import load_pipeline
 from diffusers_ptq.calibration import calibrate
 from diffusers_ptq.config import QuantConfig
+from diffusers_ptq.harness.bundled import load_pipeline
 from diffusers_ptq.methods import htg
 from diffusers_ptq.reparam import dit_smoothing_targets
 

@@ -8,7 +8,7 @@ Resumable row by row (rows already in --output with the same settings are kept).
 import argparse
 from pathlib import Path
 
-from diffusers_ptq.bench import qdit_configs, run_benchmark
+from diffusers_ptq.harness.bench import qdit_configs, run_benchmark
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--num-samples", type=int, default=500)

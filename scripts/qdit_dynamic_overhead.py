@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from diffusers_ptq import kernels
-from diffusers_ptq.evaluation import write_json
+from diffusers_ptq.harness.evaluation import write_json
+from diffusers_ptq.harness.utils import machine_info
 from diffusers_ptq.modules import quantize_linear
-from diffusers_ptq.utils import machine_info
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--repeats", type=int, default=15)

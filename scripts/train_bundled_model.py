@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from safetensors.torch import load_file, save_file
 
-from diffusers_ptq.bundled import keep_id2label
-from diffusers_ptq.data import load_mnist, to_model_range
+from diffusers_ptq.harness.bundled import keep_id2label
+from diffusers_ptq.harness.data import load_mnist, to_model_range
 
 DIGITS = {i: name for i, name in enumerate("zero one two three four five six seven eight nine".split())}
 VAE_CONFIG = dict(

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from diffusers_ptq.classifier import MnistClassifier
-from diffusers_ptq.data import load_mnist, to_model_range
-from diffusers_ptq.evaluation import feature_statistics
+from diffusers_ptq.harness.classifier import MnistClassifier
+from diffusers_ptq.harness.data import load_mnist, to_model_range
+from diffusers_ptq.harness.evaluation import feature_statistics
 
 
 def _random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:

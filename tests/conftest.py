@@ -96,7 +96,7 @@ def tiny_transformer() -> DiTTransformer2DModel:
 
 @pytest.fixture(scope="session")
 def bundled_pipe():
-    from diffusers_ptq.bundled import load_pipeline
+    from diffusers_ptq.harness.bundled import load_pipeline
 
     return load_pipeline("bundled")
 

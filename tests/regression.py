@@ -117,7 +117,7 @@ def fingerprint(transformer) -> dict:
 
 def quantized_fingerprint(model: str, config) -> dict:
     from diffusers_ptq import quantize
-    from diffusers_ptq.bundled import load_pipeline
+    from diffusers_ptq.harness.bundled import load_pipeline
 
     pipe = load_pipeline(model, scheduler="ddim")
     quantize(pipe, config, progress=False)

@@ -1,4 +1,5 @@
-"""The package's import graph has no cycle (issue #18: imports run one way, downhill).
+"""The package's import graph has no cycle (issue #18: imports run one way, downhill), and the library never
+imports the benchmark harness (`diffusers_ptq.harness`: benchmark, metrics, bundled toy models).
 
 Every `import` / `from ... import` of a diffusers_ptq module counts, at module level or inside a function (a lazy
 import that closes a loop is still a loop). `from diffusers_ptq import name` depends on the submodule `name` when
@@ -80,3 +81,42 @@ def test_the_graph_is_read():
 def test_no_import_cycle_in_the_package():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+HARNESS = "diffusers_ptq.harness"
+APPLICATION = {"diffusers_ptq.cli"}  # the CLI is the application on top of the library and the harness
+
+
+def is_harness(module: str) -> bool:
+    return module == HARNESS or module.startswith(HARNESS + ".")
+
+
+def harness_path(graph: dict[str, set[str]], start: str) -> list[str] | None:
+    """The shortest import chain [start, ..., a harness module] that stays in the library, or None."""
+    parents = {start: None}
+    queue = [start]
+    while queue:
+        node = queue.pop(0)
+        for nxt in sorted(graph[node]):
+            if nxt in parents:
+                continue
+            parents[nxt] = node
+            if is_harness(nxt):
+                path = [nxt]
+                while parents[path[-1]] is not None:
+                    path.append(parents[path[-1]])
+                return path[::-1]
+            queue.append(nxt)
+    return None
+
+
+def test_the_library_never_imports_the_harness():
+    """No library module (every diffusers_ptq module but the harness and the CLI) imports diffusers_ptq.harness,
+    at module level or lazily, directly or through other modules."""
+    graph = import_graph()
+    assert HARNESS in graph and "diffusers_ptq.harness.bundled" in graph["diffusers_ptq.cli"]  # the graph sees it
+    assert harness_path({"a": {"b"}, "b": {HARNESS}, HARNESS: set()}, "a") == ["a", "b", HARNESS]
+    library = sorted(m for m in graph if not is_harness(m) and m not in APPLICATION)
+    assert "diffusers_ptq" in library and "diffusers_ptq.api" in library
+    chains = sorted((path for m in library if (path := harness_path(graph, m))), key=len)
+    assert not chains, "the library imports the harness: " + "; ".join(" -> ".join(c) for c in chains)

@@ -1,7 +1,7 @@
 import json
 
-from diffusers_ptq.bench import run_benchmark
 from diffusers_ptq.config import QuantConfig
+from diffusers_ptq.harness.bench import run_benchmark
 
 
 def test_benchmark_rows_are_paired_and_written(tmp_path):

@@ -2,10 +2,10 @@ import json
 
 import torch
 
-from diffusers_ptq.bundled import BUNDLED_MODEL_DIR, load_pipeline
-from diffusers_ptq.classifier import CLASSIFIER_DIR, load_classifier, load_reference_statistics
-from diffusers_ptq.data import load_mnist, to_model_range
-from diffusers_ptq.evaluation import evaluate, feature_statistics, frechet_distance, generate_images
+from diffusers_ptq.harness.bundled import BUNDLED_MODEL_DIR, load_pipeline
+from diffusers_ptq.harness.classifier import CLASSIFIER_DIR, load_classifier, load_reference_statistics
+from diffusers_ptq.harness.data import load_mnist, to_model_range
+from diffusers_ptq.harness.evaluation import evaluate, feature_statistics, frechet_distance, generate_images
 
 
 def test_bundled_pipeline_is_a_real_dit_pipeline(bundled_pipe):
@@ -77,8 +77,8 @@ def test_paired_metrics_see_a_perturbation(bundled_pipe):
 
 
 def test_planted_outliers_keep_the_float_function_and_create_outliers(bundled_pipe):
-    from diffusers_ptq.bench import outlier_summary
-    from diffusers_ptq.bundled import OUTLIER_MODEL
+    from diffusers_ptq.harness.bench import outlier_summary
+    from diffusers_ptq.harness.bundled import OUTLIER_MODEL
 
     planted = load_pipeline(OUTLIER_MODEL)
     x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -102,7 +102,7 @@ def test_labels_inferred_from_model(tiny_transformer):
 
 def test_latent_sampler_reproduces_dit_pipeline(bundled_pipe):
     """The calibration trajectory is the pipeline's: same seeds -> the same latents reach the VAE."""
-    from diffusers_ptq.evaluation import generate_images
+    from diffusers_ptq.harness.evaluation import generate_images
 
     labels = [0, 3, 9]
     seen = {}

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from diffusers_ptq.cli import main
-from diffusers_ptq.evaluation import inception_metrics
+from diffusers_ptq.harness.evaluation import inception_metrics
 
 
 def test_demo_quantizes_and_writes_table_grid_and_json(tmp_path):
@@ -37,6 +37,7 @@ def test_inception_metrics_never_download(tmp_path):
 
 
 def test_cli_offers_every_benchmark_suite():
-    from diffusers_ptq import bench, cli
+    from diffusers_ptq import cli
+    from diffusers_ptq.harness import bench
 
     assert set(cli.SUITES_NAMES) == set(bench.SUITES)

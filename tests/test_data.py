@@ -3,7 +3,7 @@ import pickle
 
 import pytest
 
-from diffusers_ptq.data import _NumpyOnlyUnpickler, load_mnist, to_model_range
+from diffusers_ptq.harness.data import _NumpyOnlyUnpickler, load_mnist, to_model_range
 
 
 class _Evil:

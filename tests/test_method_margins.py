@@ -1,11 +1,11 @@
 """Each smoothing method beats min-max at W8A8 on the planted-outlier model by a clear margin in paired PSNR.
 
-`bundled-outliers` (diffusers_ptq.bundled.plant_outliers) is the bundled MNIST DiT with DiT-XL/2-like outlier
+`bundled-outliers` (diffusers_ptq.harness.bundled.plant_outliers) is the bundled MNIST DiT with DiT-XL/2-like outlier
 channels planted by exact re-parameterizations: per-tensor int8 activations with min-max ranges collapse on it, and
 SmoothQuant, PTQ4DiT and HTG exist to fix exactly that. A method that silently does nothing (a fold that is never
 applied, a smoothing vector of ones) scores min-max's PSNR and fails here.
 
-Paired PSNR: quantized vs full-precision samples from the same noise and labels (diffusers_ptq.evaluation).
+Paired PSNR: quantized vs full-precision samples from the same noise and labels (diffusers_ptq.harness.evaluation).
 
 Numbers behind the margin (W8A8, PSNR vs FP in dB):
 - docs/results/bundled-outliers-baselines.json (1,000 samples, 50 DDIM steps, calibration 32 samples × 50 steps):
@@ -20,8 +20,8 @@ Numbers behind the margin (W8A8, PSNR vs FP in dB):
 import pytest
 
 from diffusers_ptq import BaselineConfig, HTGConfig, PTQ4DiTConfig, quantize
-from diffusers_ptq.bundled import OUTLIER_MODEL, load_pipeline
-from diffusers_ptq.evaluation import generate_images, psnr
+from diffusers_ptq.harness.bundled import OUTLIER_MODEL, load_pipeline
+from diffusers_ptq.harness.evaluation import generate_images, psnr
 
 MARGIN_DB = 10.0
 STEPS = 10

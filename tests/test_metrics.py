@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_ptq.evaluation import feature_statistics, frechet_distance, psnr, relative_mse
+from diffusers_ptq.harness.evaluation import feature_statistics, frechet_distance, psnr, relative_mse
 
 
 def test_psnr_matches_definition():

@@ -12,8 +12,8 @@ from diffusers import DiTPipeline
 
 from diffusers_ptq import METHODS, QDiTConfig, config_from_dict, kernels, load_recipe, quantize
 from diffusers_ptq.api import quantize_transformer
-from diffusers_ptq.bundled import BUNDLED_MODEL_DIR
 from diffusers_ptq.config import QuantConfig, read_recipe
+from diffusers_ptq.harness.bundled import BUNDLED_MODEL_DIR
 from diffusers_ptq.kernels import kernel_problem, per_token_scale, weight_codes
 from diffusers_ptq.methods import qdit
 from diffusers_ptq.modules import QuantLinear, quantize_linear

@@ -12,8 +12,8 @@ from transformers.quantizers import auto as transformers_auto
 import diffusers_ptq
 from diffusers_ptq import METHODS, BaselineConfig, HTGConfig, PTQ4DiTConfig, config_from_dict, quantize
 from diffusers_ptq.api import quantize_transformer
-from diffusers_ptq.bundled import BUNDLED_MODEL_DIR, load_pipeline
 from diffusers_ptq.config import QuantConfig, saved_method_name
+from diffusers_ptq.harness.bundled import BUNDLED_MODEL_DIR, load_pipeline
 from diffusers_ptq.modules import QuantLinear
 
 # small calibration: 2 samples, 2 steps

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 import diffusers_ptq
 from diffusers_ptq import BaselineConfig, HTGConfig, PTQ4DiTConfig, quantize
-from diffusers_ptq.bundled import load_pipeline
+from diffusers_ptq.harness.bundled import load_pipeline
 from diffusers_ptq.modules import QuantLinear
 from diffusers_ptq.serialization import METADATA_KEY, CheckpointError
 
@@ -234,7 +234,7 @@ def test_design_card_example_runs_as_written(tmp_path, monkeypatch):
 
     import diffusers_ptq  # noqa: F401  registers "ptq4dit" / "htg" with diffusers' quantizer registry
     from diffusers_ptq import HTGConfig
-    from diffusers_ptq.bundled import BUNDLED_MODEL_DIR
+    from diffusers_ptq.harness.bundled import BUNDLED_MODEL_DIR
 
     pipe = DiTPipeline.from_pretrained(BUNDLED_MODEL_DIR,
                                        quantization_config=HTGConfig(weight_bits=4, act_bits=8, num_inference_steps=100))

@@ -129,7 +129,7 @@ def score_images(images: torch.Tensor, labels: Sequence[int], reference_images: 
     row: dict = {}
     feats = None
     if use_classifier:
-        from diffusers_ptq.classifier import load_classifier, load_reference_statistics
+        from diffusers_ptq.harness.classifier import load_classifier, load_reference_statistics
 
         classifier, real = load_classifier(), load_reference_statistics()
         feats = classifier_features(classifier, images)

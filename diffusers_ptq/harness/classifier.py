@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-CLASSIFIER_DIR = Path(__file__).parent / "assets" / "mnist-classifier"
+CLASSIFIER_DIR = Path(__file__).parent.parent / "assets" / "mnist-classifier"
 FEATURE_DIM = 128
 
 

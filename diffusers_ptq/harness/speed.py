@@ -90,7 +90,7 @@ def _paired(fns: dict, repeats: int) -> dict:
 def _dit_xl_model():
     from diffusers import DiTTransformer2DModel
 
-    from diffusers_ptq.bench import DIT_XL_2_256
+    from diffusers_ptq.harness.bench import DIT_XL_2_256
 
     torch.manual_seed(0)
     config = DIT_XL_2_256
@@ -200,7 +200,7 @@ def ceiling_worker(linear_calls: list[dict], repeats: int = 5) -> dict:
 
 
 def _run_worker(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "diffusers_ptq.speed", *args], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "diffusers_ptq.harness.speed", *args], capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"speed worker {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -211,9 +211,9 @@ def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, l
     """Bundled pipeline, 50 DDIM steps, one sample per label (batch 2×10 with CFG): FP, W8A8, W8A8 emulated, W8A8
     with ±63 weight codes, W4A8; `repeats` interleaved rounds (median; speedup = median of per-round ratios)."""
     from diffusers_ptq.api import quantize_transformer
-    from diffusers_ptq.bundled import load_pipeline
     from diffusers_ptq.config import QuantConfig
-    from diffusers_ptq.evaluation import generate_images
+    from diffusers_ptq.harness.bundled import load_pipeline
+    from diffusers_ptq.harness.evaluation import generate_images
 
     def quantized(bits: int, seven_bit: bool = False, kernel: str | None = None):
         pipe = load_pipeline("bundled")
@@ -241,7 +241,7 @@ def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, l
 def run_speed_benchmark(output: str | os.PathLike, repeats: int = 3, modes=tuple(SPEED_MODES),
                         sampling: bool = True) -> dict:
     from diffusers_ptq import kernels
-    from diffusers_ptq.utils import machine_info
+    from diffusers_ptq.harness.utils import machine_info
 
     t0 = time.time()
     result = {"machine": {**machine_info(), **kernels.machine_kernel_info(),
@@ -332,9 +332,9 @@ def w8a8_range_quality(num_samples: int = 200, seed: int = 0, output: str | os.P
     weights) and 7-bit activations ([-64, 63] over the same calibrated range). The 7-bit variants are emulated."""
     from diffusers_ptq import kernels
     from diffusers_ptq.api import quantize_transformer
-    from diffusers_ptq.bundled import load_pipeline
     from diffusers_ptq.config import QuantConfig
-    from diffusers_ptq.evaluation import evaluate
+    from diffusers_ptq.harness.bundled import load_pipeline
+    from diffusers_ptq.harness.evaluation import evaluate
     from diffusers_ptq.modules import QuantLinear
 
     fp = load_pipeline("bundled")
@@ -390,5 +390,5 @@ if __name__ == "__main__":
     elif len(sys.argv) >= 2 and sys.argv[1] == "--w8a8-quality":
         print(json.dumps(w8a8_range_quality(output=sys.argv[2] if len(sys.argv) > 2 else None), indent=2))
     else:
-        raise SystemExit("usage: python -m diffusers_ptq.speed --forward LABEL [REPEATS] | --ceiling JSON | "
+        raise SystemExit("usage: python -m diffusers_ptq.harness.speed --forward LABEL [REPEATS] | --ceiling JSON | "
                          "--w8a8-quality [OUTPUT]")

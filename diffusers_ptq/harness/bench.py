@@ -20,12 +20,18 @@ from pathlib import Path
 import torch
 
 from diffusers_ptq.api import quantize_transformer
-from diffusers_ptq.bundled import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_pipeline
 from diffusers_ptq.config import QuantConfig
-from diffusers_ptq.evaluation import class_ids_of, generate_images, score_images, uses_mnist_classifier, write_json
 from diffusers_ptq.groupbias import group_bias_bytes
+from diffusers_ptq.harness.bundled import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_pipeline
+from diffusers_ptq.harness.evaluation import (
+    class_ids_of,
+    generate_images,
+    score_images,
+    uses_mnist_classifier,
+    write_json,
+)
+from diffusers_ptq.harness.utils import machine_info, save_grid
 from diffusers_ptq.sampling import balanced_labels
-from diffusers_ptq.utils import machine_info, save_grid
 
 
 def default_configs(**calibration) -> list[QuantConfig]:
@@ -102,7 +108,7 @@ def main_configs(**calibration) -> list[QuantConfig]:
     return rows
 
 
-QDIT_FID_SEARCH = Path(__file__).resolve().parent.parent / "docs" / "results" / "qdit-fid-search.json"
+QDIT_FID_SEARCH = Path(__file__).resolve().parents[2] / "docs" / "results" / "qdit-fid-search.json"
 
 
 def qdit_configs(**calibration) -> list[QuantConfig]:
@@ -375,7 +381,7 @@ def architecture_footprint(labels: Sequence[str] = tuple(FOOTPRINT_CONFIGS)) -> 
     """Run `footprint_worker` for each label in a fresh process (so peak memory is that mode's own)."""
     rows = []
     for label in labels:
-        out = subprocess.run([sys.executable, "-m", "diffusers_ptq.bench", "--footprint-worker", label],
+        out = subprocess.run([sys.executable, "-m", "diffusers_ptq.harness.bench", "--footprint-worker", label],
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows

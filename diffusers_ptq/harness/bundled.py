@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-BUNDLED_MODEL_DIR = Path(__file__).parent / "assets" / "dit-mnist"
+BUNDLED_MODEL_DIR = Path(__file__).parent.parent / "assets" / "dit-mnist"
 # Sampling settings the metrics of the bundled model are reported at (docs/bundled-model.md).
 DEFAULT_NUM_INFERENCE_STEPS = 50
 DEFAULT_GUIDANCE_SCALE = 1.5  # the papers evaluate DiT-XL/2 at classifier-free guidance 1.5
