@@ -1,9 +1,15 @@
-"""Model card and Hub upload for a quantized transformer or pipeline.
+"""Model card, atomic save and Hub upload for a quantized transformer or pipeline.
 
 `model_card(obj, metrics=...)` states the method, bits, calibration settings, library versions and, when given,
-the measured quality figures. `push_to_hub(obj, repo_id)` saves into a temporary folder (the atomic, safetensors-only
-save), writes the card as README.md at its root and uploads the folder with `huggingface_hub.HfApi`
-(`create_repo`, then `upload_folder`).
+the measured quality figures. `save_pretrained(obj, folder)` writes the whole folder atomically
+(`serialization.save_atomic`), safetensors only, with the card as README.md at its root. `push_to_hub(obj, repo_id)`
+does that save into a temporary folder and uploads it with `huggingface_hub.HfApi` (`create_repo`, then
+`upload_folder`).
+
+These are functions of ours, not replacements of diffusers' methods: diffusers has no hook after a save (where an
+atomic swap or a model card would go). `model.save_pretrained` / `pipe.save_pretrained` / `push_to_hub`, diffusers'
+own, write the same loadable checkpoint (our tensors and metadata come from the quantizer's
+`get_state_dict_and_metadata` hook), in place and with diffusers' generic card.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from diffusers_ptq.config import DiffusersPTQConfig, config_from_dict
+from diffusers_ptq import serialization
+from diffusers_ptq.config import PIPELINE_COMPONENT, DiffusersPTQConfig, config_from_dict
 
 PACKAGES = ("diffusers-ptq", "diffusers", "optimum-quanto", "torch", "safetensors", "huggingface_hub")
 
@@ -109,28 +116,47 @@ def model_card(obj, *, metrics: dict | None = None, base_model: str | None = Non
     return "\n".join(lines)
 
 
+def save_pretrained(obj, save_directory: str | os.PathLike, *, metrics: dict | None = None,
+                    base_model: str | None = None, safe_serialization: bool = True, variant: str | None = None,
+                    max_shard_size: int | str | None = None) -> None:
+    """Save a quantized transformer or pipeline as diffusers' `save_pretrained` does, but atomically (the whole
+    folder is written beside save_directory, checked, then swapped in: `serialization.save_atomic`), safetensors only,
+    with our model card as README.md at its root. Under a distributed launch only the main process writes."""
+    if not safe_serialization:
+        raise ValueError("diffusers_ptq checkpoints are saved as safetensors only (safe_serialization=True)")
+    card = model_card(obj, metrics=metrics, base_model=base_model)  # fails early if obj is not quantized by us
+    is_pipeline = hasattr(obj, "components")
+    kwargs = {"safe_serialization": True, "variant": variant}
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+
+    def check(folder: Path) -> None:
+        serialization.check_saved_folder(folder / PIPELINE_COMPONENT if is_pipeline else folder)
+
+    serialization.save_atomic(lambda tmp: obj.save_pretrained(tmp, **kwargs), save_directory,
+                              extra_files={"README.md": card}, check=check)
+
+
 def push_to_hub(obj, repo_id: str, *, metrics: dict | None = None, base_model: str | None = None,
                 commit_message: str | None = None, private: bool | None = None, token: str | None = None,
                 create_pr: bool = False, **save_kwargs):
-    """Upload a quantized transformer or pipeline with its model card. Returns upload_folder's result (None on the
-    non-main processes of a multi-process run: only the main process uploads)."""
+    """Upload a quantized transformer or pipeline with its model card (what `save_pretrained` above writes). Returns
+    upload_folder's result (None on the non-main processes of a multi-process run: only the main process uploads).
+    `save_kwargs`: `variant`, `max_shard_size`."""
     from huggingface_hub import HfApi
 
     from diffusers_ptq.distributed import is_main_process
 
     if not is_main_process():
         return None
-    card = model_card(obj, metrics=metrics, base_model=base_model)  # fails early if obj is not quantized by us
-    save_kwargs.pop("safe_serialization", None)
+    config = quantization_config_of(obj)  # fails early if obj is not quantized by us
     save_kwargs.pop("subfolder", None)
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, private=private, exist_ok=True)
     repo_id = getattr(repo, "repo_id", repo_id)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "upload"
-        obj.save_pretrained(folder, **save_kwargs)
-        (folder / "README.md").write_text(card, encoding="utf-8")
-        config = quantization_config_of(obj)
+        save_pretrained(obj, folder, metrics=metrics, base_model=base_model, **save_kwargs)
         return api.upload_folder(repo_id=repo_id, folder_path=str(folder), create_pr=create_pr,
                                  commit_message=commit_message or f"Upload {config.method} quantized model "
                                                                   f"(diffusers-ptq)")

@@ -6,6 +6,11 @@
   tensors without calibrating (`serialization.rebuild_quantized_modules`).
 - `quantize(pipe_or_transformer, config)` does the first for an already-loaded model.
 
+Only diffusers' documented `DiffusersQuantizer` hooks are used (diffusers/quantizers/base.py); no diffusers method is
+replaced, on the class or on an instance. Saving: `model.save_pretrained` / `pipe.save_pretrained` are diffusers' own;
+the quantizer adds the quantized tensors and the metadata through `get_state_dict_and_metadata`. The atomic
+whole-folder save with a model card is `diffusers_ptq.save_pretrained` (hub.py): diffusers has no hook after a save.
+
 Calibration context when loading from a folder: class labels from `config.class_labels`, else the pipeline's
 `id2label` (`../model_index.json` next to a `transformer` subfolder), else every class the model embeds; the noise
 schedule from `../scheduler/scheduler_config.json` when present, else DiT's default (linear betas 1e-4..0.02,
@@ -14,10 +19,8 @@ schedule from `../scheduler/scheduler_config.json` when present, else DiT's defa
 
 from __future__ import annotations
 
-import functools
+import copy
 import json
-import os
-import sys
 import weakref
 from pathlib import Path
 
@@ -46,24 +49,6 @@ def check_supported_model(model) -> None:
         )
 
 
-def _config_passed_to_from_pretrained():
-    """The `quantization_config` argument of the ModelMixin.from_pretrained call that is loading us, if any.
-
-    diffusers merges a user's config with a pre-quantized checkpoint's by dropping the user's (with a warning);
-    this reads it from the caller's frame so that the combination is refused instead. None if not found.
-    """
-    import diffusers.models.modeling_utils as modeling_utils
-
-    target = os.path.normcase(os.path.abspath(modeling_utils.__file__))
-    frame = sys._getframe(1)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == "from_pretrained" and os.path.normcase(os.path.abspath(code.co_filename)) == target:
-            return frame.f_locals.get("quantization_config")
-        frame = frame.f_back
-    return None
-
-
 def pipeline_context(checkpoint_files) -> tuple[dict | None, dict | None]:
     """(id2label, scheduler config) of the pipeline folder a transformer subfolder belongs to, if it is one."""
     if not checkpoint_files:
@@ -90,7 +75,24 @@ class DiffusersPTQQuantizer(DiffusersQuantizer):
         self.metadata: dict | None = None
         self._tensors: dict[str, torch.Tensor] = {}
         self.report = None  # api.QuantizationReport after a calibrating load
+        # The model this quantizer belongs to (a weak reference: the model holds the quantizer as `hf_quantizer`).
+        # Needed because diffusers' saving hook, get_state_dict_and_metadata(state_dict, safe_serialization), is not
+        # given the model, and the metadata is read from its modules and attention processors.
         self._model = None
+
+    def __deepcopy__(self, memo):
+        """A deep copy of a quantized model gets a quantizer that belongs to the copy (`copy.deepcopy` puts the new
+        model in `memo` before it copies the model's attributes, `hf_quantizer` among them)."""
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        for key, value in self.__dict__.items():
+            if key != "_model":
+                setattr(twin, key, copy.deepcopy(value, memo))
+        model = self._model() if self._model is not None else None
+        if model is not None:
+            model = memo.get(id(model), model)
+        twin._model = weakref.ref(model) if model is not None else None
+        return twin
 
     # --- checks ----------------------------------------------------------------------------------------------------
     def validate_environment(self, *args, **kwargs):
@@ -99,17 +101,11 @@ class DiffusersPTQQuantizer(DiffusersQuantizer):
             raise ValueError("diffusers_ptq does not support a device_map that splits the transformer over devices")
         if "torch_dtype" not in kwargs:  # diffusers calls this twice; the checks below run once
             return
-        if self.pre_quantized:
-            passed = _config_passed_to_from_pretrained()
-            if passed is not None:
-                raise ValueError(
-                    f"this checkpoint is already quantized ({self.quantization_config.method}: "
-                    f"{self.quantization_config.to_diff_dict()}); do not pass a quantization_config "
-                    f"({type(passed).__name__}) with it. "
-                    "Load it without quantization_config to use it as saved (no calibration), or load the float "
-                    "checkpoint with the config to quantize it anew.")
-        else:
-            self.quantization_config.to_quant_config()  # methods not implemented yet (HTG) fail here, before loading
+        # A pre-quantized checkpoint loaded with a quantization_config: diffusers' merge_quantization_configs
+        # (quantizers/auto.py) warns and keeps the checkpoint's config, and no hook sees the user's argument, so the
+        # checkpoint is loaded as saved (docs/diffusers.md, "What diffusers lacks").
+        if not self.pre_quantized:
+            self.quantization_config.to_quant_config()  # methods not implemented yet fail here, before loading
 
     def update_torch_dtype(self, torch_dtype):
         if torch_dtype is None or torch_dtype == torch.float32:
@@ -153,11 +149,16 @@ class DiffusersPTQQuantizer(DiffusersQuantizer):
 
     # --- saving ----------------------------------------------------------------------------------------------------
     def get_state_dict_and_metadata(self, state_dict, safe_serialization=False):
+        """diffusers' saving hook, called by ModelMixin.save_pretrained (and so by DiffusionPipeline.save_pretrained
+        and push_to_hub) after it wrote config.json and before it writes the weights: adds the processor tensors and
+        the metadata header, and refuses pickle."""
+        if not safe_serialization:
+            raise ValueError("diffusers_ptq checkpoints are saved as safetensors only (safe_serialization=True); "
+                             "diffusers had already written config.json (diffusers_ptq.save_pretrained refuses "
+                             "before writing anything)")
         model = self._model() if self._model is not None else None
         if model is None:
             raise RuntimeError("the quantized model this quantizer belongs to is gone")
-        if not safe_serialization:
-            raise ValueError("diffusers_ptq checkpoints are saved as safetensors only (safe_serialization=True)")
         return serialization.state_dict_and_metadata(model, state_dict)
 
     @property
@@ -188,42 +189,19 @@ def run_quantization(transformer, config: DiffusersPTQConfig, id2label: dict | N
 
 
 def attach(model, quantizer: DiffusersPTQQuantizer) -> None:
-    """Mark a quantized transformer as diffusers does after a quantized load, and give it the atomic
-    save_pretrained (with the model card) and the push_to_hub of `diffusers_ptq.hub`."""
-    from diffusers_ptq import hub
-
+    """Mark a quantized transformer as diffusers marks a model after a quantized load (attributes only; no method
+    of the model is replaced), and tie the quantizer to it for `get_state_dict_and_metadata`."""
     quantizer._model = weakref.ref(model)
+    # What diffusers does to a model it loads with a quantizer, for `diffusers_ptq.quantize(...)` on a loaded one:
+    # DiffusersQuantizer.preprocess_model (quantizers/base.py) sets is_quantized and quantization_method;
+    # ModelMixin.from_pretrained (models/modeling_utils.py) sets `model.hf_quantizer = hf_quantizer` after
+    # postprocess_model; ConfigMixin.from_config (configuration_utils.py) registers the config's quantization_config
+    # with register_to_config, so that save_config writes it to config.json.
     model.hf_quantizer = quantizer
     model.is_quantized = True
     model.quantization_method = quantizer.quantization_config.quant_method
     if model.config.get("quantization_config") is not quantizer.quantization_config:
         model.register_to_config(quantization_config=quantizer.quantization_config)
-    # Instance attributes (not a patch of the diffusers class): DiffusionPipeline.save_pretrained reaches them too.
-    model.save_pretrained = functools.partial(save_pretrained, model)
-    model.push_to_hub = functools.partial(hub.push_to_hub, model)
-
-
-def save_pretrained(model, save_directory, is_main_process: bool = True, save_function=None,
-                    safe_serialization: bool = True, variant: str | None = None, max_shard_size="10GB",
-                    push_to_hub: bool = False, **kwargs) -> None:
-    """diffusers' save_pretrained, written atomically, safetensors only, with a model card (README.md)."""
-    from diffusers import ModelMixin
-
-    from diffusers_ptq import hub
-
-    if not safe_serialization or kwargs.pop("use_flashpack", False):
-        raise ValueError("diffusers_ptq checkpoints are saved as safetensors only (safe_serialization=True)")
-    if not is_main_process:
-        return
-    model.hf_quantizer._model = weakref.ref(model)  # this model (a deep copy carries its original's reference)
-    serialization.save_atomic(
-        lambda tmp: ModelMixin.save_pretrained(model, tmp, safe_serialization=True, variant=variant,
-                                               max_shard_size=max_shard_size),
-        save_directory, extra_files={"README.md": hub.model_card(model)}, check=serialization.check_saved_folder)
-    if push_to_hub:
-        repo_id = kwargs.pop("repo_id", Path(save_directory).name)
-        hub.push_to_hub(model, repo_id, **{k: kwargs[k] for k in ("token", "private", "commit_message", "create_pr")
-                                           if k in kwargs})
 
 
 def quantize(pipe_or_transformer, config: DiffusersPTQConfig, *, progress: bool = True):

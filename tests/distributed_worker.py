@@ -3,9 +3,9 @@
 Run as `python tests/distributed_worker.py OUT` (one process) or under `torchrun --nproc_per_node 2` (the same
 script, one shard of the samples per process). Every process writes OUT/rank{r}.pt (its statistics, Hessians,
 attention absmax and the quantized model's flattened state dict) and OUT/state-rank{r}/ (that state saved directly
-with diffusers' ModelMixin.save_pretrained, bypassing the main-process guard), and asks the guarded save to write
-OUT/ckpt-rank{r}/ (only the main process may write it); OUT/recon-rank{r}/ holds a W4A8 block-reconstruction
-model (reconstruction is not split; the main process's result is broadcast).
+with diffusers' ModelMixin.save_pretrained, which every process runs), and asks the guarded save,
+diffusers_ptq.save_pretrained, to write OUT/ckpt-rank{r}/ (only the main process may write it); OUT/recon-rank{r}/
+holds a W4A8 block-reconstruction model (reconstruction is not split; the main process's result is broadcast).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import make_tiny_transformer, randomize_modulation  # noqa: E402
 
-from diffusers_ptq import distributed  # noqa: E402
+from diffusers_ptq import distributed, save_pretrained  # noqa: E402
 from diffusers_ptq.attention import install_quant_attention  # noqa: E402
 from diffusers_ptq.calibration import calibrate, select_linears  # noqa: E402
 from diffusers_ptq.config import PTQ4DiTConfig  # noqa: E402
@@ -64,7 +64,7 @@ def main(out: Path) -> None:
     from diffusers import ModelMixin
 
     ModelMixin.save_pretrained(quantized, str(out / f"state-rank{rank}"), safe_serialization=True)  # unguarded
-    quantized.save_pretrained(str(out / f"ckpt-rank{rank}"))  # guarded: the main process only
+    save_pretrained(quantized, str(out / f"ckpt-rank{rank}"))  # guarded: the main process only
     recon = PTQ4DiTConfig(weight_bits=4, act_bits=8, weight_rounding="reconstruct", reconstruct_iters=20,
                           reconstruct_samples=16, reconstruct_batch=8, num_samples=SAMPLES, num_inference_steps=STEPS,
                           batch_size=BATCH)

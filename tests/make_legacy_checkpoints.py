@@ -39,8 +39,7 @@ def main() -> None:
         model = make_tiny_transformer()
         randomize_modulation(model)
         quantize(model, config, progress=False)
-        model.save_pretrained(FOLDER / name)
-        (FOLDER / name / "README.md").unlink()  # the model card: not needed here
+        model.save_pretrained(FOLDER / name)  # diffusers' own save: no model card
     (FOLDER / "VERSION").write_text(f"saved by diffusers_ptq {__version__}\n")
     print(f"wrote {sorted(configs())} to {FOLDER}")
 

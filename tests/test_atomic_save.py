@@ -1,5 +1,6 @@
-"""Atomic save (issue #17): a save killed at any step leaves the old or the new checkpoint whole, never a mix of
-the two; the user's own files in the folder survive; a corrupt weight group size in the metadata fails clearly."""
+"""Atomic save (issue #17), `diffusers_ptq.save_pretrained`: a save killed at any step leaves the old or the new
+checkpoint whole, never a mix of the two; the user's own files in the folder survive; a corrupt weight group size in
+the metadata fails clearly. (diffusers' own `save_pretrained` writes in place: diffusers has no hook for this.)"""
 
 import itertools
 import json
@@ -14,6 +15,7 @@ from conftest import make_tiny_transformer, tiny_inputs
 from diffusers import DiTTransformer2DModel
 from safetensors import safe_open
 
+import diffusers_ptq
 from diffusers_ptq import BaselineConfig, quantize
 from diffusers_ptq.serialization import (
     METADATA_KEY,
@@ -87,7 +89,7 @@ def models():
 
 def reference(model, folder: Path, shard: str, user_files: bool) -> dict[str, object]:
     """Save a clean checkpoint of `model`, check that it loads as `model`, and return its files."""
-    model.save_pretrained(folder, max_shard_size=shard)
+    diffusers_ptq.save_pretrained(model, folder, max_shard_size=shard)
     with torch.no_grad():
         assert torch.equal(DiTTransformer2DModel.from_pretrained(folder)(**tiny_inputs()).sample,
                            model(**tiny_inputs()).sample)
@@ -117,7 +119,7 @@ def test_a_save_killed_at_any_step_leaves_the_old_or_the_new_checkpoint(models, 
         with pytest.MonkeyPatch.context() as patch:
             killer = Killer(patch, n)
             try:
-                new_model.save_pretrained(target, max_shard_size=new_shard)
+                diffusers_ptq.save_pretrained(new_model, target, max_shard_size=new_shard)
             except Killed:
                 assert killer.dead
         if not killer.dead:  # n is past the last step: the save ran to its end
@@ -135,7 +137,7 @@ def test_a_save_killed_at_any_step_leaves_the_old_or_the_new_checkpoint(models, 
         if old is not None and not target.exists():  # the next save puts the old folder back first: user files kept
             again = tmp_path / f"again{n}"
             shutil.copytree(run, again, symlinks=True)
-            new_model.save_pretrained(again / "transformer", max_shard_size=new_shard)
+            diffusers_ptq.save_pretrained(new_model, again / "transformer", max_shard_size=new_shard)
             assert snapshot(again / "transformer") == new and os.listdir(again) == ["transformer"]
         recover_interrupted_save(target)
         after = snapshot(target) if target.exists() else None
@@ -159,12 +161,12 @@ def test_save_atomic_keeps_its_contract(models, tmp_path, monkeypatch):
     _, model = models
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file: save_pretrained needs a folder"):
-        model.save_pretrained(tmp_path / "file")
+        diffusers_ptq.save_pretrained(model, tmp_path / "file")
     (tmp_path / "empty").mkdir()
-    model.save_pretrained(tmp_path / "empty")  # an empty existing folder is fine
+    diffusers_ptq.save_pretrained(model, tmp_path / "empty")  # an empty existing folder is fine
     assert {"config.json", WEIGHTS, "README.md"} == set(os.listdir(tmp_path / "empty"))
     (tmp_path / "link").symlink_to(tmp_path / "empty", target_is_directory=True)
-    model.save_pretrained(tmp_path / "link")  # a link is followed: the folder it points to is swapped
+    diffusers_ptq.save_pretrained(model, tmp_path / "link")  # a link is followed: the folder it points to is swapped
     assert (tmp_path / "link").is_symlink() and snapshot(tmp_path / "link") == snapshot(tmp_path / "empty")
 
     def failing_check(folder):
@@ -177,6 +179,30 @@ def test_save_atomic_keeps_its_contract(models, tmp_path, monkeypatch):
     monkeypatch.setattr("diffusers_ptq.distributed.is_main_process", lambda: False)
     save_atomic(lambda tmp: pytest.fail("a non-main process wrote"), tmp_path / "other")
     assert sorted(os.listdir(tmp_path)) == ["empty", "file", "link"]
+
+
+def test_a_pipeline_is_saved_atomically_as_one_folder_with_the_card_at_its_root(tmp_path, monkeypatch):
+    from diffusers import DiTPipeline
+
+    from diffusers_ptq.harness.bundled import load_pipeline
+
+    pipe = quantize(load_pipeline("bundled"), BaselineConfig(weight_bits=8, **FAST), progress=False)
+    folder = tmp_path / "pipe"
+    pipe.save_pretrained(folder)  # diffusers' own save, in place: no card
+    assert not (folder / "README.md").exists() and not (folder / "transformer" / "README.md").exists()
+    add_user_files(folder)
+    diffusers_ptq.save_pretrained(pipe, folder)  # over it, as one folder
+    card = (folder / "README.md").read_text()
+    assert "quantized DiT pipeline" in card and "baseline" in card
+    assert not (folder / "transformer" / "README.md").exists()
+    assert {"model_index.json", f"transformer/{WEIGHTS}", "vae/config.json", *USER_FILES} <= set(snapshot(folder))
+    assert os.listdir(tmp_path) == ["pipe"]  # no temporary folder left
+    monkeypatch.setattr("diffusers_ptq.api.calibrate", lambda *a, **k: pytest.fail("calibrated on reload"))
+    reloaded = DiTPipeline.from_pretrained(folder)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+                  timestep=torch.tensor([999, 10]), class_labels=torch.tensor([3, 7]))
+    with torch.no_grad():
+        assert torch.equal(reloaded.transformer(**inputs).sample, pipe.transformer(**inputs).sample)
 
 
 def test_recovery_refuses_to_guess_between_two_earlier_folders(tmp_path):
@@ -198,7 +224,7 @@ def grouped_checkpoints(tmp_path_factory):
         model = quantize(make_tiny_transformer(), BaselineConfig(weight_bits=bits, weight_group_size=group, **FAST),
                          progress=False)
         folders[bits] = tmp_path_factory.mktemp(f"w{bits}") / "ckpt"
-        model.save_pretrained(folders[bits])
+        model.save_pretrained(folders[bits])  # diffusers' own save: the metadata comes from the quantizer's hook
     return folders
 
 

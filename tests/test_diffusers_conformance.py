@@ -2,7 +2,8 @@
 own quantizer tests expect of a backend (tests/quantization/quanto/test_quanto.py and its torchao twin):
 quantized layers, a smaller footprint, outputs close to fp32, dtype casts refused, bit-exact save/load,
 torch.compile and LoRA training; plus the ways users call models: inference_mode / no_grad / grad enabled, and
-copy.deepcopy.
+copy.deepcopy; and nothing on a quantized model's instance shadows a diffusers method (only documented quantizer
+hooks: diffusers' own save_pretrained / push_to_hub run).
 
 Tolerances:
 - eager vs eager (inference_mode, no_grad, grad, deepcopy, reload): bit-identical — the same ops run.
@@ -105,6 +106,16 @@ def test_outputs_close_to_fp32(quantized):
         reference, out = _forward(fp), _forward(model)
     rel = float((out - reference).pow(2).mean() / reference.pow(2).mean())
     assert 0 < rel < MAX_RELATIVE_MSE, rel
+
+
+def test_nothing_on_the_instance_shadows_a_diffusers_method(quantized):
+    """diffusers_ptq.quantize sets what diffusers sets after a quantized load (hf_quantizer, is_quantized,
+    quantization_method, the config) and replaces no method: save_pretrained and push_to_hub are ModelMixin's."""
+    model = quantized[3]
+    assert "save_pretrained" not in vars(model) and "push_to_hub" not in vars(model)
+    assert not [name for name in vars(model) if callable(getattr(type(model), name, None))]
+    assert type(model).save_pretrained is DiTTransformer2DModel.save_pretrained
+    assert {"hf_quantizer", "is_quantized", "quantization_method"} <= set(vars(model))
 
 
 def test_dtype_casts_are_refused(quantized):
@@ -220,3 +231,4 @@ def test_deepcopy_is_independent(quantized):
                 module.bias.add_(1.0)
         assert torch.equal(_forward(model), expected)
     assert twin.hf_quantizer is not model.hf_quantizer
+    assert twin.hf_quantizer._model() is twin and model.hf_quantizer._model() is model  # each saves its own model

@@ -1,4 +1,8 @@
-"""Quantized checkpoints: bit-exact save -> reload without calibration, bad checkpoints, atomic writes, Hub upload."""
+"""Quantized checkpoints: bit-exact save -> reload without calibration, bad checkpoints, atomic writes, Hub upload.
+
+Two ways to save: diffusers' own `model.save_pretrained` / `pipe.save_pretrained` / `push_to_hub` (the quantizer adds
+its tensors and metadata through diffusers' `get_state_dict_and_metadata` hook), and `diffusers_ptq.save_pretrained`
+/ `diffusers_ptq.push_to_hub` (the same checkpoint, written atomically, with our model card)."""
 
 import json
 import os
@@ -9,7 +13,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import reload_bit_exact
+from conftest import reload_bit_exact, tiny_inputs
 from diffusers import DiTPipeline, DiTTransformer2DModel
 from safetensors import safe_open
 
@@ -28,7 +32,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 def saved(tiny_transformer, tmp_path):
     quantize(tiny_transformer, PTQ4DiTConfig(weight_bits=8, quantize_attention=True, **FAST), progress=False)
     folder = tmp_path / "w8a8"
-    tiny_transformer.save_pretrained(folder)
+    diffusers_ptq.save_pretrained(tiny_transformer, folder)
     return tiny_transformer, folder
 
 
@@ -78,6 +82,27 @@ def test_checkpoint_layout_and_metadata(saved):
     assert not any(p.name.startswith(".") for p in folder.parent.iterdir())  # no temporary folder left
     card = (folder / "README.md").read_text()
     assert "ptq4dit" in card and "W8A8" in card
+
+
+def test_plain_diffusers_save_pretrained_round_trips_bit_exactly(saved, tmp_path, monkeypatch):
+    """ModelMixin.save_pretrained itself (nothing of ours on the instance) writes our checkpoint: the tensors, the
+    metadata header and config.json are those of diffusers_ptq.save_pretrained, without the model card."""
+    model, ours = saved
+    assert "save_pretrained" not in vars(model) and "push_to_hub" not in vars(model)
+    reloaded = reload_bit_exact(model, tmp_path / "plain", monkeypatch)  # model.save_pretrained: diffusers' method
+    plain = tmp_path / "plain"
+    assert sorted(p.name for p in plain.iterdir()) == ["config.json", WEIGHTS]  # diffusers writes no card
+    assert sorted(p.name for p in ours.iterdir()) == ["README.md", "config.json", WEIGHTS]
+    assert (plain / "config.json").read_text() == (ours / "config.json").read_text()
+    first, second = (safetensors.torch.load_file(str(f / WEIGHTS)) for f in (plain, ours))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    headers = []
+    for folder in (plain, ours):
+        with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+            headers.append(f.metadata())
+    assert headers[0] == headers[1] and METADATA_KEY in headers[0]
+    assert not (set(vars(reloaded)) & {"save_pretrained", "push_to_hub"})
+    assert reloaded.hf_quantizer._model() is reloaded
 
 
 def test_pipeline_save_reload_gives_identical_images(tmp_path, monkeypatch):
@@ -134,15 +159,34 @@ def test_broken_checkpoints_fail_clearly(saved, edit, words):
         assert word in str(info.value)
 
 
-def test_config_with_a_quantized_checkpoint_is_refused(saved, tmp_path):
+def test_config_with_a_quantized_checkpoint_warns_and_the_checkpoint_wins(saved, monkeypatch):
+    """diffusers' merge_quantization_configs keeps a pre-quantized checkpoint's config and warns; no quantizer hook
+    sees the config the user passed, so the checkpoint loads as saved: no calibration, bit-identical outputs."""
     model, folder = saved
-    for config in (model.config.quantization_config, BaselineConfig()):
-        with pytest.raises(ValueError, match="already quantized"):
-            DiTTransformer2DModel.from_pretrained(folder, quantization_config=config)
+    monkeypatch.setattr("diffusers_ptq.api.calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    with torch.no_grad():
+        expected = model(**tiny_inputs()).sample
+    for config in (model.config.quantization_config, BaselineConfig(weight_bits=4)):
+        with pytest.warns(UserWarning, match="The `quantization_config` from the model will be used"):
+            loaded = DiTTransformer2DModel.from_pretrained(folder, quantization_config=config)
+        assert loaded.config.quantization_config == model.config.quantization_config
+        assert loaded.hf_quantizer.pre_quantized and loaded.hf_quantizer.quantization_config.weight_bits == 8
+        with torch.no_grad():
+            assert torch.equal(loaded(**tiny_inputs()).sample, expected)
     with pytest.raises(ValueError, match="torch_dtype"):
         DiTTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float16)
+
+
+def test_pickle_saves_are_refused(saved, tmp_path):
+    """diffusers_ptq.save_pretrained refuses before writing; diffusers' save_pretrained asks the quantizer's hook only
+    after it has written config.json, so no weights (no pickle) are written, but config.json is."""
+    model, _ = saved
     with pytest.raises(ValueError, match="safetensors only"):
-        model.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+        diffusers_ptq.save_pretrained(model, tmp_path / "ours", safe_serialization=False)
+    assert not (tmp_path / "ours").exists()
+    with pytest.raises(ValueError, match="safetensors only.*already written config.json"):
+        model.save_pretrained(tmp_path / "plain", safe_serialization=False)
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["config.json"]
 
 
 def test_failed_save_leaves_no_half_written_checkpoint(saved, tmp_path, monkeypatch):
@@ -155,9 +199,9 @@ def test_failed_save_leaves_no_half_written_checkpoint(saved, tmp_path, monkeypa
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
-        model.save_pretrained(folder)  # over an existing checkpoint
+        diffusers_ptq.save_pretrained(model, folder)  # over an existing checkpoint
     with pytest.raises(OSError, match="disk full"):
-        model.save_pretrained(tmp_path / "new")
+        diffusers_ptq.save_pretrained(model, tmp_path / "new")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w8a8"]  # no temporary folder left behind
@@ -204,7 +248,7 @@ class FakeHub:
 def test_transformer_push_to_hub_uploads_checkpoint_and_card(saved, monkeypatch):
     model, _ = saved
     hub = FakeHub(monkeypatch)
-    model.push_to_hub("me/tiny-w8a8", private=True)
+    diffusers_ptq.push_to_hub(model, "me/tiny-w8a8", private=True)
     assert hub.calls[0] == ("create_repo", "me/tiny-w8a8", {"private": True, "exist_ok": True})
     assert hub.calls[1][1] == "me/tiny-w8a8"
     assert set(hub.files) == {"README.md", "config.json", WEIGHTS}
@@ -213,6 +257,22 @@ def test_transformer_push_to_hub_uploads_checkpoint_and_card(saved, monkeypatch)
                  "Not measured"):
         assert text in card
     assert json.loads(hub.files["config.json"])["quantization_config"]["num_samples"] == 2
+
+
+def test_diffusers_push_to_hub_uploads_a_loadable_checkpoint_with_its_generic_card(saved, monkeypatch, tmp_path):
+    """model.push_to_hub is diffusers' own (PushToHubMixin): our tensors and metadata come through the quantizer's
+    hook; the card is diffusers' (no hook lets us write ours there: diffusers_ptq.push_to_hub does)."""
+    model, _ = saved
+    hub = FakeHub(monkeypatch)
+    model.push_to_hub("me/tiny-w8a8-plain")
+    assert set(hub.files) == {"README.md", "config.json", WEIGHTS}
+    assert "diffusers-ptq" not in hub.files["README.md"].decode()
+    for name, data in hub.files.items():
+        (tmp_path / name).write_bytes(data)
+    monkeypatch.setattr("diffusers_ptq.api.calibrate", lambda *a, **k: pytest.fail("calibrated on reload"))
+    reloaded = DiTTransformer2DModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**tiny_inputs()).sample, model(**tiny_inputs()).sample)
 
 
 def test_pipeline_push_to_hub_puts_the_card_at_the_root(monkeypatch):
@@ -229,7 +289,9 @@ def test_pipeline_push_to_hub_puts_the_card_at_the_root(monkeypatch):
 
 
 def test_design_card_example_runs_as_written(tmp_path, monkeypatch):
-    """../shared/DESIGN.md's first example, with the bundled model's folder for the Hub id and a faked Hub."""
+    """../shared/DESIGN.md's first example, with the bundled model's folder for the Hub id and a faked Hub. Its
+    `pipe.save_pretrained` / `pipe.push_to_hub` are diffusers' own: a loadable checkpoint, diffusers' generic card
+    (ours needs diffusers_ptq.push_to_hub, which the example's comment promises: docs/diffusers.md)."""
     from diffusers import DiTPipeline
 
     import diffusers_ptq  # noqa: F401  registers "ptq4dit" / "htg" with diffusers' quantizer registry
@@ -242,7 +304,8 @@ def test_design_card_example_runs_as_written(tmp_path, monkeypatch):
     pipe.save_pretrained(tmp_path / "dit-xl-2-256-w4a8-htg")
     hub = FakeHub(monkeypatch)
     pipe.push_to_hub("me/dit-xl-2-256-w4a8-htg")
-    assert f"transformer/{WEIGHTS}" in hub.files and "htg" in hub.files["transformer/README.md"].decode()
+    assert f"transformer/{WEIGHTS}" in hub.files and "README.md" in hub.files
+    assert "htg" in json.loads(hub.files["transformer/config.json"])["quantization_config"]["quant_method"]
     monkeypatch.setattr("diffusers_ptq.api.calibrate", lambda *a, **k: pytest.fail("calibrated on reload"))
     reloaded = DiTPipeline.from_pretrained(tmp_path / "dit-xl-2-256-w4a8-htg")
     run = lambda p: p(class_labels=[1, 7], num_inference_steps=4, generator=torch.Generator().manual_seed(0),  # noqa
