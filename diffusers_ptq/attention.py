@@ -1,6 +1,6 @@
 """Quantized attention matmuls: QKᵀ and AV on int8 inputs, softmax in float (the papers' setting).
 
-`QuantAttnProcessor` replaces diffusers' `AttnProcessor2_0` on a DiT self-attention. Q, K and V are rounded to
+`QuantAttnProcessor` replaces diffusers' `AttnProcessor2_0` on a self-attention without mask or context. Q, K and V are rounded to
 symmetric int8 with static per-tensor scales; the softmax probabilities P ∈ [0, 1] to unsigned 8 bits
 (scale 1/255). While `observing`, it runs in float and records the per-channel absmax of Q, K and V, from which
 `freeze()` sets the scales (under a distributed launch, from the absmax reduced with MAX over processes).
@@ -8,10 +8,13 @@ symmetric int8 with static per-tensor scales; the softmax probabilities P ∈ [0
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from diffusers_ptq import distributed
 from diffusers_ptq.kernels import fake_quantize_symmetric, round_clamp
+from diffusers_ptq.models import adapter_for
 
 
 def fake_quantize_probabilities(p: torch.Tensor, bits: int = 8) -> torch.Tensor:
@@ -22,11 +25,12 @@ def fake_quantize_probabilities(p: torch.Tensor, bits: int = 8) -> torch.Tensor:
 
 
 class QuantAttnProcessor:
-    """Self-attention with int8-rounded Q, K, V and 8-bit probabilities; float softmax. DiT blocks only."""
+    """Self-attention with int8-rounded Q, K, V and 8-bit probabilities; float softmax. No mask, no context."""
 
     def __init__(self, bits: int = 8):
         self.bits = bits
         self.observing = True
+        self.recording = True  # while observing: add what is seen to absmax (paused_observation turns it off)
         self.absmax: dict[str, torch.Tensor] = {}  # "q", "k", "v" -> [C] per-channel absmax seen while observing
         self.scales: dict[str, torch.Tensor] = {}
 
@@ -60,7 +64,7 @@ class QuantAttnProcessor:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
-            raise NotImplementedError("QuantAttnProcessor handles DiT self-attention only (no mask, no context)")
+            raise NotImplementedError("QuantAttnProcessor handles plain self-attention only (no mask, no context)")
         if attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_q is not None \
                 or attn.norm_k is not None or attn.residual_connection or attn.rescale_output_factor != 1:
             raise NotImplementedError("QuantAttnProcessor does not support this Attention configuration")
@@ -68,7 +72,8 @@ class QuantAttnProcessor:
         qkv = {"q": attn.to_q(hidden_states), "k": attn.to_k(hidden_states), "v": attn.to_v(hidden_states)}
         for name, x in qkv.items():
             if self.observing:
-                self._observe(name, x)
+                if self.recording:
+                    self._observe(name, x)
             else:
                 qkv[name] = fake_quantize_symmetric(x, self.scales[name].to(x), self.bits)
         head_dim = qkv["q"].shape[-1] // attn.heads
@@ -82,12 +87,27 @@ class QuantAttnProcessor:
 
 
 def install_quant_attention(transformer: torch.nn.Module, bits: int = 8) -> dict[str, QuantAttnProcessor]:
-    """Give every block's attn1 its own QuantAttnProcessor (observing). Returns them by module name."""
+    """Give every attention module the model's adapter names (`attention_modules`) its own QuantAttnProcessor
+    (observing). Returns them by module name."""
     processors = {}
-    for name, module in transformer.named_modules():
-        if name.endswith("attn1") and hasattr(module, "set_processor"):
-            processors[name] = QuantAttnProcessor(bits)
-            module.set_processor(processors[name])
+    for name in adapter_for(transformer).attention_modules(transformer):
+        processors[name] = QuantAttnProcessor(bits)
+        transformer.get_submodule(name).set_processor(processors[name])
     if not processors:
-        raise ValueError("no attn1 attention module found to quantize")
+        raise ValueError(f"{type(transformer).__name__}: its adapter names no attention module to quantize")
     return processors
+
+
+@contextlib.contextmanager
+def paused_observation(model: torch.nn.Module):
+    """Forwards inside this block (a search, a reconstruction) run the observing attention processors in float
+    without adding to their ranges: only calibration runs define them."""
+    processors = [m.processor for m in model.modules() if isinstance(getattr(m, "processor", None), QuantAttnProcessor)]
+    recording = [p.recording for p in processors]
+    for p in processors:
+        p.recording = False
+    try:
+        yield
+    finally:
+        for p, flag in zip(processors, recording):
+            p.recording = flag

@@ -12,14 +12,16 @@ reduced across processes before `calibrate` returns (distributed.py, docs/distri
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from diffusers_ptq.distributed import process_info, reduce_layer_stats, shard
-from diffusers_ptq.sampling import balanced_labels, make_scheduler, model_class_ids, sample_latents
+from diffusers_ptq.models import adapter_for
+from diffusers_ptq.observe import Observer
+from diffusers_ptq.sampling import make_scheduler, sample_latents
 
 
 @dataclass
@@ -63,7 +65,7 @@ def select_linears(model: nn.Module, include: Sequence[str] | None = None,
 
 
 class StatsRecorder:
-    """Forward pre-hooks that reduce each Linear's input into per-timestep, per-channel statistics.
+    """Observer subscriber (observe.py) that reduces each Linear's input into per-timestep, per-channel statistics.
 
     The sampler tells it where it is with `set_position(step_index, batch_start, batch_len)`; the rows of a
     forward batch are [cond samples, uncond samples] when `cfg` is true.
@@ -78,7 +80,7 @@ class StatsRecorder:
         self._token_generator = torch.Generator().manual_seed(seed)
         self._tokens: dict[str, list[torch.Tensor]] = {}
         self.stats: dict[str, LayerStats] = {}
-        self._handles = []
+        self.modules = layers
         self._position = (0, 0, 0)
 
     def _wants_rows(self, name: str) -> bool:
@@ -88,16 +90,6 @@ class StatsRecorder:
 
     def set_position(self, step_index: int, batch_start: int, batch_len: int) -> None:
         self._position = (step_index, batch_start, batch_len)
-
-    def __enter__(self) -> StatsRecorder:
-        for name, module in self.layers.items():
-            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def empty_stats(self, name: str) -> LayerStats:
         """Statistics of a layer that saw no input here (another process's shard did): −inf, +inf, zeros."""
@@ -114,29 +106,26 @@ class StatsRecorder:
             if self._wants_rows(name) else None,
         )
 
-    def _make_hook(self, name: str):
-        def hook(_module, args):
-            x = args[0].detach()
-            flat = x.reshape(x.shape[0], -1, x.shape[-1]).float()  # [B, tokens, C]
-            stats = self.stats.get(name)
-            if stats is None:
-                stats = self.stats[name] = self._init_stats(name, flat.shape[-1], flat.device, torch.float32)
-            t, start, n = self._position
-            torch.maximum(stats.max[t], flat.amax(dim=(0, 1)), out=stats.max[t])
-            torch.minimum(stats.min[t], flat.amin(dim=(0, 1)), out=stats.min[t])
-            per_sample = flat.abs().amax(dim=1)  # [B, C]
-            torch.maximum(stats.absmax[t], per_sample.amax(dim=0), out=stats.absmax[t])
-            if stats.sample_absmax is not None:
-                stats.sample_absmax[t, start : start + n] = per_sample[:n]
-                if self.cfg:
-                    offset = self.num_samples + start
-                    stats.sample_absmax[t, offset : offset + n] = per_sample[n : 2 * n]
-            if self.tokens_per_call:
-                rows = flat.reshape(-1, flat.shape[-1])
-                pick = torch.randint(0, len(rows), (self.tokens_per_call,), generator=self._token_generator)
-                self._tokens.setdefault(name, []).append(rows[pick.to(rows.device)].cpu())
-
-        return hook
+    def on_input(self, name: str, _module, args, kwargs) -> None:
+        x = args[0].detach()
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).float()  # [B, tokens, C]
+        stats = self.stats.get(name)
+        if stats is None:
+            stats = self.stats[name] = self._init_stats(name, flat.shape[-1], flat.device, torch.float32)
+        t, start, n = self._position
+        torch.maximum(stats.max[t], flat.amax(dim=(0, 1)), out=stats.max[t])
+        torch.minimum(stats.min[t], flat.amin(dim=(0, 1)), out=stats.min[t])
+        per_sample = flat.abs().amax(dim=1)  # [B, C]
+        torch.maximum(stats.absmax[t], per_sample.amax(dim=0), out=stats.absmax[t])
+        if stats.sample_absmax is not None:
+            stats.sample_absmax[t, start : start + n] = per_sample[:n]
+            if self.cfg:
+                offset = self.num_samples + start
+                stats.sample_absmax[t, offset : offset + n] = per_sample[n : 2 * n]
+        if self.tokens_per_call:
+            rows = flat.reshape(-1, flat.shape[-1])
+            pick = torch.randint(0, len(rows), (self.tokens_per_call,), generator=self._token_generator)
+            self._tokens.setdefault(name, []).append(rows[pick.to(rows.device)].cpu())
 
     def finish(self) -> dict[str, LayerStats]:
         """The statistics on the CPU, token samples concatenated."""
@@ -166,6 +155,7 @@ def calibrate(
     tokens_per_call: int = 0,
     progress: bool = True,
     distributed: bool = True,
+    subscribers: Sequence = (),
 ) -> CalibrationStats:
     """Sample `num_samples` latents with the transformer alone and record its Linear inputs' statistics.
 
@@ -173,7 +163,8 @@ def calibrate(
     keys if given, else every class the transformer embeds). `include`/`exclude` are fnmatch patterns on module
     names (default: every Linear). `sample_rows` (bool or patterns) selects layers that also keep per-sample rows.
     `tokens_per_call` > 0 keeps that many randomly chosen input rows per layer and forward call (seeded), for
-    range searches that need activation samples.
+    range searches that need activation samples. `subscribers`: more observers of the same pass (observe.py:
+    Hessians, the transformer's inputs, ...), on the same hook set.
 
     Under a distributed launch (and `distributed=True`), each process samples `distributed.shard` of the labels
     (each sample with its global index's noise seed) and the statistics are reduced across processes before
@@ -181,9 +172,10 @@ def calibrate(
     draws its picks from seed + 7919·r, so they are not the single-process picks). Every process gets the same
     result. In a single process (or `distributed=False`) nothing changes.
     """
-    labels = list(class_labels) if class_labels is not None else balanced_labels(
-        model_class_ids(transformer, id2label), num_samples)
-    sched = make_scheduler(scheduler, scheduler_config)
+    adapter = adapter_for(transformer)
+    labels = list(class_labels) if class_labels is not None else adapter.calibration_conditions(
+        transformer, num_samples, {"id2label": id2label})
+    sched = make_scheduler(scheduler, scheduler_config, adapter.default_noise_schedule)
     sched.set_timesteps(num_inference_steps)
     layers = select_linears(transformer, include, exclude)
     if not layers:
@@ -192,10 +184,10 @@ def calibrate(
     part = shard(len(labels), rank, world)
     recorder = StatsRecorder(layers, len(sched.timesteps), len(labels), cfg=guidance_scale > 1, sample_rows=sample_rows,
                              tokens_per_call=tokens_per_call, seed=seed + 7919 * rank)
-    with recorder:
-        sample_latents(transformer, sched, labels[part.start : part.stop], seed=seed,
+    with Observer(transformer, [recorder, *subscribers]) as observer:
+        sample_latents(transformer, sched, labels[part.start : part.stop], adapter=adapter, seed=seed,
                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size,
-                       before_forward=recorder.set_position, progress=progress and rank == 0, sample_offset=part.start)
+                       before_forward=observer.set_position, progress=progress and rank == 0, sample_offset=part.start)
     recorded = recorder.finish()
     if world > 1:
         recorded = reduce_layer_stats(recorded, list(layers), recorder.empty_stats)
@@ -207,3 +199,40 @@ def calibrate(
                 processor.reduce()
     return CalibrationStats(timesteps=sched.timesteps.clone().cpu(), class_labels=labels, layers=recorded,
                             guidance_scale=guidance_scale, seed=seed, scheduler=scheduler)
+
+
+class TransformerInputRecorder:
+    """Observer subscriber (observe.py) that keeps `rows_per_call` evenly spaced rows of every call's batched inputs
+    (hidden states, timestep, conditioning: `batched_inputs(args, kwargs) -> {name: tensor with the batch first}`,
+    the adapter's `ModelAdapter.batched_inputs`), e.g. during the calibration run. Also a context manager on
+    `transformer` by itself."""
+
+    modules: dict = {}
+
+    def __init__(self, transformer: torch.nn.Module, batched_inputs: Callable[[tuple, dict], dict],
+                 rows_per_call: int = 4):
+        self.transformer, self.batched_inputs, self.rows_per_call = transformer, batched_inputs, rows_per_call
+        self.calls: list[dict[str, torch.Tensor]] = []
+        self._observer: Observer | None = None
+
+    def __enter__(self) -> TransformerInputRecorder:
+        self._observer = Observer(self.transformer, [self]).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._observer.__exit__(*exc)
+
+    def on_call(self, _timestep, args, kwargs) -> None:
+        inputs = self.batched_inputs(args, kwargs)
+        n = next(iter(inputs.values())).shape[0]
+        idx = torch.linspace(0, n - 1, min(n, self.rows_per_call)).round().long().unique()
+        self.calls.append({k: v.detach()[idx.to(v.device)].cpu() for k, v in inputs.items()})
+
+    def inputs(self, max_rows: int = 64) -> dict[str, torch.Tensor]:
+        """At most `max_rows` recorded rows, evenly spaced over the calls (so over the timesteps)."""
+        if not self.calls:
+            raise ValueError("no transformer call was recorded")
+        rows = {k: torch.cat([c[k] for c in self.calls]) for k in self.calls[0]}
+        total = next(iter(rows.values())).shape[0]
+        idx = torch.linspace(0, total - 1, min(total, max_rows)).round().long().unique()
+        return {k: v[idx] for k, v in rows.items()}

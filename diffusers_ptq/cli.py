@@ -123,7 +123,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     Under `accelerate launch` / `torchrun` every process calibrates its share of the samples (docs/distributed.md),
     all end with the same quantized model, and only the main process writes the output folder."""
-    from diffusers import DiTPipeline, DiTTransformer2DModel
+    from diffusers import AutoModel, DiffusionPipeline
 
     from diffusers_ptq import distributed
     from diffusers_ptq.config import load_recipe, read_recipe
@@ -140,22 +140,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     is_pipeline = not local.exists() or (local / "model_index.json").is_file()
     device = _quantize_device(args.device)
     if is_pipeline and not args.transformer_only and device is None:
-        obj = DiTPipeline.from_pretrained(model, quantization_config=config)
-        keep_id2label(obj, DiTPipeline.load_config(model).get("id2label"))
+        obj = DiffusionPipeline.from_pretrained(model, quantization_config=config)
+        keep_id2label(obj, DiffusionPipeline.load_config(model).get("id2label"))
     else:
         subfolder = "transformer" if is_pipeline else None
         placement = {} if device is None else {"device_map": {"": device}}
-        obj = DiTTransformer2DModel.from_pretrained(model, subfolder=subfolder, quantization_config=config,
-                                                    **placement)
+        obj = AutoModel.from_pretrained(model, subfolder=subfolder, quantization_config=config, **placement)
         if is_pipeline and not args.transformer_only:  # the quantized transformer in its pipeline
-            obj = DiTPipeline.from_pretrained(model, transformer=obj)
-            keep_id2label(obj, DiTPipeline.load_config(model).get("id2label"))
+            obj = DiffusionPipeline.from_pretrained(model, transformer=obj)
+            keep_id2label(obj, DiffusionPipeline.load_config(model).get("id2label"))
     if distributed.is_main_process():  # every process holds the same model: one writes it
-        obj.save_pretrained(args.output)
-        from diffusers_ptq.hub import model_card
+        from diffusers_ptq.hub import save_pretrained
 
-        # the transformer's save already wrote a card; a pipeline gets one at its root, and --metrics adds the figures
-        (Path(args.output) / "README.md").write_text(model_card(obj, metrics=metrics), encoding="utf-8")
+        save_pretrained(obj, args.output, metrics=metrics)  # atomic, with the model card (and --metrics' figures)
         print(f"{recipe['name']}: {config.label} -> {args.output}")
     distributed.wait_for_everyone()
     return 0
@@ -169,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--calibration-samples", type=int, default=32)
     _sampling_args(demo, num_samples=500, seeds=[0])
     demo.set_defaults(func=cmd_demo)
-    ev = sub.add_parser("evaluate", help="metrics of a DiTPipeline folder, as JSON")
-    ev.add_argument("model", help='a DiTPipeline folder, or "bundled"')
+    ev = sub.add_parser("evaluate", help="metrics of a pipeline folder, as JSON")
+    ev.add_argument("model", help='a pipeline folder, or "bundled"')
     ev.add_argument("--reference", help="full-precision pipeline folder for paired metrics (PSNR, paired FD)")
     ev.add_argument("--output", default="metrics.json")
     ev.add_argument("--inception-weights", help="local FID Inception weights, for FID/IS of RGB models")
@@ -198,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="calibrate + quantize a float DiT with a recipe, save the checkpoint")
     quant.add_argument("--recipe", required=True, help="a recipe YAML path, or the name of one shipped with the "
                        "package (diffusers_ptq/recipes/, e.g. dit-xl-2-256-w8a8-ptq4dit-100; an unknown name lists them)")
-    quant.add_argument("--model", help='float DiTPipeline folder or hub id, a transformer folder, or "bundled" '
+    quant.add_argument("--model", help='float pipeline folder or hub id, a transformer folder, or "bundled" '
                                        "(default: the recipe's model)")
     quant.add_argument("--output", required=True, help="folder for the quantized checkpoint")
     quant.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config option (repeatable)")

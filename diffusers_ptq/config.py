@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import math
@@ -13,15 +12,6 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# Every Linear of the blocks (attention, MLP), the adaLN modulation, and the final layer; not the
-# timestep/class embedders.
-DEFAULT_INCLUDE = (
-    "transformer_blocks.*.attn1.to_*",
-    "transformer_blocks.*.ff.net.*",
-    "transformer_blocks.*.norm1.linear",
-    "proj_out_1",
-    "proj_out_2",
-)
 ACT_RANGES = ("minmax", "percentile", "mse")
 SCHEDULERS = ("ddim", "ddpm")
 SSC_ROWS = ("sample", "timestep")
@@ -107,7 +97,7 @@ class QuantConfig:
     reconstruct_lr: float = 1e-2
     reconstruct_batch: int = 32
     reconstruct_samples: int = 256
-    include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
+    include: list[str] | None = None  # None: the model family's default (ModelAdapter.default_include)
     exclude: list[str] = field(default_factory=list)
     # calibration
     scheduler: str = "ddim"
@@ -134,8 +124,8 @@ class QuantConfig:
                              "choose one smoothing method")
         if self.htg_groups is not None and self.htg_groups <= 0:
             raise ValueError(f"htg_groups must be positive or None (⌊T/10⌋), got {self.htg_groups}")
-        if not 0 <= self.htg_ema <= 1 or not 0 <= self.htg_alpha <= 1:
-            raise ValueError(f"htg_ema and htg_alpha must be in [0, 1], got {self.htg_ema}, {self.htg_alpha}")
+        if not 0 < self.htg_ema < 1 or not 0 <= self.htg_alpha <= 1:
+            raise ValueError(f"htg_ema must be in (0, 1) and htg_alpha in [0, 1], got {self.htg_ema}, {self.htg_alpha}")
         if self.csb_alpha is not None and not 0 <= self.csb_alpha <= 1:
             raise ValueError(f"csb_alpha must be in [0, 1] or None, got {self.csb_alpha}")
         if not 0 <= self.gptq_damp < 1:
@@ -165,7 +155,8 @@ class QuantConfig:
         for name in ("num_inference_steps", "num_samples", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        self.include, self.exclude = list(self.include), list(self.exclude)
+        self.include = None if self.include is None else list(self.include)
+        self.exclude = list(self.exclude)
 
     def _validate_groups(self) -> None:
         def valid_size(g) -> bool:
@@ -200,13 +191,7 @@ class QuantConfig:
 
     def group_size_for(self, name: str) -> int | None:
         """The configured (not searched) group size of one Linear: exact name, first matching pattern, default."""
-        sizes = self.weight_group_sizes or {}
-        if name in sizes:
-            return sizes[name]
-        for pattern, size in sizes.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return size
-        return self.weight_group_size
+        return self.plan().scheme.group_size_for(name)
 
     @property
     def label(self) -> str:
@@ -244,6 +229,39 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def plan(self):
+        """This flat form as the engine's Plan: the scheme, the calibration settings and the methods it names."""
+        from diffusers_ptq.methods import gptq, htg, ptq4dit, qdit, reconstruct, smoothquant
+        from diffusers_ptq.scheme import CalibrationSettings, Plan, QuantScheme
+
+        scheme = QuantScheme(
+            weight_bits=self.weight_bits, act_bits=self.act_bits, weight_group_size=self.weight_group_size,
+            weight_group_sizes=self.weight_group_sizes, act_dynamic=self.act_dynamic, act_range=self.act_range,
+            percentile=self.percentile, quantize_attention=self.quantize_attention,
+            include=None if self.include is None else tuple(self.include), exclude=tuple(self.exclude))
+        calibration = CalibrationSettings(
+            scheduler=self.scheduler, num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+            num_samples=self.num_samples, seed=self.seed, batch_size=self.batch_size,
+            tokens_per_call=self.tokens_per_call)
+        methods = []
+        if self.smoothquant_alpha is not None:
+            methods.append(smoothquant.SmoothQuant(alpha=self.smoothquant_alpha))
+        if self.csb_alpha is not None:
+            methods.append(ptq4dit.PTQ4DiT(csb_alpha=self.csb_alpha, ssc=self.ssc, ssc_rows=self.ssc_rows))
+        if self.htg_shift or self.htg_scale:
+            methods.append(htg.HTG(num_groups=self.htg_groups, linkage=self.htg_linkage, ema_alpha=self.htg_ema,
+                                   migration_alpha=None if self.htg_scaling == "printed" else self.htg_alpha,
+                                   shift=self.htg_shift, scale=self.htg_scale))
+        if self.group_search_bits is not None:
+            methods.append(qdit.GroupSearch(bits_per_weight=self.group_search_bits,
+                                            candidates=list(self.group_candidates), proxy=self.group_search_proxy))
+        if self.weight_rounding == "gptq":
+            methods.append(gptq.GPTQ(damp=self.gptq_damp, act_order=self.gptq_act_order))
+        elif self.weight_rounding == "reconstruct":
+            methods.append(reconstruct.Reconstruct(iters=self.reconstruct_iters, lr=self.reconstruct_lr,
+                                                   batch=self.reconstruct_batch, samples=self.reconstruct_samples))
+        return Plan(scheme, calibration, methods)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,7 +301,7 @@ COMMON_OPTIONS: dict[str, Any] = dict(
     reconstruct_lr=1e-2,
     reconstruct_batch=32,
     reconstruct_samples=256,
-    include=list(DEFAULT_INCLUDE),
+    include=None,
     exclude=[],
     scheduler="ddim",
     num_inference_steps=50,
@@ -326,10 +344,11 @@ class DiffusersPTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
     num_samples, class_labels (None = balanced over all the model's classes; else the classes to draw the
     num_samples labels from, cycling), seed, batch_size, tokens_per_call.
 
-    The same object is a model-level config (`DiTTransformer2DModel.from_pretrained(..., quantization_config=cfg)`,
+    The same object is a model-level config (`<Model>.from_pretrained(..., quantization_config=cfg)` for a model class
+    with an adapter in diffusers_ptq.models,
     `PipelineQuantizationConfig(quant_mapping={"transformer": cfg})`) and, through PipelineQuantizationConfig, a
     pipeline-level one that applies to the pipeline's "transformer" component only
-    (`DiTPipeline.from_pretrained(..., quantization_config=cfg)`).
+    (`<Pipeline>.from_pretrained(..., quantization_config=cfg)`).
     """
 
     method: ClassVar[str] = ""
@@ -375,8 +394,11 @@ class DiffusersPTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
             self.class_labels = labels
         for name in ("include", "exclude"):
             value = getattr(self, name)
-            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
-                raise ValueError(f"{name} must be a list of fnmatch patterns (strings), got {value!r}")
+            if value is None and name == "include":  # the model family's default Linears
+                continue
+            if value is None or isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise ValueError(f"{name} must be a list of fnmatch patterns (strings){' or None' * (name == 'include')}"
+                                 f", got {value!r}")
             setattr(self, name, list(value))
 
     def _engine_fields(self) -> QuantConfig:
@@ -384,8 +406,29 @@ class DiffusersPTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
         return QuantConfig(**{k: v for k, v in self.options().items() if k in QuantConfig.__dataclass_fields__})
 
     def to_quant_config(self) -> QuantConfig:
-        """The engine's settings (`diffusers_ptq.api.quantize_transformer`)."""
+        """These settings in the engine's flat form (QuantConfig)."""
         return self._engine_fields()
+
+    def to_plan(self):
+        """What the engine runs (`scheme.Plan`): the common options as the scheme and the calibration settings, the
+        method's own options as its plug-in dataclass(es) — the same names, not renamed — and the rounding."""
+        from dataclasses import fields
+
+        from diffusers_ptq.methods.gptq import GPTQ
+        from diffusers_ptq.methods.reconstruct import Reconstruct
+        from diffusers_ptq.scheme import CalibrationSettings, Plan, QuantScheme
+
+        scheme = {f.name: getattr(self, f.name) for f in fields(QuantScheme)}
+        scheme.update(include=None if self.include is None else tuple(self.include), exclude=tuple(self.exclude))
+        calibration = CalibrationSettings(**{f.name: getattr(self, f.name) for f in fields(CalibrationSettings)})
+        rounding = {"nearest": [], "gptq": [GPTQ(damp=self.gptq_damp, act_order=self.gptq_act_order)],
+                    "reconstruct": [Reconstruct(iters=self.reconstruct_iters, lr=self.reconstruct_lr,
+                                                batch=self.reconstruct_batch, samples=self.reconstruct_samples)]}
+        return Plan(QuantScheme(**scheme), calibration, self.method_plugins() + rounding[self.weight_rounding])
+
+    def method_plugins(self) -> list:
+        """The method's plug-ins, built from its own options (methods/)."""
+        return []
 
     @property
     def label(self) -> str:
@@ -420,6 +463,11 @@ class PTQ4DiTConfig(DiffusersPTQConfig):
     method = "ptq4dit"
     OPTIONS = dict(csb_alpha=0.5, ssc=True, ssc_rows="sample")
 
+    def method_plugins(self) -> list:
+        from diffusers_ptq.methods.ptq4dit import PTQ4DiT
+
+        return [PTQ4DiT(csb_alpha=self.csb_alpha, ssc=self.ssc, ssc_rows=self.ssc_rows)]
+
     def validate(self) -> None:
         if self.csb_alpha is None:
             raise ValueError("csb_alpha must be a number in [0, 1] for PTQ4DiTConfig (use BaselineConfig for no "
@@ -437,6 +485,11 @@ class BaselineConfig(DiffusersPTQConfig):
     method = "baseline"
     OPTIONS = dict(smoothquant_alpha=None)
 
+    def method_plugins(self) -> list:
+        from diffusers_ptq.methods.smoothquant import SmoothQuant
+
+        return [] if self.smoothquant_alpha is None else [SmoothQuant(alpha=self.smoothquant_alpha)]
+
 
 
 @register_config
@@ -453,16 +506,13 @@ class HTGConfig(DiffusersPTQConfig):
     method = "htg"
     OPTIONS = dict(num_groups=None, linkage="ward", ema_alpha=0.99, migration_alpha=0.5, shift=True, scale=True)
 
+    def method_plugins(self) -> list:
+        from diffusers_ptq.methods.htg import HTG
+
+        return [HTG(**{name: getattr(self, name) for name in self.OPTIONS})]
+
     def validate(self) -> None:
-        _check("linkage", self.linkage, HTG_LINKAGES)
-        if self.num_groups is not None and (not isinstance(self.num_groups, int) or self.num_groups <= 0):
-            raise ValueError(f"num_groups must be a positive int or None, got {self.num_groups!r}")
-        if not 0 < self.ema_alpha < 1:
-            raise ValueError(f"ema_alpha must be in (0, 1), got {self.ema_alpha}")
-        if self.migration_alpha is not None and not 0 <= self.migration_alpha <= 1:
-            raise ValueError(f"migration_alpha must be in [0, 1] or None, got {self.migration_alpha}")
-        if not (self.shift or self.scale):
-            raise ValueError("shift and scale are both False: HTG needs at least one of them")
+        self.method_plugins()  # the HTG dataclass validates its options (methods/htg.py)
         super().validate()
 
     def to_quant_config(self) -> QuantConfig:
@@ -500,6 +550,16 @@ class QDiTConfig(DiffusersPTQConfig):
         if not isinstance(self.shift, bool) or not isinstance(self.scale, bool):
             raise ValueError(f"shift and scale must be True or False, got {self.shift!r}, {self.scale!r}")
         super().validate()
+
+    def method_plugins(self) -> list:
+        from diffusers_ptq.methods.htg import HTG
+        from diffusers_ptq.methods.qdit import GroupSearch
+
+        plugins = [HTG(shift=self.shift, scale=self.scale)] if self.shift or self.scale else []
+        if self.searches():
+            plugins.append(GroupSearch(bits_per_weight=self.bits_per_weight, candidates=list(self.group_sizes),
+                                       proxy=self.search_proxy))
+        return plugins
 
     def searches(self) -> bool:
         """Whether quantizing runs the group-size search (no fixed group sizes given, a budget set)."""

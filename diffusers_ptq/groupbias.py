@@ -8,8 +8,8 @@
   `linear.group_biases` (a ModuleList, so they are in the state dict) and a forward hook adds the selected
   vectors to the output (a per-sample bias add; the matmul is untouched).
 
-A layer may hold several entries with different groupings (e.g. `norm1.linear` carries the shift-row biases of
-the q/k/v target and of the fc1 target; `to_v` is a consumer of one target and the producer of another).
+A layer may hold several entries with different groupings (e.g. a block's adaLN modulation carries the shift-row
+biases of the q/k/v target and of the MLP target; `to_v` is a consumer of one target and the producer of another).
 """
 
 from __future__ import annotations
@@ -17,14 +17,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffusers_ptq.models import adapter_for
+
 CONTEXT_ATTRIBUTE = "_ptq_timestep_context"
 
 
 class TimestepContext:
-    """The timesteps of the transformer forward in progress ([B] or a 0-d tensor)."""
+    """The timesteps of the transformer forward in progress ([B] or a 0-d tensor), and where the forward takes them
+    (`argument`: keyword name and positional index, from the model's adapter)."""
 
-    def __init__(self) -> None:
+    def __init__(self, argument: tuple[str, int] = ("timestep", 1)) -> None:
         self.timestep: torch.Tensor | None = None
+        self.argument = argument
 
     def current(self) -> torch.Tensor:
         if self.timestep is None:
@@ -38,7 +42,8 @@ def install_timestep_context(transformer: nn.Module) -> TimestepContext:
     context = getattr(transformer, CONTEXT_ATTRIBUTE, None)
     if context is not None:
         return context
-    context = TimestepContext()
+    adapter = adapter_for(transformer)
+    context = TimestepContext((adapter.timestep_argument, adapter.forward_arguments.index(adapter.timestep_argument)))
     transformer.register_forward_pre_hook(_publish_timestep, with_kwargs=True)
     setattr(transformer, CONTEXT_ATTRIBUTE, context)
     return context
@@ -47,8 +52,10 @@ def install_timestep_context(transformer: nn.Module) -> TimestepContext:
 def _publish_timestep(transformer: nn.Module, args, kwargs) -> None:
     """Forward pre-hook: the forward's `timestep` into the transformer's own context (looked up on the module it
     runs for, so a deep copy publishes into the copy's context)."""
-    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    getattr(transformer, CONTEXT_ATTRIBUTE).timestep = None if timestep is None else torch.as_tensor(timestep).reshape(-1)
+    context = getattr(transformer, CONTEXT_ATTRIBUTE)
+    name, index = context.argument
+    timestep = kwargs.get(name, args[index] if len(args) > index else None)
+    context.timestep = None if timestep is None else torch.as_tensor(timestep).reshape(-1)
 
 
 class GroupBias(nn.Module):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from diffusers_ptq import serialization
 from diffusers_ptq.config import PIPELINE_COMPONENT, DiffusersPTQConfig, config_from_dict
+from diffusers_ptq.models import adapter_for
 
 PACKAGES = ("diffusers-ptq", "diffusers", "optimum-quanto", "torch", "safetensors", "huggingface_hub")
 
@@ -71,9 +72,11 @@ def model_card(obj, *, metrics: dict | None = None, base_model: str | None = Non
     except NotImplementedError:
         quant = None
     is_pipeline = hasattr(obj, "components")
+    adapter = adapter_for(_transformer_of(obj))
+    model_class = adapter.pipeline_class if is_pipeline else adapter.model_class
     base_model = base_model or _base_model(obj)
     bits = f"W{config.weight_bits}A{config.act_bits or 16}"
-    tags = ["diffusers", "diffusers-ptq", "quantization", config.method, bits.lower(), "dit"]
+    tags = ["diffusers", "diffusers-ptq", "quantization", config.method, bits.lower(), adapter.name]
     front = ["---", "library_name: diffusers", "tags:", *[f"- {t}" for t in tags]]
     if base_model:
         front.append(f"base_model: {base_model}")
@@ -83,7 +86,7 @@ def model_card(obj, *, metrics: dict | None = None, base_model: str | None = Non
     method_options = {k: getattr(config, k) for k in type(config).OPTIONS}
     lines = [
         *front, "",
-        f"# {bits} {config.method} quantized {'DiT pipeline' if is_pipeline else 'DiT transformer'}", "",
+        f"# {bits} {config.method} quantized {model_class}", "",
         f"Post-training quantization with diffusers-ptq (`{config.method}`, "
         f"{quant.label if quant else bits}){f' of `{base_model}`' if base_model else ''}.", "",
         "## Quantization", "",
@@ -108,8 +111,8 @@ def model_card(obj, *, metrics: dict | None = None, base_model: str | None = Non
     else:
         lines += ["## Quality", "", "Not measured for this upload.", ""]
     lines += ["## Usage", "", "```python", "import diffusers_ptq  # registers the quantizer with diffusers",
-              f"from diffusers import {'DiTPipeline' if is_pipeline else 'DiTTransformer2DModel'}", "",
-              f"model = {'DiTPipeline' if is_pipeline else 'DiTTransformer2DModel'}.from_pretrained(\"<this repo>\")"
+              f"from diffusers import {model_class}", "",
+              f"model = {model_class}.from_pretrained(\"<this repo>\")"
               "  # no calibration, bit-exact", "```", "",
               "## Library versions", "", "| package | version |", "|---|---|",
               *[f"| {k} | {v} |" for k, v in library_versions().items()], ""]

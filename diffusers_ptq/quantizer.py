@@ -13,8 +13,8 @@ whole-folder save with a model card is `diffusers_ptq.save_pretrained` (hub.py):
 
 Calibration context when loading from a folder: class labels from `config.class_labels`, else the pipeline's
 `id2label` (`../model_index.json` next to a `transformer` subfolder), else every class the model embeds; the noise
-schedule from `../scheduler/scheduler_config.json` when present, else DiT's default (linear betas 1e-4..0.02,
-1000 steps). The scheduler class is the config's `scheduler` ("ddim" | "ddpm").
+schedule from `../scheduler/scheduler_config.json` when present, else the model family's training schedule
+(`ModelAdapter.default_noise_schedule`). The scheduler class is the config's `scheduler` ("ddim" | "ddpm").
 """
 
 from __future__ import annotations
@@ -30,23 +30,12 @@ from diffusers.quantizers.base import DiffusersQuantizer
 
 from diffusers_ptq import serialization
 from diffusers_ptq.config import METHODS, PIPELINE_COMPONENT, DiffusersPTQConfig, register_config, saved_method_name
+from diffusers_ptq.models import adapter_for
 
-SUPPORTED_MODELS = "DiTTransformer2DModel (class-conditional, norm_type='ada_norm_zero', as in DiTPipeline)"
 
-
-def check_supported_model(model) -> None:
-    """Raise a ValueError naming what is supported unless `model` is an adaLN-Zero class-conditional DiT."""
-    from diffusers import DiTTransformer2DModel
-
-    config = getattr(model, "config", {})
-    if not isinstance(model, DiTTransformer2DModel) or config.get("norm_type") != "ada_norm_zero" \
-            or not config.get("num_embeds_ada_norm"):
-        raise ValueError(
-            f"diffusers_ptq quantizes adaLN-Zero DiT transformers: {SUPPORTED_MODELS}; got {type(model).__name__}. "
-            f"In a pipeline, quantize the transformer only: DiTPipeline.from_pretrained(path, quantization_config=cfg), "
-            f"PipelineQuantizationConfig(quant_mapping={{'{PIPELINE_COMPONENT}': cfg}}), or "
-            f"PipelineQuantizationConfig(quant_backend=..., components_to_quantize=['{PIPELINE_COMPONENT}'])."
-        )
+def check_supported_model(model):
+    """The model's adapter (diffusers_ptq.models); a ValueError naming the supported models if it has none."""
+    return adapter_for(model)
 
 
 def pipeline_context(checkpoint_files) -> tuple[dict | None, dict | None]:
@@ -105,7 +94,7 @@ class DiffusersPTQQuantizer(DiffusersQuantizer):
         # (quantizers/auto.py) warns and keeps the checkpoint's config, and no hook sees the user's argument, so the
         # checkpoint is loaded as saved (docs/diffusers.md, "What diffusers lacks").
         if not self.pre_quantized:
-            self.quantization_config.to_quant_config()  # methods not implemented yet fail here, before loading
+            self.quantization_config.to_plan()  # methods not implemented yet fail here, before loading
 
     def update_torch_dtype(self, torch_dtype):
         if torch_dtype is None or torch_dtype == torch.float32:
@@ -175,17 +164,16 @@ def run_quantization(transformer, config: DiffusersPTQConfig, id2label: dict | N
     """Calibrate and quantize a loaded transformer in place (the one engine pipeline). Returns its report."""
     from diffusers_ptq.api import quantize_transformer
 
-    check_supported_model(transformer)
-    quant_config = config.to_quant_config()
-    if config.class_labels is not None:
-        num_classes = transformer.config.num_embeds_ada_norm
-        bad = [c for c in config.class_labels if c >= num_classes]
-        if bad:
-            raise ValueError(f"class_labels {bad} out of range: the model has {num_classes} classes (0..{num_classes - 1})")
-        id2label = {c: str(c) for c in config.class_labels}  # the classes calibration draws its labels from
+    adapter = check_supported_model(transformer)
+    plan = config.to_plan()
+    if config.class_labels is not None:  # the classes calibration draws its labels from (checked by the adapter)
+        adapter.calibration_conditions(transformer, len(config.class_labels), {"class_labels": config.class_labels})
+        id2label = {c: str(c) for c in config.class_labels}
     transformer.eval()
-    return quantize_transformer(transformer, quant_config, id2label=id2label, scheduler_config=scheduler_config,
-                                progress=progress)
+    report = quantize_transformer(transformer, plan, id2label=id2label, scheduler_config=scheduler_config,
+                                  progress=progress)
+    report.config = config.to_dict()
+    return report
 
 
 def attach(model, quantizer: DiffusersPTQQuantizer) -> None:
@@ -205,10 +193,10 @@ def attach(model, quantizer: DiffusersPTQQuantizer) -> None:
 
 
 def quantize(pipe_or_transformer, config: DiffusersPTQConfig, *, progress: bool = True):
-    """Calibrate and quantize an already-loaded DiTPipeline (its transformer) or DiTTransformer2DModel in place.
+    """Calibrate and quantize an already-loaded pipeline (its transformer) or transformer in place.
 
     A pipeline supplies its class labels (id2label) and its scheduler's noise schedule; a bare transformer is
-    calibrated over all its classes with DiT's default schedule. Returns the object passed in.
+    calibrated over all its classes with its family's default schedule. Returns the object passed in.
     """
     if not isinstance(config, DiffusersPTQConfig):
         raise TypeError(f"config must be one of {[c.__name__ for c in METHODS.values()]}, got {type(config).__name__}")
@@ -216,7 +204,7 @@ def quantize(pipe_or_transformer, config: DiffusersPTQConfig, *, progress: bool 
     is_pipeline = transformer is not None and hasattr(pipe_or_transformer, "components")
     if not is_pipeline:
         transformer = pipe_or_transformer
-    check_supported_model(transformer)
+    adapter = check_supported_model(transformer)
     if getattr(transformer, "is_quantized", False) or any(
             type(m).__name__ == "QuantLinear" for m in transformer.modules()):
         raise ValueError("the transformer is already quantized; load the float model to quantize it again")
@@ -225,8 +213,7 @@ def quantize(pipe_or_transformer, config: DiffusersPTQConfig, *, progress: bool 
                          "(load with torch_dtype=torch.float32)")
     id2label = scheduler_config = None
     if is_pipeline:
-        labels = getattr(pipe_or_transformer, "labels", None)  # DiTPipeline: label name -> id
-        id2label = {int(v): k for k, v in labels.items()} if labels else None
+        id2label = adapter.pipeline_context(pipe_or_transformer).get("id2label")
         scheduler = getattr(pipe_or_transformer, "scheduler", None)
         scheduler_config = dict(scheduler.config) if scheduler is not None else None
     quantizer = DiffusersPTQQuantizer(config, pre_quantized=False)
@@ -254,7 +241,7 @@ def _register_with_diffusers(name: str, config_class: type[DiffusersPTQConfig]) 
 
 def register_method(config_class: type[DiffusersPTQConfig]) -> type[DiffusersPTQConfig]:
     """Add a method: a DiffusersPTQConfig subclass with a new `method` name (decorator-friendly). The quantizer
-    needs no change: it calls `config.to_quant_config()` and the engine."""
+    needs no change: it calls `config.to_plan()` and the engine."""
     register_config(config_class)
     _register_with_diffusers(config_class.method, config_class)
     return config_class

@@ -9,8 +9,8 @@ one transformer block together against the block's full-precision output. The re
 per Linear (integer codes + quanto's scales), stored exactly as GPTQ's is.
 
 Design (docs/rounding.md, "Block reconstruction"):
-- Units: each `transformer_blocks[i]` that holds target Linears (inputs: hidden_states plus the timestep and
-  class labels its adaLN embedder reads); a target Linear outside the blocks (proj_out_1/2) is its own unit
+- Units: each block (the adapter's `blocks`) that holds target Linears (inputs: hidden_states plus the timestep and
+  conditioning its adaLN embedder reads); a target Linear outside the blocks (the final layer) is its own unit
   (layer-wise AdaRound on its full-precision input).
 - Data: one run of the latent sampler caches a seeded random subset of `samples` (timestep, sample) rows of the
   first block's inputs and of each outside Linear's input (bounded memory). Blocks are processed in order;
@@ -34,8 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusers_ptq.attention import paused_observation
 from diffusers_ptq.groupbias import CONTEXT_ATTRIBUTE, attach_group_biases
 from diffusers_ptq.kernels import fake_quantize_symmetric
+from diffusers_ptq.models import adapter_for
+from diffusers_ptq.observe import Observer
 from diffusers_ptq.rounding import RoundedWeight, _column_groups, _per_group, _rounded, broadcast_rounded, quant_grid
 
 __all__ = ["rectified_sigmoid", "rounding_regularizer", "beta_at", "LearnedRounding", "CachedInputs",
@@ -163,7 +166,8 @@ class CachedInputs:
 
 
 class _InputCache:
-    """Forward pre-hooks that keep the chosen rows (step, conditional/unconditional sample) of each unit's input."""
+    """Observer subscriber (observe.py) that keeps the chosen rows (step, conditional/unconditional sample) of each
+    unit's input."""
 
     def __init__(self, transformer: nn.Module, units: dict[str, nn.Module], chosen: torch.Tensor, num_samples: int,
                  cfg: bool):
@@ -174,7 +178,7 @@ class _InputCache:
         self.static: dict[str, dict] = {}
         self._position = (0, 0, 0)
         self._timestep: torch.Tensor | None = None
-        self._handles: list = []
+        self.modules = units
 
     def set_position(self, step_index: int, batch_start: int, batch_len: int) -> None:
         self._position = (step_index, batch_start, batch_len)
@@ -185,42 +189,28 @@ class _InputCache:
         sample = torch.where(i < n, start + i, self.num_samples + start + i - n)
         return step * self.per_step + sample
 
-    def __enter__(self) -> _InputCache:
-        self._handles.append(self.transformer.register_forward_pre_hook(self._timestep_hook, with_kwargs=True))
-        for name, module in self.units.items():
-            self._handles.append(module.register_forward_pre_hook(self._make_hook(name), with_kwargs=True))
-        return self
+    def on_call(self, timestep, args, kwargs) -> None:
+        self._timestep = timestep
 
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _timestep_hook(self, _module, args, kwargs) -> None:
-        self._timestep = torch.as_tensor(kwargs.get("timestep", args[1] if len(args) > 1 else None))
-
-    def _make_hook(self, name: str):
-        def hook(module, args, kwargs):
-            if isinstance(module, nn.Linear):
-                tensors, static = {"input": args[0]}, {}
-            else:
-                if len(args) > 1:
-                    raise ValueError(f"{name}: only the hidden states may be passed positionally")
-                named = dict(kwargs, **({"hidden_states": args[0]} if args else {}))
-                batch = named["hidden_states"].shape[0]
-                tensors = {k: v for k, v in named.items() if torch.is_tensor(v) and v.ndim and v.shape[0] == batch}
-                static = {k: v for k, v in named.items() if k not in tensors}
-            batch = next(iter(tensors.values())).shape[0]
-            ids = self._row_ids(batch)
-            keep = torch.isin(ids, self.chosen)
-            if keep.any():
-                where = keep.nonzero().reshape(-1)
-                t = self._timestep.reshape(-1).expand(batch) if self._timestep is not None else None
-                self.parts[name].append((ids[where], {k: v.detach()[where.to(v.device)].cpu() for k, v in tensors.items()},
-                                         None if t is None else t[where.to(t.device)].cpu()))
-                self.static.setdefault(name, static)
-
-        return hook
+    def on_input(self, name: str, module, args, kwargs) -> None:
+        if isinstance(module, nn.Linear):
+            tensors, static = {"input": args[0]}, {}
+        else:
+            if len(args) > 1:
+                raise ValueError(f"{name}: only the hidden states may be passed positionally")
+            named = dict(kwargs, **({"hidden_states": args[0]} if args else {}))
+            batch = named["hidden_states"].shape[0]
+            tensors = {k: v for k, v in named.items() if torch.is_tensor(v) and v.ndim and v.shape[0] == batch}
+            static = {k: v for k, v in named.items() if k not in tensors}
+        batch = next(iter(tensors.values())).shape[0]
+        ids = self._row_ids(batch)
+        keep = torch.isin(ids, self.chosen)
+        if keep.any():
+            where = keep.nonzero().reshape(-1)
+            t = self._timestep.reshape(-1).expand(batch) if self._timestep is not None else None
+            self.parts[name].append((ids[where], {k: v.detach()[where.to(v.device)].cpu() for k, v in tensors.items()},
+                                     None if t is None else t[where.to(t.device)].cpu()))
+            self.static.setdefault(name, static)
 
     def result(self) -> dict[str, CachedInputs]:
         out = {}
@@ -240,19 +230,21 @@ def cache_inputs(transformer: nn.Module, units: dict[str, nn.Module], *, samples
                  seed: int = 0, batch_size: int = 16, progress: bool = True) -> dict[str, CachedInputs]:
     """Run the latent sampler once and keep the inputs of `units` ({name: module}: blocks or Linears) for a seeded
     random subset of `samples` of its (step, sample) rows (every row of the CFG-doubled batch is one)."""
-    from diffusers_ptq.sampling import balanced_labels, make_scheduler, model_class_ids, sample_latents
+    from diffusers_ptq.sampling import make_scheduler, sample_latents
 
-    labels = list(class_labels) if class_labels is not None else balanced_labels(
-        model_class_ids(transformer, id2label), num_samples)
-    sched = make_scheduler(scheduler, scheduler_config)
+    adapter = adapter_for(transformer)
+    labels = list(class_labels) if class_labels is not None else adapter.calibration_conditions(
+        transformer, num_samples, {"id2label": id2label})
+    sched = make_scheduler(scheduler, scheduler_config, adapter.default_noise_schedule)
     sched.set_timesteps(num_inference_steps)
     cfg = guidance_scale > 1
     total = len(sched.timesteps) * len(labels) * (2 if cfg else 1)
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(total, generator=gen)[:samples]
-    with _InputCache(transformer, units, chosen, len(labels), cfg) as cache:
-        sample_latents(transformer, sched, labels, seed=seed, num_inference_steps=num_inference_steps,
-                       guidance_scale=guidance_scale, batch_size=batch_size, before_forward=cache.set_position,
+    cache = _InputCache(transformer, units, chosen, len(labels), cfg)
+    with Observer(transformer, [cache]) as observer:
+        sample_latents(transformer, sched, labels, adapter=adapter, seed=seed, num_inference_steps=num_inference_steps,
+                       guidance_scale=guidance_scale, batch_size=batch_size, before_forward=observer.set_position,
                        progress=progress)
     return cache.result()
 
@@ -326,45 +318,38 @@ def reconstruct_unit(root: nn.Module, unit: str, linears: dict[str, RoundedWeigh
             p.requires_grad_(flag)
 
 
-def _attention_observers(transformer: nn.Module) -> list:
-    """Attention processors that record statistics while observing (QuantAttnProcessor): reconstruction's forward
-    passes must not add to them."""
-    return [m.processor for m in transformer.modules()
-            if isinstance(getattr(getattr(m, "processor", None), "absmax", None), dict)]
-
-
-def reconstruct_weights(transformer: nn.Module, linears: dict[str, nn.Linear], input_scales: dict, config, *,
-                        scheduler_config: dict | None = None, id2label: dict | None = None,
-                        init: dict[str, RoundedWeight] | None = None, progress: bool = True,
-                        ) -> dict[str, RoundedWeight]:
-    """BRECQ-style reconstruction of every Linear in `linears` ({name: float Linear}, already smoothed) with the
-    settings of `config` (a QuantConfig: weight_bits, weight_group_size, reconstruct_*, the calibration
-    sampler's settings and seed). `input_scales`: {name: static int8 scale or None}. `init`: optional starting
+def reconstruct_weights(transformer: nn.Module, linears: dict[str, nn.Linear], input_scales: dict, *, bits: int,
+                        group_size: int | None, iters: int = 500, lr: float = 1e-2, batch: int = 32,
+                        samples: int = 256, calibration, scheduler_config: dict | None = None,
+                        id2label: dict | None = None, init: dict[str, RoundedWeight] | None = None,
+                        progress: bool = True) -> dict[str, RoundedWeight]:
+    """BRECQ-style reconstruction of every Linear in `linears` ({name: float Linear}, already smoothed): `bits`,
+    `group_size`, `iters` Adam steps per unit at learning rate `lr` on minibatches of `batch` rows out of
+    `samples` cached rows of one run of the calibration sampler (`calibration`: scheme.CalibrationSettings; its
+    seed seeds everything). `input_scales`: {name: static int8 scale or None}. `init`: optional starting
     codes per name (default round-to-nearest). Returns {name: RoundedWeight} for `modules.quantize_linear`.
     Under a distributed launch every process runs the same (unsharded) reconstruction and the main process's
     result is broadcast, so all processes hold the same codes even where GPU training steps are not bit-reproducible.
     """
     from tqdm.auto import tqdm
 
-    blocks = getattr(transformer, "transformer_blocks", None) or []
-    block_names = [f"transformer_blocks.{i}" for i in range(len(blocks))]
+    block_names = adapter_for(transformer).blocks(transformer)
+    blocks = [transformer.get_submodule(name) for name in block_names]
     in_block = {name: next((b for b in block_names if name.startswith(b + ".")), None) for name in linears}
     outside = [name for name, b in in_block.items() if b is None]
     units = ({block_names[0]: blocks[0]} if len(blocks) and any(b is not None for b in in_block.values()) else {})
     units.update({name: linears[name] for name in outside})
-    observers = _attention_observers(transformer)
-    saved = [{k: v.clone() for k, v in p.absmax.items()} for p in observers]
     context = getattr(transformer, CONTEXT_ATTRIBUTE, None)
-    iters, batch, lr, seed = config.reconstruct_iters, config.reconstruct_batch, config.reconstruct_lr, config.seed
-    common = dict(bits=config.weight_bits, group_size=config.weight_group_size, input_scales=input_scales,
+    seed = calibration.seed
+    common = dict(bits=bits, group_size=group_size, input_scales=input_scales,
                   iters=iters, lr=lr, batch_size=batch, context=context, progress=progress)
     init = init or {}
     result: dict[str, RoundedWeight] = {}
-    try:
-        cached = cache_inputs(transformer, units, samples=config.reconstruct_samples, scheduler=config.scheduler,
-                              scheduler_config=scheduler_config, num_inference_steps=config.num_inference_steps,
-                              guidance_scale=config.guidance_scale, num_samples=config.num_samples,
-                              id2label=id2label, seed=seed, batch_size=config.batch_size, progress=progress)
+    with paused_observation(transformer):  # reconstruction's forwards must not widen the attention ranges
+        cached = cache_inputs(transformer, units, samples=samples, scheduler=calibration.scheduler,
+                              scheduler_config=scheduler_config, num_inference_steps=calibration.num_inference_steps,
+                              guidance_scale=calibration.guidance_scale, num_samples=calibration.num_samples,
+                              id2label=id2label, seed=seed, batch_size=calibration.batch_size, progress=progress)
         if block_names and block_names[0] in cached:
             fp_in = q_in = cached[block_names[0]]
             for i, name in enumerate(tqdm(block_names, desc="block reconstruction", disable=not progress)):
@@ -384,8 +369,4 @@ def reconstruct_weights(transformer: nn.Module, linears: dict[str, nn.Linear], i
             rounded, _ = reconstruct_unit(transformer, name, {name: init.get(name)}, inputs, target,
                                           seed=seed + len(block_names) + j, **common)
             result.update(rounded)
-    finally:
-        for processor, absmax in zip(observers, saved):
-            processor.absmax.clear()
-            processor.absmax.update(absmax)
     return {name: broadcast_rounded(rounded, src=0) for name, rounded in result.items()}

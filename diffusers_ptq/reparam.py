@@ -1,55 +1,20 @@
 """Offline re-parameterization: divide a Linear group's input by s per channel and multiply its weight columns
-by s, folding the division into the module that produces the input, so that no operation is added.
+by s, folding the division into the modules that produce the input, so that no operation is added.
 
-Smoothing targets of a DiT block (`BasicTransformerBlock` with adaLN-Zero), and of the final layer:
-
-| target | consumers (read the input) | producer (folded into) |
-|---|---|---|
-| `qkv`   | attn1.to_q, to_k, to_v | norm1.linear rows shift_msa (0), scale_msa (1) |
-| `out`   | attn1.to_out.0         | attn1.to_v rows (attention output channel c is a convex combination of V[:, c]) |
-| `fc1`   | ff.net.0.proj          | norm1.linear rows shift_mlp (3), scale_mlp (4) |
-| `final` | proj_out_2             | proj_out_1 rows shift (0), scale (1) |
-
+A smoothing target (models/base.py: producers → consumers) comes from the model's adapter. A producer is either
+the shift/scale chunks of an adaLN modulation Linear or every output row of a Linear (attention's to_v).
 adaLN computes `LN(h)·(1 + scale) + shift`; dividing the result by s means `shift/s` and `(1 + scale)/s − 1`:
 the shift rows (weight and bias) are divided by s, the scale rows' weight is divided by s and their bias
-becomes `(b + 1)/s − 1`. `ff.net.2` has no target: its input follows GELU.
+becomes `(b + 1)/s − 1`.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from diffusers_ptq.groupbias import add_group_bias, divide_group_bias_rows
-
-
-@dataclass(frozen=True)
-class SmoothingTarget:
-    name: str  # e.g. "transformer_blocks.3.qkv"
-    consumers: tuple[str, ...]  # Linear module names that read the smoothed input
-    producer: str  # module whose output is that input
-    kind: str  # "modulation" (adaLN shift/scale rows) or "value" (to_v rows)
-    shift_chunk: int = -1  # modulation rows: chunk indices of shift and scale
-    scale_chunk: int = -1
-    num_chunks: int = 0
-
-
-def dit_smoothing_targets(transformer: nn.Module) -> list[SmoothingTarget]:
-    """All smoothing targets of a DiTTransformer2DModel, in block order."""
-    targets = []
-    for i, _ in enumerate(transformer.transformer_blocks):
-        b = f"transformer_blocks.{i}"
-        targets += [
-            SmoothingTarget(f"{b}.qkv", (f"{b}.attn1.to_q", f"{b}.attn1.to_k", f"{b}.attn1.to_v"),
-                            f"{b}.norm1.linear", "modulation", 0, 1, 6),
-            SmoothingTarget(f"{b}.out", (f"{b}.attn1.to_out.0",), f"{b}.attn1.to_v", "value"),
-            SmoothingTarget(f"{b}.fc1", (f"{b}.ff.net.0.proj",), f"{b}.norm1.linear", "modulation", 3, 4, 6),
-        ]
-    if hasattr(transformer, "proj_out_1"):
-        targets.append(SmoothingTarget("final", ("proj_out_2",), "proj_out_1", "modulation", 0, 1, 2))
-    return targets
+from diffusers_ptq.models.base import ModulationRows, OutputRows, Producer, SmoothingTarget
 
 
 @torch.no_grad()
@@ -83,16 +48,26 @@ def divide_modulation(linear: nn.Linear, s: torch.Tensor, shift_chunk: int, scal
     divide_group_bias_rows(linear, s, scale)  # (b + d + 1)/s − 1 = ((b + 1)/s − 1) + d/s
 
 
+def _producer_rows(producer: Producer, linear: nn.Linear, width: int) -> tuple[int, int]:
+    """The output rows of `linear` that make the smoothed input: a modulation's shift chunk, or all rows."""
+    if isinstance(producer, ModulationRows):
+        return producer.shift_chunk * width, (producer.shift_chunk + 1) * width
+    if isinstance(producer, OutputRows):
+        return 0, width
+    raise ValueError(f"unknown smoothing producer {producer!r}")
+
+
 def apply_smoothing(model: nn.Module, target: SmoothingTarget, s: torch.Tensor) -> None:
-    """Fold X → X/s into the producer and W → W·diag(s) into every consumer (exact in real arithmetic)."""
+    """Fold X → X/s into every producer and W → W·diag(s) into every consumer (exact in real arithmetic)."""
     modules = dict(model.named_modules())
-    producer = modules[target.producer]
-    if target.kind == "modulation":
-        divide_modulation(producer, s, target.shift_chunk, target.scale_chunk, target.num_chunks)
-    elif target.kind == "value":
-        divide_output_rows(producer, s)
-    else:
-        raise ValueError(f"unknown smoothing target kind {target.kind!r}")
+    for producer in target.producers:
+        linear = modules[producer.linear]
+        if isinstance(producer, ModulationRows):
+            divide_modulation(linear, s, producer.shift_chunk, producer.scale_chunk, producer.num_chunks)
+        elif isinstance(producer, OutputRows):
+            divide_output_rows(linear, s)
+        else:
+            raise ValueError(f"unknown smoothing producer {producer!r}")
     for name in target.consumers:
         scale_input_columns(modules[name], s)
 
@@ -101,18 +76,15 @@ def apply_smoothing(model: nn.Module, target: SmoothingTarget, s: torch.Tensor) 
 def shift_input(model: nn.Module, target: SmoothingTarget, offset: torch.Tensor) -> None:
     """Add `offset` per channel to the target's input, compensated in the consumers' biases (b ← b − W·offset).
 
-    Modulation targets add it to the shift rows' bias; the value target to `to_v`'s bias (softmax rows sum to
-    1, so the attention output moves by exactly the offset). Exact in real arithmetic.
+    A modulation producer adds it to its shift rows' bias; an output-rows producer (to_v) to its bias (softmax rows
+    sum to 1, so the attention output moves by exactly the offset; with several value producers — joint attention
+    over two streams' V — every one gets it, as the softmax runs over all their rows). Exact in real arithmetic.
     """
     modules = dict(model.named_modules())
-    producer = modules[target.producer]
-    if target.kind == "modulation":
-        dim = producer.out_features // target.num_chunks
-        producer.bias[target.shift_chunk * dim : (target.shift_chunk + 1) * dim] += offset.to(producer.bias)
-    elif target.kind == "value":
-        producer.bias += offset.to(producer.bias)
-    else:
-        raise ValueError(f"unknown smoothing target kind {target.kind!r}")
+    for producer in target.producers:
+        linear = modules[producer.linear]
+        start, stop = _producer_rows(producer, linear, offset.numel())
+        linear.bias[start:stop] += offset.to(linear.bias)
     for name in target.consumers:
         consumer = modules[name]
         consumer.bias -= consumer.weight @ offset.to(consumer.weight)
@@ -122,19 +94,13 @@ def shift_input(model: nn.Module, target: SmoothingTarget, offset: torch.Tensor)
 def shift_input_per_group(model: nn.Module, target: SmoothingTarget, edges: torch.Tensor, offsets: torch.Tensor) -> None:
     """`shift_input` with one offset per timestep group ([G, C]; groups by `edges`, see `groupbias`).
 
-    The producer gains per-group biases on the rows that make the input (adaLN shift rows, or `to_v`), every
+    Every producer gains per-group biases on the rows that make the input (adaLN shift rows, or `to_v`), every
     consumer the per-group bias −W·offset_g. Exact in real arithmetic at every timestep.
     """
     modules = dict(model.named_modules())
-    producer = modules[target.producer]
-    width = offsets.shape[1]
-    if target.kind == "modulation":
-        rows = (target.shift_chunk * width, (target.shift_chunk + 1) * width)
-    elif target.kind == "value":
-        rows = (0, width)
-    else:
-        raise ValueError(f"unknown smoothing target kind {target.kind!r}")
-    add_group_bias(model, producer, edges, offsets, rows)
+    for producer in target.producers:
+        linear = modules[producer.linear]
+        add_group_bias(model, linear, edges, offsets, _producer_rows(producer, linear, offsets.shape[1]))
     for name in target.consumers:
         consumer = modules[name]
         add_group_bias(model, consumer, edges, -offsets.to(consumer.weight) @ consumer.weight.T)

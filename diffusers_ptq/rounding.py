@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from diffusers_ptq import distributed
+from diffusers_ptq.observe import Observer
 
 __all__ = ["HessianRecorder", "RoundedWeight", "scale_hessian", "shift_hessian", "quant_grid", "nearest_round", "gptq_round",
            "gptq_quantize_weights", "broadcast_rounded"]
@@ -40,7 +41,7 @@ class HessianRecorder:
 
     `layers`: {name: nn.Linear}. Rows are the input flattened to [-1, in_features] (all tokens of all samples).
     `weight_fn(timestep) -> float | Tensor[B]`: optional per-call or per-sample weight from the transformer's
-    timestep (read by a forward pre-hook on `transformer`, keyword `timestep` or 2nd positional argument);
+    timestep (read on each call of `transformer` by the observer, where the model's adapter finds it);
     a per-sample weight must have one entry per leading (batch) index of the Linear's input.
     `dtype`: accumulator dtype (float32 default; float64 for very long calibration runs).
     The accumulators live on the input's device; `hessians()` returns them on CPU in float32.
@@ -59,33 +60,29 @@ class HessianRecorder:
         self.sums: dict[str, torch.Tensor] = {}    # Σ w·xᵀx
         self.firsts: dict[str, torch.Tensor] = {}  # Σ w·x (for `means`)
         self.counts: dict[str, float] = {name: 0.0 for name in layers}  # Σ w over rows
+        self.modules = layers
         self._weight: float | torch.Tensor = 1.0
-        self._handles: list = []
+        self._observer: Observer | None = None
         self._reduced = False
 
     def __enter__(self) -> HessianRecorder:
-        if self.transformer is not None and self.weight_fn is not None:
-            self._handles.append(self.transformer.register_forward_pre_hook(self._timestep_hook, with_kwargs=True))
-        for name, layer in self.layers.items():
-            self._handles.append(layer.register_forward_pre_hook(self._make_hook(name)))
+        """Record by itself (without calibration.calibrate, which takes it as one of its subscribers)."""
+        self._observer = Observer(self.transformer, [self]).__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._observer.__exit__(*exc)
 
-    def _timestep_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    def on_call(self, timestep, args: tuple, kwargs: dict) -> None:
+        """Observer subscriber: the per-call weight from the transformer's timestep (with a weight_fn)."""
+        if self.weight_fn is None:
+            return
         if timestep is None:
             raise ValueError("HessianRecorder: the transformer was called without a timestep")
-        self._weight = self.weight_fn(torch.as_tensor(timestep))
+        self._weight = self.weight_fn(timestep)
 
-    def _make_hook(self, name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            self.add(name, args[0])
-
-        return hook
+    def on_input(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.add(name, args[0])
 
     @torch.no_grad()
     def add(self, name: str, x: torch.Tensor, weight: float | torch.Tensor | None = None) -> None:

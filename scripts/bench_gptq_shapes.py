@@ -88,15 +88,15 @@ def worker(shape: str, fmt: str) -> dict:
 
 def hessian_memory() -> dict:
     """Bytes of one Hessian per Linear of DiT-XL/2 (architecture built on the meta device), by accumulator dtype,
-    for the Linears quantized by default (config.DEFAULT_INCLUDE) and for every Linear."""
+    for the Linears quantized by default (the DiT adapter's default_include) and for every Linear."""
     from diffusers import DiTTransformer2DModel
 
-    from diffusers_ptq.config import DEFAULT_INCLUDE
+    from diffusers_ptq.models.dit import DiTAdapter
 
     with torch.device("meta"):
         model = DiTTransformer2DModel(**DIT_XL_2_256)
     every = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    targets = {n: m for n, m in every.items() if any(fnmatch.fnmatchcase(n, p) for p in DEFAULT_INCLUDE)}
+    targets = {n: m for n, m in every.items() if any(fnmatch.fnmatchcase(n, p) for p in DiTAdapter.default_include)}
     shared = [n for n in targets if n.endswith((".attn1.to_k", ".attn1.to_v"))]  # same input as to_q
 
     def floats(names):
@@ -131,7 +131,7 @@ def markdown(result: dict) -> str:
                      f"| {r['nearest_seconds']:.3f} | {r['peak_extra_bytes'] / mb:.0f} | {r['inputs_bytes'] / mb:.0f} "
                      f"| {r['output_error_gptq_over_nearest']:.3f} |")
     h = result["hessian_memory"]
-    lines += ["", f"The {h['targets']} Linears quantized by default in DiT-XL/2 (`config.DEFAULT_INCLUDE`: 7 per block "
+    lines += ["", f"The {h['targets']} Linears quantized by default in DiT-XL/2 (`DiTAdapter.default_include`: 7 per block "
               "+ proj_out_1/2), each shape timed above times the number of Linears of that shape, one after the "
               "other on this CPU:", ""]
     for fmt, s in result["model_seconds"].items():

@@ -19,11 +19,12 @@ import time
 
 import torch
 
-from diffusers_ptq import api
+from diffusers_ptq import api, reconstruction
 from diffusers_ptq.config import QuantConfig
 from diffusers_ptq.harness.bundled import load_pipeline
 from diffusers_ptq.harness.evaluation import generate_images, psnr, relative_mse
-from diffusers_ptq.sampling import balanced_labels
+from diffusers_ptq.methods import gptq as gptq_plugin
+from diffusers_ptq.models.dit import balanced_labels
 
 
 def cpu_model() -> str:
@@ -55,7 +56,7 @@ def main() -> None:
     reference = generate_images(fp, labels, **gen)
     common = dict(weight_bits=args.weight_bits, act_bits=args.act_bits, csb_alpha=args.csb_alpha)
     captured = {}
-    original_gptq, original_recon = api.gptq_quantize_weights, api.reconstruct_weights
+    original_gptq, original_recon = gptq_plugin.gptq_quantize_weights, reconstruction.reconstruct_weights
 
     def capturing_gptq(*a, **k):
         captured.update(original_gptq(*a, **k))
@@ -71,8 +72,8 @@ def main() -> None:
             else:
                 config = QuantConfig(weight_rounding="reconstruct", reconstruct_iters=args.iters, reconstruct_lr=lr,
                                      **common)
-            api.gptq_quantize_weights = capturing_gptq if variant == "gptq" else original_gptq
-            api.reconstruct_weights = (functools.partial(original_recon, init=dict(captured))
+            gptq_plugin.gptq_quantize_weights = capturing_gptq if variant == "gptq" else original_gptq
+            reconstruction.reconstruct_weights = (functools.partial(original_recon, init=dict(captured))
                                        if variant == "reconstruct-gptq-init" else original_recon)
             pipe = copy.deepcopy(fp)
             t0 = time.time()
@@ -89,7 +90,7 @@ def main() -> None:
             runs.append(row)
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    api.gptq_quantize_weights, api.reconstruct_weights = original_gptq, original_recon
+    gptq_plugin.gptq_quantize_weights, reconstruction.reconstruct_weights = original_gptq, original_recon
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ from diffusers_ptq.harness.bundled import load_pipeline
 from diffusers_ptq.harness.evaluation import generate_images, psnr
 from diffusers_ptq.harness.utils import machine_info
 from diffusers_ptq.methods import ptq4dit
-from diffusers_ptq.reparam import dit_smoothing_targets
+from diffusers_ptq.models import adapter_for
+from diffusers_ptq.models.dit import balanced_labels
 from diffusers_ptq.rounding import HessianRecorder
-from diffusers_ptq.sampling import balanced_labels
 
 
 def ssc_step_weights(pipe, config: QuantConfig) -> dict[int, float]:
@@ -39,7 +39,7 @@ def ssc_step_weights(pipe, config: QuantConfig) -> dict[int, float]:
                       batch_size=config.batch_size, progress=False)
     modules = dict(transformer.named_modules())
     etas = []
-    for target in dit_smoothing_targets(transformer):
+    for target in adapter_for(transformer).smoothing_targets(transformer):
         weight_sal = ptq4dit.weight_salience(*[modules[c].weight for c in target.consumers])
         _, eta = ptq4dit.activation_salience(stats.layers[target.consumers[0]].absmax, weight_sal, ssc=True)
         etas.append(eta)

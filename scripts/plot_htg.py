@@ -16,12 +16,10 @@ from pathlib import Path
 
 import torch
 
-from diffusers_ptq.api import htg_vectors
 from diffusers_ptq.calibration import calibrate
-from diffusers_ptq.config import QuantConfig
 from diffusers_ptq.harness.bundled import load_pipeline
 from diffusers_ptq.methods import htg
-from diffusers_ptq.reparam import dit_smoothing_targets
+from diffusers_ptq.models import adapter_for
 
 
 def main() -> None:
@@ -41,14 +39,13 @@ def main() -> None:
 
     pipe = load_pipeline(args.model)
     transformer = pipe.transformer
-    target = next(t for t in dit_smoothing_targets(transformer) if t.consumers[0] == args.layer)
+    target = next(t for t in adapter_for(transformer).smoothing_targets(transformer) if t.consumers[0] == args.layer)
     id2label = {v: k for k, v in pipe.labels.items()} if pipe.labels else None
     stats = calibrate(transformer, scheduler_config=pipe.scheduler.config, num_inference_steps=args.steps,
                       num_samples=args.samples, id2label=id2label, include=[args.layer])
     layer = stats.layers[args.layer]
-    config = QuantConfig(htg_shift=True, htg_scale=True)
     weights = [transformer.get_submodule(c).weight.detach() for c in target.consumers]
-    transform = htg_vectors(layer, weights, stats.timesteps, config)
+    transform = htg.HTG().vectors(layer, weights, stats.timesteps)
     per_step = transform.shifts[htg.group_index(transform.starts, len(stats.timesteps))]
     after_max, after_min = (layer.max - per_step) / transform.scale, (layer.min - per_step) / transform.scale
 

@@ -29,8 +29,8 @@ from diffusers_ptq.harness.bundled import load_pipeline
 from diffusers_ptq.harness.evaluation import class_ids_of, generate_images, score_images, write_json
 from diffusers_ptq.harness.utils import machine_info
 from diffusers_ptq.methods import qdit
+from diffusers_ptq.models.dit import balanced_labels
 from diffusers_ptq.modules import QuantLinear
-from diffusers_ptq.sampling import balanced_labels
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--budget", type=float, default=4.5)

@@ -193,7 +193,7 @@ def test_a_pipeline_is_saved_atomically_as_one_folder_with_the_card_at_its_root(
     add_user_files(folder)
     diffusers_ptq.save_pretrained(pipe, folder)  # over it, as one folder
     card = (folder / "README.md").read_text()
-    assert "quantized DiT pipeline" in card and "baseline" in card
+    assert "quantized DiTPipeline" in card and "baseline" in card
     assert not (folder / "transformer" / "README.md").exists()
     assert {"model_index.json", f"transformer/{WEIGHTS}", "vae/config.json", *USER_FILES} <= set(snapshot(folder))
     assert os.listdir(tmp_path) == ["pipe"]  # no temporary folder left

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from diffusers_ptq.calibration import calibrate, select_linears
-from diffusers_ptq.sampling import balanced_labels, make_scheduler, model_class_ids, sample_latents
+from diffusers_ptq.models.dit import balanced_labels, model_class_ids
+from diffusers_ptq.sampling import make_scheduler, sample_latents
 
 
 def _capture_inputs(model, names, fn):

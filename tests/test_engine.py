@@ -16,8 +16,9 @@ from diffusers_ptq.methods.baselines import (
     smoothquant_factors,
     weight_input_absmax,
 )
+from diffusers_ptq.models import adapter_for
 from diffusers_ptq.modules import QuantLinear, quantize_linear
-from diffusers_ptq.reparam import apply_smoothing, dit_smoothing_targets
+from diffusers_ptq.reparam import apply_smoothing
 
 
 def _forward(model, seed=0):
@@ -35,7 +36,7 @@ def test_folding_without_quantization_reproduces_float_model(tiny_transformer):
     reference = _forward(tiny_transformer)
     folded = copy.deepcopy(tiny_transformer)
     gen = torch.Generator().manual_seed(2)
-    targets = dit_smoothing_targets(folded)
+    targets = adapter_for(folded).smoothing_targets(folded)
     assert [t.name for t in targets][:3] == ["transformer_blocks.0.qkv", "transformer_blocks.0.out",
                                              "transformer_blocks.0.fc1"] and targets[-1].name == "final"
     for target in targets:

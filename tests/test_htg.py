@@ -6,13 +6,14 @@ import torch
 from conftest import randomize_modulation
 from diffusers import DiTTransformer2DModel
 
-from diffusers_ptq.api import htg_fold, htg_vectors, quantize_transformer
+from diffusers_ptq.api import quantize_transformer
 from diffusers_ptq.calibration import calibrate
 from diffusers_ptq.config import QuantConfig
 from diffusers_ptq.groupbias import GroupBias, group_bias_bytes
 from diffusers_ptq.methods import htg
+from diffusers_ptq.methods.htg import HTG
+from diffusers_ptq.models import adapter_for
 from diffusers_ptq.modules import QuantLinear
-from diffusers_ptq.reparam import dit_smoothing_targets
 
 
 def _brute_force(z, num_groups):
@@ -81,11 +82,11 @@ def _stats(model, steps, samples=2):
 def test_htg_vectors_match_direct_computation(tiny_transformer):
     randomize_modulation(tiny_transformer)
     stats = _stats(tiny_transformer, steps=6)
-    config = QuantConfig(htg_shift=True, htg_scale=True, htg_groups=3, htg_linkage="optimal")
-    target = dit_smoothing_targets(tiny_transformer)[0]
+    method = HTG(num_groups=3, linkage="optimal")
+    target = adapter_for(tiny_transformer).smoothing_targets(tiny_transformer)[0]
     layer = stats.layers[target.consumers[0]]
     weights = [tiny_transformer.get_submodule(c).weight.detach() for c in target.consumers]
-    got = htg_vectors(layer, weights, stats.timesteps, config)
+    got = method.vectors(layer, weights, stats.timesteps)
     z = (layer.max + layer.min) / 2
     best_cost, best_starts = _brute_force(z, 3)
     assert got.starts == best_starts
@@ -113,9 +114,8 @@ def _forward_steps(model, timesteps, labels, seed=0):
 def _assert_htg_fold_exact(model, steps, groups, rtol=1e-4, atol=1e-4):
     stats = _stats(model, steps=steps)
     folded = copy.deepcopy(model)
-    config = QuantConfig(htg_shift=True, htg_scale=True, htg_groups=groups)
-    consumers = {c for t in dit_smoothing_targets(folded) for c in t.consumers}
-    transforms = htg_fold(folded, dict(stats.layers), stats.timesteps, config, consumers)
+    consumers = {c for t in adapter_for(folded).smoothing_targets(folded) for c in t.consumers}
+    transforms = HTG(num_groups=groups).fold(folded, adapter_for(folded), dict(stats.layers), stats.timesteps, consumers)
     assert all(len(t.starts) == groups for t in transforms.values())
     assert any(float(t.shifts.abs().max()) > 1e-3 for t in transforms.values())
     # every calibrated timestep (so every group's bias is used), with CFG pairs of labels, in one batch
@@ -143,8 +143,8 @@ def test_htg_fold_reproduces_dit_xl_shaped_block():
 def test_mixed_timestep_batch_equals_one_by_one(bundled_pipe):
     model = copy.deepcopy(bundled_pipe.transformer)
     stats = _stats(model, steps=4)
-    consumers = {c for t in dit_smoothing_targets(model) for c in t.consumers}
-    htg_fold(model, dict(stats.layers), stats.timesteps, QuantConfig(htg_shift=True, htg_groups=4), consumers)
+    consumers = {c for t in adapter_for(model).smoothing_targets(model) for c in t.consumers}
+    HTG(num_groups=4, scale=False).fold(model, adapter_for(model), dict(stats.layers), stats.timesteps, consumers)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 4, 8, 8, generator=gen)
     timesteps, labels = torch.tensor([980, 20, 500, 980]), torch.tensor([1, 2, 1000, 7])
@@ -168,7 +168,7 @@ def test_quantize_with_htg(tiny_transformer, config):
     timesteps, labels = torch.tensor([999, 20]), torch.tensor([1, 1000])
     reference = _forward_steps(tiny_transformer, timesteps, labels)
     report = quantize_transformer(tiny_transformer, config, progress=False)
-    assert len(report.smoothed_targets) == len(dit_smoothing_targets(tiny_transformer))
+    assert len(report.smoothed_targets) == len(adapter_for(tiny_transformer).smoothing_targets(tiny_transformer))
     groups = config.htg_groups or 1 if config.htg_shift else 1
     assert all(len(starts) == groups for starts in report.timestep_groups.values())
     carriers = [m for m in tiny_transformer.modules() if getattr(m, "group_biases", None) is not None]

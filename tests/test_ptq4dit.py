@@ -7,11 +7,13 @@ from conftest import randomize_modulation
 from diffusers import DiTTransformer2DModel
 from scipy.stats import rankdata, spearmanr
 
-from diffusers_ptq.api import quantize_transformer, smooth, smoothing_vector
+from diffusers_ptq.api import quantize_transformer
 from diffusers_ptq.calibration import calibrate
 from diffusers_ptq.config import QuantConfig
 from diffusers_ptq.methods import ptq4dit
-from diffusers_ptq.reparam import dit_smoothing_targets
+from diffusers_ptq.methods.base import smooth
+from diffusers_ptq.methods.ptq4dit import PTQ4DiT
+from diffusers_ptq.models import adapter_for
 
 
 def _forward(model, timesteps, labels, seed=0):
@@ -23,7 +25,7 @@ def _forward(model, timesteps, labels, seed=0):
 
 
 def _all_targets(model):
-    return {c for t in dit_smoothing_targets(model) for c in t.consumers}
+    return {c for t in adapter_for(model).smoothing_targets(model) for c in t.consumers}
 
 
 def _calibration_stats(model, steps=3, samples=4):
@@ -45,11 +47,11 @@ def test_spearman_matches_scipy_with_ties():
 def test_balancing_vector_matches_direct_recomputation(tiny_transformer):
     randomize_modulation(tiny_transformer)
     stats = _calibration_stats(tiny_transformer)
-    config = QuantConfig(csb_alpha=0.5)
-    for target in dit_smoothing_targets(tiny_transformer):
+    method = PTQ4DiT(csb_alpha=0.5)
+    for target in adapter_for(tiny_transformer).smoothing_targets(tiny_transformer):
         layer = stats.layers[target.consumers[0]]
         weights = [tiny_transformer.get_submodule(c).weight.detach() for c in target.consumers]
-        got = smoothing_vector(layer, weights, config)
+        got = method.vector(layer, weights)
         # Direct: numpy/scipy on the same statistics.
         w_sal = np.abs(np.concatenate([w.numpy() for w in weights])).max(axis=0)
         rows = layer.sample_absmax.numpy().reshape(-1, w_sal.size)
@@ -59,9 +61,9 @@ def test_balancing_vector_matches_direct_recomputation(tiny_transformer):
         act_sal = eta @ rows
         np.testing.assert_allclose(got.numpy(), np.sqrt(act_sal / w_sal), rtol=1e-5)
         # CSB without SSC: every row weighs the same; per-timestep rows: the [T, C] absmax.
-        uniform = smoothing_vector(layer, weights, QuantConfig(csb_alpha=0.5, ssc=False))
+        uniform = PTQ4DiT(csb_alpha=0.5, ssc=False).vector(layer, weights)
         np.testing.assert_allclose(uniform.numpy(), np.sqrt(rows.mean(axis=0) / w_sal), rtol=1e-5)
-        per_step = smoothing_vector(layer, weights, QuantConfig(csb_alpha=0.3, ssc_rows="timestep"))
+        per_step = PTQ4DiT(csb_alpha=0.3, ssc_rows="timestep").vector(layer, weights)
         steps = layer.absmax.numpy()
         rho_t = np.array([spearmanr(r, w_sal).statistic for r in steps])
         eta_t = np.exp(-rho_t) / np.exp(-rho_t).sum()
@@ -76,11 +78,11 @@ def test_ssc_weights_favour_anticorrelated_rows():
     torch.testing.assert_close(eta, torch.softmax(torch.tensor([-1.0, 1.0]), 0))
 
 
-def _assert_folded_matches(model, stats, config, timesteps, labels, rtol, atol):
+def _assert_folded_matches(model, stats, method, timesteps, labels, rtol, atol):
     reference = _forward(model, timesteps, labels)
     folded = copy.deepcopy(model)
-    done = smooth(folded, dict(stats.layers), config, _all_targets(folded))
-    assert len(done) == len(dit_smoothing_targets(model))
+    done = smooth(folded, dict(stats.layers), method.vector, _all_targets(folded))
+    assert len(done) == len(adapter_for(model).smoothing_targets(model))
     assert any(float((s - 1).abs().max()) > 0.1 for s in done.values())  # the fold really changed the weights
     torch.testing.assert_close(_forward(folded, timesteps, labels), reference, rtol=rtol, atol=atol)
 
@@ -88,7 +90,7 @@ def _assert_folded_matches(model, stats, config, timesteps, labels, rtol, atol):
 def test_ptq4dit_fold_without_quantization_reproduces_bundled_model(bundled_pipe):
     model = copy.deepcopy(bundled_pipe.transformer)
     stats = _calibration_stats(model, steps=3, samples=4)
-    _assert_folded_matches(model, stats, QuantConfig(csb_alpha=0.5), [999, 500, 20, 500], [1, 7, 1000, 1000],
+    _assert_folded_matches(model, stats, PTQ4DiT(csb_alpha=0.5), [999, 500, 20, 500], [1, 7, 1000, 1000],
                            rtol=1e-4, atol=1e-4)
 
 
@@ -98,7 +100,7 @@ def test_ptq4dit_fold_without_quantization_reproduces_dit_xl_shaped_block():
                                   num_layers=1, sample_size=4, patch_size=2, num_embeds_ada_norm=1000).eval()
     randomize_modulation(model, std=0.02)
     stats = _calibration_stats(model, steps=2, samples=2)
-    _assert_folded_matches(model, stats, QuantConfig(csb_alpha=0.5), [999, 20], [3, 1000], rtol=1e-4, atol=1e-4)
+    _assert_folded_matches(model, stats, PTQ4DiT(csb_alpha=0.5), [999, 20], [3, 1000], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("config", [
@@ -111,7 +113,7 @@ def test_quantize_with_ptq4dit_folds_every_target(tiny_transformer, config):
     randomize_modulation(tiny_transformer)
     reference = _forward(tiny_transformer, [999, 20], [1, 1000])
     report = quantize_transformer(tiny_transformer, config, progress=False)
-    assert len(report.smoothed_targets) == len(dit_smoothing_targets(tiny_transformer))
+    assert len(report.smoothed_targets) == len(adapter_for(tiny_transformer).smoothing_targets(tiny_transformer))
     out = _forward(tiny_transformer, [999, 20], [1, 1000])
     assert torch.isfinite(out).all()
     assert (out - reference).pow(2).mean() < 0.05 * reference.pow(2).mean()

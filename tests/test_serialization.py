@@ -282,7 +282,7 @@ def test_pipeline_push_to_hub_puts_the_card_at_the_root(monkeypatch):
     assert {"README.md", "model_index.json", "transformer/config.json", f"transformer/{WEIGHTS}",
             "vae/config.json", "scheduler/scheduler_config.json"} <= set(hub.files)
     card = hub.files["README.md"].decode()
-    assert "quantized DiT pipeline" in card and "| psnr_db | 31.25 |" in card and "| classifier_accuracy | 0.97 |" in card
+    assert "quantized DiTPipeline" in card and "| psnr_db | 31.25 |" in card and "| classifier_accuracy | 0.97 |" in card
     assert "baseline" in card and "W4A8" in card
     with pytest.raises(ValueError, match="not quantized"):
         diffusers_ptq.push_to_hub(load_pipeline("bundled"), "me/float")

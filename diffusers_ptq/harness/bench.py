@@ -31,7 +31,7 @@ from diffusers_ptq.harness.evaluation import (
     write_json,
 )
 from diffusers_ptq.harness.utils import machine_info, save_grid
-from diffusers_ptq.sampling import balanced_labels
+from diffusers_ptq.models.dit import balanced_labels
 
 
 def default_configs(**calibration) -> list[QuantConfig]:
@@ -147,12 +147,12 @@ def outlier_summary(transformer, *, id2label=None, scheduler_config=None, num_sa
                     guidance_scale: float = DEFAULT_GUIDANCE_SCALE, progress: bool = True) -> dict:
     """Per layer kind (the name after the block index), the outlier profile of its input over the blocks."""
     from diffusers_ptq.calibration import calibrate
-    from diffusers_ptq.config import DEFAULT_INCLUDE
     from diffusers_ptq.methods.baselines import outlier_profile
+    from diffusers_ptq.models import adapter_for
 
     stats = calibrate(transformer, scheduler_config=scheduler_config, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, num_samples=num_samples, id2label=id2label,
-                      include=list(DEFAULT_INCLUDE), progress=progress)
+                      include=list(adapter_for(transformer).default_include), progress=progress)
     kinds: dict[str, list[dict]] = {}
     for name, layer in stats.layers.items():
         kind = name.split(".", 2)[2] if name.startswith("transformer_blocks.") else name

@@ -34,12 +34,13 @@ def plant_outliers(transformer, channels_per_target: int = 4, factor_range: tupl
     The float function is unchanged; per-tensor activation quantization now meets a few channels 8-32x above
     the rest. Returns the planted channels per target.
     """
-    from diffusers_ptq.reparam import apply_smoothing, dit_smoothing_targets, shift_input
+    from diffusers_ptq.models import adapter_for
+    from diffusers_ptq.reparam import apply_smoothing, shift_input
 
     gen = torch.Generator().manual_seed(seed)
     planted = {}
     lo, hi = torch.log(torch.tensor(factor_range))
-    for target in dit_smoothing_targets(transformer):
+    for target in adapter_for(transformer).smoothing_targets(transformer):
         width = transformer.get_submodule(target.consumers[0]).in_features
         channels = torch.randperm(width, generator=gen)[:channels_per_target]
         factors = torch.exp(lo + (hi - lo) * torch.rand(channels_per_target, generator=gen))

@@ -25,7 +25,8 @@ import torch
 from diffusers.utils import logging
 from tqdm.auto import tqdm
 
-from diffusers_ptq.sampling import balanced_labels, model_class_ids, sample_seeds
+from diffusers_ptq.models.dit import balanced_labels, model_class_ids
+from diffusers_ptq.sampling import sample_seeds
 
 logger = logging.get_logger(__name__)
 

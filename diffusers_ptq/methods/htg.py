@@ -16,7 +16,11 @@ The model then reads X̃ = (X − z̄_g(t)) / s, folded into adaLN / `to_v` and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from diffusers_ptq.methods.base import Method, Observations, check_fraction, register_method_plugin
 
 LINKAGES = ("ward", "centroid", "average", "optimal")
 SCALINGS = ("printed", "migration")
@@ -154,3 +158,95 @@ def scaling_vector(act_max: torch.Tensor, weight_sal: torch.Tensor, scaling: str
             raise ValueError(f"htg_alpha must be in [0, 1], got {alpha}")
         return m.pow(alpha) / w.pow(1 - alpha)
     raise ValueError(f"scaling={scaling!r} is not supported; allowed values: {list(SCALINGS)}")
+
+
+# --- the method plug-in ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HTGTransform:
+    """What HTG folded into one target: group starts (step indices), timestep edges, shifts z̄_g, scale s."""
+
+    starts: list[int]
+    edges: torch.Tensor  # [G-1] decreasing timestep thresholds
+    shifts: torch.Tensor  # [G, C]
+    scale: torch.Tensor  # [C]
+
+
+@register_method_plugin
+@dataclass
+class HTG(Method):
+    """num_groups: timestep groups G (None: ⌊T/10⌋, at least 1); linkage: "ward" | "centroid" | "average" (greedy
+    adjacent merging) | "optimal" (exact minimizer of the within-group sum of squares); ema_alpha: the EMA
+    coefficient of the channel max, in (0, 1); migration_alpha: s = m^a / max|W|^(1−a) with a = migration_alpha,
+    or None for the paper's printed s = m / max|W|; shift / scale: the two parts (the paper's ablations)."""
+
+    name = "htg"
+    kind = "transform"
+    num_groups: int | None = None
+    linkage: str = "ward"
+    ema_alpha: float = 0.99
+    migration_alpha: float | None = 0.5
+    shift: bool = True
+    scale: bool = True
+
+    def __post_init__(self) -> None:
+        if self.linkage not in LINKAGES:
+            raise ValueError(f"linkage={self.linkage!r} is not supported; allowed values: {list(LINKAGES)}")
+        if self.num_groups is not None and (isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int)
+                                            or self.num_groups <= 0):
+            raise ValueError(f"num_groups must be a positive int or None (⌊T/10⌋), got {self.num_groups!r}")
+        check_fraction("ema_alpha", self.ema_alpha, low_open=True, high_open=True)
+        check_fraction("migration_alpha", self.migration_alpha, allow_none=True)
+        if not isinstance(self.shift, bool) or not isinstance(self.scale, bool):
+            raise ValueError(f"shift and scale must be True or False, got {self.shift!r}, {self.scale!r}")
+        if not (self.shift or self.scale):
+            raise ValueError("shift and scale are both False: HTG needs at least one of them")
+
+    def observations(self, scheme) -> Observations:
+        return Observations(stats=True)
+
+    def vectors(self, stats, weights: list[torch.Tensor], timesteps: torch.Tensor) -> HTGTransform:
+        """HTG's group shifts and scale of one target's input, from its per-step max/min."""
+        from diffusers_ptq.methods.ptq4dit import weight_salience
+
+        steps, channels = stats.max.shape
+        if self.shift:
+            z = channel_shifts(stats.max, stats.min)
+            starts = cluster_timesteps(z, min(steps, self.num_groups or max(1, steps // 10)), self.linkage)
+            shifts = group_shifts(z, starts)
+        else:
+            starts, shifts = [0], torch.zeros(1, channels)
+        if self.scale:
+            per_step = shifts[group_index(starts, steps)]
+            m = ema_over_steps(shifted_absmax(stats.max, stats.min, per_step), self.ema_alpha)
+            printed = self.migration_alpha is None
+            scale = scaling_vector(m, weight_salience(*weights), "printed" if printed else "migration",
+                                   0.5 if printed else self.migration_alpha)
+        else:
+            scale = torch.ones(channels)
+        return HTGTransform(starts, group_edges(timesteps, starts), shifts, scale)
+
+    def fold(self, model, adapter, layers: dict, timesteps: torch.Tensor, quantized) -> dict:
+        """Fold HTG into every target whose consumers are all quantized: X̃ = (X − z̄_g(t)) / s, the scale into the
+        producer rows and consumer columns, the group shifts into per-group biases. {target: HTGTransform}."""
+        from diffusers_ptq.reparam import apply_smoothing, shift_input_per_group
+
+        done = {}
+        for target in adapter.smoothing_targets(model):
+            if not set(target.consumers) <= set(quantized):
+                continue
+            weights = [model.get_submodule(c).weight for c in target.consumers]
+            transform = self.vectors(layers[target.consumers[0]], weights, timesteps)
+            apply_smoothing(model, target, transform.scale)
+            if self.shift:
+                shift_input_per_group(model, target, transform.edges, -transform.shifts / transform.scale)
+            done[target] = transform
+        return done
+
+    def transform(self, run) -> None:
+        folded = self.fold(run.transformer, run.adapter, run.layers, run.timesteps, run.targets)
+        run.report.smoothed_targets = [t.name for t in folded]
+        run.report.timestep_groups = {t.name: f.starts for t, f in folded.items()}
+        if run.needs_ranges_or_hessians():  # of the shifted, scaled inputs: measured again
+            run.recalibrate()

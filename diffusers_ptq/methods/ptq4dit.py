@@ -1,7 +1,7 @@
 """PTQ4DiT (Wu et al., NeurIPS 2024): channel-wise salience balancing (CSB) guided by Spearman's ρ (SSC).
 
 Pure functions on statistics and weights (tensors in, tensors out). For one smoothing target (the shared input
-of q/k/v, the input of `to_out[0]`, or the input of `ff.net[0].proj`):
+of q/k/v, the input of the attention output projection, or the input of the MLP's first Linear):
 
 - weight salience s(W_j) = max over output rows of |W[:, j]| (q/k/v: over the three weights stacked);
 - activation salience of calibration row r (one timestep × sample, or one timestep): s(X_r)_j = max over
@@ -14,8 +14,11 @@ of q/k/v, the input of `to_out[0]`, or the input of `ff.net[0].proj`):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from diffusers_ptq.methods.base import Method, Observations, check_fraction, fold_smoothing, register_method_plugin
 from diffusers_ptq.methods.baselines import weight_input_absmax
 
 EPS = 1e-5
@@ -78,3 +81,41 @@ def salience_rows(absmax: torch.Tensor, sample_absmax: torch.Tensor | None, rows
             raise ValueError("ssc_rows='sample' needs per-sample rows: calibrate with sample_rows for this layer")
         return sample_absmax.reshape(-1, sample_absmax.shape[-1])
     raise ValueError(f"ssc_rows={rows!r} is not supported; allowed values: ['sample', 'timestep']")
+
+
+# --- the method plug-in ---------------------------------------------------------------------------------------------
+
+SSC_ROWS = ("sample", "timestep")
+
+
+@register_method_plugin
+@dataclass
+class PTQ4DiT(Method):
+    """CSB with migration strength `csb_alpha`, weighted over calibration rows by SSC (`ssc`; False: every row the
+    same weight), rows per "sample" (timestep × calibration sample, as the official code) or per "timestep"."""
+
+    name = "ptq4dit"
+    kind = "transform"
+    csb_alpha: float = 0.5
+    ssc: bool = True
+    ssc_rows: str = "sample"
+
+    def __post_init__(self) -> None:
+        check_fraction("csb_alpha", self.csb_alpha)
+        if not isinstance(self.ssc, bool):
+            raise ValueError(f"ssc must be True or False, got {self.ssc!r}")
+        if self.ssc_rows not in SSC_ROWS:
+            raise ValueError(f"ssc_rows={self.ssc_rows!r} is not supported; allowed values: {list(SSC_ROWS)}")
+
+    def observations(self, scheme) -> Observations:
+        return Observations(stats=True, sample_rows=self.ssc_rows == "sample")
+
+    def vector(self, stats, weights: list[torch.Tensor]) -> torch.Tensor:
+        """The balancing vector B of one target's input."""
+        weight_sal = weight_salience(*weights)
+        rows = salience_rows(stats.absmax, stats.sample_absmax, self.ssc_rows)
+        act_sal, _ = activation_salience(rows, weight_sal, self.ssc)
+        return balancing_vector(act_sal, weight_sal, self.csb_alpha)
+
+    def transform(self, run) -> None:
+        fold_smoothing(run, self.vector)

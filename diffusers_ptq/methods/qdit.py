@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from diffusers_ptq.methods.base import Method, Observations, register_method_plugin
+
 # quanto stores the 4-bit scale and shift in the weight's dtype; this project keeps them float32
 # (serialization.state_dict_and_metadata refuses anything else): 32 + 32 bits per group
 SCALE_BITS = 32
@@ -108,60 +110,21 @@ def proxy_errors(weight: torch.Tensor, hessian: torch.Tensor | None, candidates:
     return errors, kept
 
 
-class TransformerInputRecorder:
-    """Context manager: a forward pre-hook on the transformer that keeps `rows_per_call` evenly spaced rows
-    (hidden_states, timestep, class_labels) of every call, e.g. during the calibration run."""
-
-    def __init__(self, transformer: torch.nn.Module, rows_per_call: int = 4):
-        self.transformer, self.rows_per_call = transformer, rows_per_call
-        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-        self._handle = None
-
-    def __enter__(self) -> TransformerInputRecorder:
-        self._handle = self.transformer.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
-
-    def _hook(self, module, args, kwargs) -> None:
-        x = args[0] if args else kwargs["hidden_states"]
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        y = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
-        n = x.shape[0]
-        idx = torch.linspace(0, n - 1, min(n, self.rows_per_call)).round().long().unique()
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(n) if t is not None else None
-        self.calls.append((x.detach()[idx].cpu(), None if t is None else t[idx].cpu(),
-                           None if y is None else torch.as_tensor(y).reshape(-1)[idx].cpu()))
-
-    def inputs(self, max_rows: int = 64) -> dict[str, torch.Tensor]:
-        """At most `max_rows` recorded rows, evenly spaced over the calls (so over the timesteps)."""
-        if not self.calls:
-            raise ValueError("no transformer call was recorded")
-        x = torch.cat([c[0] for c in self.calls])
-        idx = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], max_rows)).round().long().unique()
-        out = {"hidden_states": x[idx]}
-        if self.calls[0][1] is not None:
-            out["timestep"] = torch.cat([c[1] for c in self.calls])[idx]
-        if self.calls[0][2] is not None:
-            out["class_labels"] = torch.cat([c[2] for c in self.calls])[idx]
-        return out
-
-
 @torch.no_grad()
 def model_output_errors(transformer: torch.nn.Module, names: list[str], inputs: dict[str, torch.Tensor],
                         candidates: Iterable[GroupSize], rounded_fn: Callable[[str, torch.Tensor, GroupSize], object],
                         batch_size: int = 64) -> dict[str, dict[GroupSize, float]]:
     """{layer: {group size: mean squared error of the transformer output}} with only that layer's weight replaced by
-    `rounded_fn(name, weight, g).weight` (the others float), on `inputs` (hidden_states, timestep, class_labels)."""
+    `rounded_fn(name, weight, g).weight` (the others float), on `inputs` (the forward's batched keyword inputs, as
+    TransformerInputRecorder keeps them)."""
     device = next(transformer.parameters()).device
 
     def forward() -> torch.Tensor:
-        n = inputs["hidden_states"].shape[0]
+        n = next(iter(inputs.values())).shape[0]
         outs = []
         for i in range(0, n, batch_size):
             kw = {k: v[i:i + batch_size].to(device) for k, v in inputs.items()}
-            outs.append(transformer(kw.pop("hidden_states"), **kw).sample.float())
+            outs.append(transformer(**kw).sample.float())
         return torch.cat(outs)
 
     reference = forward()
@@ -348,3 +311,74 @@ def evolutionary_search(score: Callable[[dict[str, GroupSize]], float], options:
         scored = sorted(((evaluate(c, generation), i, c) for i, c in enumerate(pop)), key=lambda t: (t[0], t[1]))
     best_score, _, best = scored[0]
     return dict(best), best_score, history
+
+
+# --- the method plug-in ---------------------------------------------------------------------------------------------
+
+PROXIES = ("model", "output", "relative", "weight")
+CANDIDATES = (32, 64, 128, 256, None)
+
+
+@register_method_plugin
+@dataclass
+class GroupSearch(Method):
+    """Q-DiT's group-size search: every 4-bit layer takes one of `candidates` (those dividing its in_features; None
+    = per output channel) so that the summed `proxy` error is least under `bits_per_weight` average bits per
+    weight (scales included). proxy: "model" | "output" | "relative" | "weight" (see `proxy_errors`,
+    `model_output_errors`). With a rounding method that can round single candidates (GPTQ), candidates are
+    rounded by it and the chosen ones kept."""
+
+    name = "group_search"
+    kind = "group_sizes"
+    bits_per_weight: float = 4.5
+    candidates: list = field(default_factory=lambda: list(CANDIDATES))
+    proxy: str = "model"
+
+    def __post_init__(self) -> None:
+        bits = self.bits_per_weight
+        if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 4 < bits < float("inf"):
+            raise ValueError(f"bits_per_weight must be a number of bits per weight above 4 (scales included), got "
+                             f"{bits!r}")
+        if isinstance(self.candidates, (str, bytes)) or not hasattr(self.candidates, "__iter__"):
+            raise ValueError(f"group size candidates must be a list of positive ints or None, got {self.candidates!r}")
+        self.candidates = list(self.candidates)
+        valid = all(g is None or (isinstance(g, int) and not isinstance(g, bool) and g > 0) for g in self.candidates)
+        if not self.candidates or not valid or len(set(self.candidates)) != len(self.candidates):
+            raise ValueError(f"group size candidates must be distinct positive ints or None (per output channel), "
+                             f"got {self.candidates!r}")
+        if self.proxy not in PROXIES:
+            raise ValueError(f"search proxy={self.proxy!r} is not supported; allowed values: {list(PROXIES)}")
+
+    def observations(self, scheme) -> Observations:
+        return Observations(hessians=self.proxy in ("output", "relative"), transformer_inputs=self.proxy == "model")
+
+    def group_sizes(self, run) -> dict[str, GroupSize]:
+        from diffusers_ptq.rounding import nearest_round
+
+        names, model = list(run.targets), run.transformer
+        rounding = run.plan.method("rounding")
+        keep = rounding is not None and rounding.rounds_candidates
+        shapes = {n: (run.targets[n].out_features, run.targets[n].in_features) for n in names}
+        kept: dict[str, dict] = {}
+        if self.proxy == "model":
+            def rounded_fn(name, weight, g):
+                if not keep:
+                    return nearest_round(weight, 4, g)
+                kept.setdefault(name, {})[g] = rounding.round_candidate(run, name, weight, g)
+                return kept[name][g]
+
+            with run.attention_frozen():  # the search's forwards must not widen the attention ranges
+                errors = model_output_errors(model, names, run.transformer_inputs, self.candidates, rounded_fn,
+                                             batch_size=run.plan.calibration.batch_size * 4)
+        else:
+            kind, options = rounding.proxy_rounding() if keep else ("nearest", {})
+            errors = {}
+            for name in names:
+                errors[name], kept[name] = proxy_errors(run.targets[name].weight, run.hessians.get(name),
+                                                        self.candidates, self.proxy, kind, keep_rounded=keep,
+                                                        **options)
+        result = search_group_sizes(errors, shapes, self.bits_per_weight)
+        if keep:
+            run.rounded.update({n: kept[n][g] for n, g in result.group_sizes.items()})
+        run.report.group_search = result.to_dict()
+        return result.group_sizes
