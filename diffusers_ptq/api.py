@@ -202,7 +202,7 @@ def quantize_transformer(
     searcher = plan.method("group_sizes")
     if searcher is not None:
         t_search = time.time()
-        run.group_sizes = searcher.group_sizes(run)
+        run.group_sizes = searcher.choose_group_sizes(run)
         report.search_seconds = time.time() - t_search
     else:
         run.group_sizes = layer_group_sizes(transformer, scheme, list(targets))

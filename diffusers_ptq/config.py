@@ -255,7 +255,8 @@ class QuantConfig:
                                    shift=self.htg_shift, scale=self.htg_scale))
         if self.group_search_bits is not None:
             methods.append(qdit.GroupSearch(bits_per_weight=self.group_search_bits,
-                                            candidates=list(self.group_candidates), proxy=self.group_search_proxy))
+                                            group_sizes=list(self.group_candidates),
+                                            search_proxy=self.group_search_proxy))
         if self.weight_rounding == "gptq":
             methods.append(gptq.GPTQ(damp=self.gptq_damp, act_order=self.gptq_act_order))
         elif self.weight_rounding == "reconstruct":
@@ -411,20 +412,21 @@ class DiffusersPTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
 
     def to_plan(self):
         """What the engine runs (`scheme.Plan`): the common options as the scheme and the calibration settings, the
-        method's own options as its plug-in dataclass(es) — the same names, not renamed — and the rounding."""
+        method's own options as its plug-in dataclass(es) — the same names, not renamed — and the rounding method
+        named by `weight_rounding`, from the options prefixed with its name (`gptq_damp` → GPTQ.damp)."""
         from dataclasses import fields
 
-        from diffusers_ptq.methods.gptq import GPTQ
-        from diffusers_ptq.methods.reconstruct import Reconstruct
+        from diffusers_ptq.methods import PLUGINS
         from diffusers_ptq.scheme import CalibrationSettings, Plan, QuantScheme
 
         scheme = {f.name: getattr(self, f.name) for f in fields(QuantScheme)}
         scheme.update(include=None if self.include is None else tuple(self.include), exclude=tuple(self.exclude))
         calibration = CalibrationSettings(**{f.name: getattr(self, f.name) for f in fields(CalibrationSettings)})
-        rounding = {"nearest": [], "gptq": [GPTQ(damp=self.gptq_damp, act_order=self.gptq_act_order)],
-                    "reconstruct": [Reconstruct(iters=self.reconstruct_iters, lr=self.reconstruct_lr,
-                                                batch=self.reconstruct_batch, samples=self.reconstruct_samples)]}
-        return Plan(QuantScheme(**scheme), calibration, self.method_plugins() + rounding[self.weight_rounding])
+        rounding = []
+        if self.weight_rounding != "nearest":  # its options are the config's "<method>_<option>" fields
+            plugin = PLUGINS[self.weight_rounding]
+            rounding = [plugin(**{f.name: getattr(self, f"{plugin.name}_{f.name}") for f in fields(plugin)})]
+        return Plan(QuantScheme(**scheme), calibration, self.method_plugins() + rounding)
 
     def method_plugins(self) -> list:
         """The method's plug-ins, built from its own options (methods/)."""
@@ -552,13 +554,14 @@ class QDiTConfig(DiffusersPTQConfig):
         super().validate()
 
     def method_plugins(self) -> list:
+        from dataclasses import fields
+
         from diffusers_ptq.methods.htg import HTG
         from diffusers_ptq.methods.qdit import GroupSearch
 
         plugins = [HTG(shift=self.shift, scale=self.scale)] if self.shift or self.scale else []
         if self.searches():
-            plugins.append(GroupSearch(bits_per_weight=self.bits_per_weight, candidates=list(self.group_sizes),
-                                       proxy=self.search_proxy))
+            plugins.append(GroupSearch(**{f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(GroupSearch)}))
         return plugins
 
     def searches(self) -> bool:

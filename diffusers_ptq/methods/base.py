@@ -4,7 +4,7 @@ takes part in. The orchestrator (api.quantize_transformer) runs every stage for 
 1. observe   — `observations()`: what the calibration run must record for it (one run, one hook set);
 2. transform — `transform(run)`: fold into the float model (smoothing, shifts); may ask for `run.recalibrate()`;
 3. ranges    — the scheme's activation ranges (no method hook: QuantScheme.act_range);
-4. group sizes — `group_sizes(run)`: a method that chooses per-layer group sizes returns them (Q-DiT);
+4. group sizes — `choose_group_sizes(run)`: a method that chooses per-layer group sizes returns them (Q-DiT);
 5. round     — `round(run, names)`: a rounding method returns RoundedWeights (GPTQ, block reconstruction);
 6. pack      — the quanto modules (no method hook: modules.quantize_linear).
 
@@ -66,7 +66,7 @@ class Method:
     def transform(self, run) -> None:
         """Fold into the float model; update run.layers / run.hessians to what the folded model's inputs are."""
 
-    def group_sizes(self, run) -> dict[str, int | None] | None:
+    def choose_group_sizes(self, run) -> dict[str, int | None] | None:
         return None
 
     def round(self, run, names: list[str]) -> dict:

@@ -322,37 +322,39 @@ CANDIDATES = (32, 64, 128, 256, None)
 @register_method_plugin
 @dataclass
 class GroupSearch(Method):
-    """Q-DiT's group-size search: every 4-bit layer takes one of `candidates` (those dividing its in_features; None
-    = per output channel) so that the summed `proxy` error is least under `bits_per_weight` average bits per
-    weight (scales included). proxy: "model" | "output" | "relative" | "weight" (see `proxy_errors`,
-    `model_output_errors`). With a rounding method that can round single candidates (GPTQ), candidates are
-    rounded by it and the chosen ones kept."""
+    """Q-DiT's group-size search: every 4-bit layer takes one of the candidate `group_sizes` (those dividing its
+    in_features; None = per output channel) so that the summed `search_proxy` error is least under
+    `bits_per_weight` average bits per weight (scales included). search_proxy: "model" | "output" | "relative" |
+    "weight" (see `proxy_errors`, `model_output_errors`). The names are QDiTConfig's. With a rounding method that
+    can round single candidates (GPTQ), candidates are rounded by it and the chosen ones kept."""
 
     name = "group_search"
     kind = "group_sizes"
     bits_per_weight: float = 4.5
-    candidates: list = field(default_factory=lambda: list(CANDIDATES))
-    proxy: str = "model"
+    group_sizes: list = field(default_factory=lambda: list(CANDIDATES))
+    search_proxy: str = "model"
 
     def __post_init__(self) -> None:
         bits = self.bits_per_weight
         if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 4 < bits < float("inf"):
             raise ValueError(f"bits_per_weight must be a number of bits per weight above 4 (scales included), got "
                              f"{bits!r}")
-        if isinstance(self.candidates, (str, bytes)) or not hasattr(self.candidates, "__iter__"):
-            raise ValueError(f"group size candidates must be a list of positive ints or None, got {self.candidates!r}")
-        self.candidates = list(self.candidates)
-        valid = all(g is None or (isinstance(g, int) and not isinstance(g, bool) and g > 0) for g in self.candidates)
-        if not self.candidates or not valid or len(set(self.candidates)) != len(self.candidates):
-            raise ValueError(f"group size candidates must be distinct positive ints or None (per output channel), "
-                             f"got {self.candidates!r}")
-        if self.proxy not in PROXIES:
-            raise ValueError(f"search proxy={self.proxy!r} is not supported; allowed values: {list(PROXIES)}")
+        if isinstance(self.group_sizes, (str, bytes)) or not hasattr(self.group_sizes, "__iter__"):
+            raise ValueError(f"group_sizes (the candidates) must be a list of positive ints or None, got "
+                             f"{self.group_sizes!r}")
+        self.group_sizes = list(self.group_sizes)
+        valid = all(g is None or (isinstance(g, int) and not isinstance(g, bool) and g > 0) for g in self.group_sizes)
+        if not self.group_sizes or not valid or len(set(self.group_sizes)) != len(self.group_sizes):
+            raise ValueError(f"group_sizes (the candidates) must be distinct positive ints or None (per output "
+                             f"channel), got {self.group_sizes!r}")
+        if self.search_proxy not in PROXIES:
+            raise ValueError(f"search_proxy={self.search_proxy!r} is not supported; allowed values: {list(PROXIES)}")
 
     def observations(self, scheme) -> Observations:
-        return Observations(hessians=self.proxy in ("output", "relative"), transformer_inputs=self.proxy == "model")
+        return Observations(hessians=self.search_proxy in ("output", "relative"),
+                            transformer_inputs=self.search_proxy == "model")
 
-    def group_sizes(self, run) -> dict[str, GroupSize]:
+    def choose_group_sizes(self, run) -> dict[str, GroupSize]:
         from diffusers_ptq.rounding import nearest_round
 
         names, model = list(run.targets), run.transformer
@@ -360,7 +362,7 @@ class GroupSearch(Method):
         keep = rounding is not None and rounding.rounds_candidates
         shapes = {n: (run.targets[n].out_features, run.targets[n].in_features) for n in names}
         kept: dict[str, dict] = {}
-        if self.proxy == "model":
+        if self.search_proxy == "model":
             def rounded_fn(name, weight, g):
                 if not keep:
                     return nearest_round(weight, 4, g)
@@ -368,14 +370,14 @@ class GroupSearch(Method):
                 return kept[name][g]
 
             with run.attention_frozen():  # the search's forwards must not widen the attention ranges
-                errors = model_output_errors(model, names, run.transformer_inputs, self.candidates, rounded_fn,
+                errors = model_output_errors(model, names, run.transformer_inputs, self.group_sizes, rounded_fn,
                                              batch_size=run.plan.calibration.batch_size * 4)
         else:
             kind, options = rounding.proxy_rounding() if keep else ("nearest", {})
             errors = {}
             for name in names:
                 errors[name], kept[name] = proxy_errors(run.targets[name].weight, run.hessians.get(name),
-                                                        self.candidates, self.proxy, kind, keep_rounded=keep,
+                                                        self.group_sizes, self.search_proxy, kind, keep_rounded=keep,
                                                         **options)
         result = search_group_sizes(errors, shapes, self.bits_per_weight)
         if keep:

@@ -15,7 +15,8 @@ def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
     if not adapter.model_class:
         raise ValueError(f"{type(adapter).__name__}.model_class must name a diffusers model class")
     if adapter.model_class in ADAPTERS and type(ADAPTERS[adapter.model_class]) is not type(adapter):
-        raise ValueError(f"{adapter.model_class} already has an adapter: {type(ADAPTERS[adapter.model_class]).__name__}")
+        taken = type(ADAPTERS[adapter.model_class]).__name__
+        raise ValueError(f"{adapter.model_class} already has an adapter: {taken}")
     ADAPTERS[adapter.model_class] = adapter
     return adapter
 
