@@ -110,7 +110,10 @@ class ModelAdapter:
         raise NotImplementedError
 
     def noise_shape(self, model: nn.Module, batch: int) -> tuple[int, ...]:
-        raise NotImplementedError
+        """The initial noise of `batch` samples (default: square image latents, [B, in_channels, sample_size,
+        sample_size] from the model's config)."""
+        config = model.config
+        return (batch, config.in_channels, config.sample_size, config.sample_size)
 
     def denoise(self, model: nn.Module, scheduler, latents: torch.Tensor, conditions: Sequence, *,
                 guidance_scale: float, step_generator: torch.Generator,

@@ -115,10 +115,6 @@ class DiTAdapter(ModelAdapter):
         labels = getattr(pipe, "labels", None)
         return {"id2label": {int(v): k for k, v in labels.items()} if labels else None}
 
-    def noise_shape(self, model: nn.Module, batch: int) -> tuple[int, ...]:
-        config = model.config
-        return (batch, config.in_channels, config.sample_size, config.sample_size)
-
     def denoise(self, model: nn.Module, scheduler, latents: torch.Tensor, conditions: Sequence, *,
                 guidance_scale: float, step_generator: torch.Generator,
                 before_step: Callable[[int], None], after_step: Callable[[], None]) -> torch.Tensor:
