@@ -150,3 +150,20 @@ def reload_bit_exact(model, folder, monkeypatch) -> DiTTransformer2DModel:
     before, after = model.state_dict(), reloaded.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     return reloaded
+
+
+def assert_fold_exact(model, target, forward, seed: int, rtol: float = 1e-4, atol: float = 1e-4) -> None:
+    """Fold a random smoothing vector s ∈ [0.5, 2) and a random per-channel shift into `target` of a copy of `model`
+    (reparam.apply_smoothing, reparam.shift_input): something must change, and `forward(copy)` must equal
+    `forward(model)` to float tolerance (callers state the bound behind rtol/atol)."""
+    from diffusers_ptq.reparam import apply_smoothing, shift_input
+
+    reference = forward(model)
+    width = model.get_submodule(target.consumers[0]).in_features
+    gen = torch.Generator().manual_seed(seed)
+    folded = copy.deepcopy(model)
+    with torch.no_grad():
+        apply_smoothing(folded, target, 0.5 + 1.5 * torch.rand(width, generator=gen))
+        shift_input(folded, target, torch.randn(width, generator=gen))
+    assert any(not torch.equal(p, model.get_parameter(n)) for n, p in folded.named_parameters()), "nothing folded"
+    torch.testing.assert_close(forward(folded), reference, rtol=rtol, atol=atol)

@@ -8,14 +8,13 @@ reference by ~K·u·(sum of |terms|) per layer ≈ 1e-5 relative through the two
 margin of ~10× while a wrong fold (a factor s left over, a shift on the wrong rows) moves the output by O(1).
 """
 
-import copy
 
 import pytest
 import torch
+from conftest import assert_fold_exact
 
 from diffusers_ptq.models import adapter_for
 from diffusers_ptq.models.sd3 import SD3Adapter
-from diffusers_ptq.reparam import apply_smoothing, shift_input
 
 RTOL = ATOL = 1e-4
 
@@ -70,17 +69,7 @@ def test_each_fold_with_quantization_off_reproduces_the_float_model(index):
     """Divide the target's input by a random s (producers' rows, consumers' columns) and shift it by a random offset
     (producers' shift rows or V biases, consumers' biases): the float function must not change."""
     model = tiny_sd3()
-    reference = forward(model)
-    target = SD3Adapter().smoothing_targets(model)[index]
-    width = model.get_submodule(target.consumers[0]).in_features
-    gen = torch.Generator().manual_seed(10 + index)
-    folded = copy.deepcopy(model)
-    with torch.no_grad():
-        apply_smoothing(folded, target, 0.5 + 1.5 * torch.rand(width, generator=gen))
-        shift_input(folded, target, torch.randn(width, generator=gen))
-    changed = [n for n, p in folded.named_parameters() if not torch.equal(p, model.get_parameter(n))]
-    assert changed, "the fold changed nothing"
-    torch.testing.assert_close(forward(folded), reference, rtol=RTOL, atol=ATOL)
+    assert_fold_exact(model, SD3Adapter().smoothing_targets(model)[index], forward, seed=10 + index, rtol=RTOL, atol=ATOL)
 
 
 def test_a_wrong_fold_is_caught():

@@ -6,6 +6,7 @@ from torch import nn
 
 from diffusers_ptq.models.base import ModelAdapter, ModulationRows, OutputRows, SmoothingTarget
 from diffusers_ptq.models.dit import DiTAdapter
+from diffusers_ptq.models.flux import FluxAdapter
 from diffusers_ptq.models.sd3 import SD3Adapter
 
 ADAPTERS: dict[str, ModelAdapter] = {}  # model class name -> adapter
@@ -42,6 +43,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
 
 register_adapter(DiTAdapter())
 register_adapter(SD3Adapter())
+register_adapter(FluxAdapter())
 
 __all__ = ["ADAPTERS", "ModelAdapter", "ModulationRows", "OutputRows", "SmoothingTarget", "adapter_for",
            "register_adapter", "supported_models"]

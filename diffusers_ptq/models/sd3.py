@@ -57,12 +57,21 @@ class SD3Adapter(ModelAdapter):
         return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
 
     def smoothing_targets(self, model: nn.Module) -> list[SmoothingTarget]:
+        return self.joint_block_targets(model) + [self.final_target()]
+
+    def final_target(self) -> SmoothingTarget:
+        return SmoothingTarget("final", (ModulationRows("norm_out.linear", 1, 0, 2),), ("proj_out",))
+
+    def joint_block_targets(self, model: nn.Module) -> list[SmoothingTarget]:
+        """The targets of the MM-DiT joint-attention blocks (`transformer_blocks`; FLUX's double-stream blocks are
+        the same without dual attention or a context_pre_only block)."""
         targets = []
-        for b, block in zip(self.blocks(model), model.transformer_blocks):
-            dual = block.attn2 is not None
+        for i, block in enumerate(model.transformer_blocks):
+            b = f"transformer_blocks.{i}"
+            dual = getattr(block, "attn2", None) is not None
             chunks = 9 if dual else 6
             attn, mod = f"{b}.attn", f"{b}.norm1.linear"
-            last = block.context_pre_only
+            last = getattr(block, "context_pre_only", False)
             ctx = ModulationRows(f"{b}.norm1_context.linear", 1, 0, 2) if last else \
                 ModulationRows(f"{b}.norm1_context.linear", 0, 1, 6)
             targets += [
@@ -83,7 +92,6 @@ class SD3Adapter(ModelAdapter):
             if not last:
                 targets.append(SmoothingTarget(f"{b}.ctx_fc1", (ModulationRows(f"{b}.norm1_context.linear", 3, 4, 6),),
                                                (f"{b}.ff_context.net.0.proj",)))
-        targets.append(SmoothingTarget("final", (ModulationRows("norm_out.linear", 1, 0, 2),), ("proj_out",)))
         return targets
 
     def batched_inputs(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
