@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from diffusers_ptq.attention import install_quant_attention, paused_observation
+from diffusers_ptq.attention import install_quant_attention
 from diffusers_ptq.calibration import CalibrationStats, LayerStats, TransformerInputRecorder, calibrate, select_linears
 from diffusers_ptq.groupbias import move_group_biases
 from diffusers_ptq.methods import Observations, baselines
@@ -104,10 +104,6 @@ class QuantRun:
         for processor in self.attention.values():
             processor.absmax.clear()
         self.calibrate()
-
-    def attention_frozen(self):
-        """A context in which forwards (searches) do not add to the attention ranges."""
-        return paused_observation(self.transformer)
 
     def choose_input_scales(self) -> None:
         scheme = self.plan.scheme

@@ -207,8 +207,6 @@ class TransformerInputRecorder:
     the adapter's `ModelAdapter.batched_inputs`), e.g. during the calibration run. Also a context manager on
     `transformer` by itself."""
 
-    modules: dict = {}
-
     def __init__(self, transformer: torch.nn.Module, batched_inputs: Callable[[tuple, dict], dict],
                  rows_per_call: int = 4):
         self.transformer, self.batched_inputs, self.rows_per_call = transformer, batched_inputs, rows_per_call

@@ -12,15 +12,16 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ACT_RANGES = ("minmax", "percentile", "mse")
-SCHEDULERS = ("ddim", "ddpm")
-SSC_ROWS = ("sample", "timestep")
-WEIGHT_ROUNDINGS = ("nearest", "gptq", "reconstruct")
-HTG_LINKAGES = ("ward", "centroid", "average", "optimal")
-HTG_SCALINGS = ("migration", "printed")
+from diffusers_ptq.methods.htg import LINKAGES as HTG_LINKAGES
+from diffusers_ptq.methods.ptq4dit import SSC_ROWS
+
 # Q-DiT's group-size search: candidate group sizes (None = per output channel) and the proxy that scores them
-GROUP_CANDIDATES = (32, 64, 128, 256, None)
-GROUP_SEARCH_PROXIES = ("model", "output", "relative", "weight")
+from diffusers_ptq.methods.qdit import CANDIDATES as GROUP_CANDIDATES
+from diffusers_ptq.methods.qdit import PROXIES as GROUP_SEARCH_PROXIES
+from diffusers_ptq.scheme import ACT_RANGES, SCHEDULERS
+
+WEIGHT_ROUNDINGS = ("nearest", "gptq", "reconstruct")
+HTG_SCALINGS = ("migration", "printed")
 
 
 def _check(name: str, value, allowed) -> None:
@@ -188,10 +189,6 @@ class QuantConfig:
         if (self.weight_group_sizes or self.group_search_bits is not None) and self.weight_bits != 4:
             raise ValueError("weight_group_sizes / group_search_bits apply to weight_bits=4 only (8-bit weights are "
                              "per channel)")
-
-    def group_size_for(self, name: str) -> int | None:
-        """The configured (not searched) group size of one Linear: exact name, first matching pattern, default."""
-        return self.plan().scheme.group_size_for(name)
 
     @property
     def label(self) -> str:

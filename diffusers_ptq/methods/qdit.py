@@ -355,6 +355,7 @@ class GroupSearch(Method):
                             transformer_inputs=self.search_proxy == "model")
 
     def choose_group_sizes(self, run) -> dict[str, GroupSize]:
+        from diffusers_ptq.attention import paused_observation
         from diffusers_ptq.rounding import nearest_round
 
         names, model = list(run.targets), run.transformer
@@ -369,7 +370,7 @@ class GroupSearch(Method):
                 kept.setdefault(name, {})[g] = rounding.round_candidate(run, name, weight, g)
                 return kept[name][g]
 
-            with run.attention_frozen():  # the search's forwards must not widen the attention ranges
+            with paused_observation(model):  # the search's forwards must not widen the attention ranges
                 errors = model_output_errors(model, names, run.transformer_inputs, self.group_sizes, rounded_fn,
                                              batch_size=run.plan.calibration.batch_size * 4)
         else:
