@@ -60,13 +60,14 @@ class QuantRun:
     report: QuantizationReport
     targets: dict[str, nn.Linear]
     observations: Observations
-    id2label: dict | None = None
+    context: dict = field(default_factory=dict)  # calibration context: id2label, prompts' encoder, resolution, ...
     scheduler_config: dict | None = None
     progress: bool = True
     layers: dict[str, LayerStats] = field(default_factory=dict)
     timesteps: torch.Tensor | None = None
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
-    transformer_inputs: dict[str, torch.Tensor] | None = None
+    transformer_inputs: dict[str, torch.Tensor] | None = None  # recorded rows of the forward's batched inputs
+    shared_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # and the inputs all rows share
     attention: dict = field(default_factory=dict)
     input_scales: dict[str, torch.Tensor | None] = field(default_factory=dict)
     group_sizes: dict[str, int | None] = field(default_factory=dict)
@@ -82,20 +83,21 @@ class QuantRun:
         earlier ones), the transformer's inputs (first run only), the attention ranges."""
         t0 = time.time()
         obs, cal = self.observations, self.plan.calibration
-        inputs = TransformerInputRecorder(self.transformer, self.adapter.batched_inputs) \
+        inputs = TransformerInputRecorder(self.transformer, self.adapter.batched_inputs,
+                                          shared_inputs=self.adapter.shared_inputs) \
             if obs.transformer_inputs and self.transformer_inputs is None else None
         recorder = HessianRecorder(self.targets if obs.hessians else {})
         rows = [t.consumers[0] for t in self.adapter.smoothing_targets(self.transformer)] if obs.sample_rows else []
         result = calibrate(
             self.transformer, scheduler=cal.scheduler, scheduler_config=self.scheduler_config,
             num_inference_steps=cal.num_inference_steps, guidance_scale=cal.guidance_scale,
-            num_samples=cal.num_samples, id2label=self.id2label, seed=cal.seed, batch_size=cal.batch_size,
+            num_samples=cal.num_samples, context=self.context, seed=cal.seed, batch_size=cal.batch_size,
             include=list(self.targets), sample_rows=rows,
             tokens_per_call=cal.tokens_per_call if self.plan.scheme.token_samples else 0, progress=self.progress,
             subscribers=[recorder, inputs])
         self.hessians.update(recorder.hessians())
         if inputs is not None:
-            self.transformer_inputs = inputs.inputs()
+            self.transformer_inputs, self.shared_inputs = inputs.inputs(), inputs.shared
         self.layers, self.timesteps = dict(result.layers), result.timesteps
         self.report.calibration_seconds += time.time() - t0
 
@@ -157,6 +159,7 @@ def quantize_transformer(
     *,
     id2label: dict | None = None,
     scheduler_config: dict | None = None,
+    context: dict | None = None,
     stats: CalibrationStats | None = None,
     progress: bool = True,
 ) -> QuantizationReport:
@@ -166,7 +169,9 @@ def quantize_transformer(
     or nothing needs observing) recording what the plan's methods observe, runs each method's transform (a fold
     that changes the inputs calibrates again), computes each layer's static input scale, chooses group sizes (a
     search method, or the scheme's), rounds (a rounding method, else to nearest), and rewrites the selected
-    Linears into QuantLinear.
+    Linears into QuantLinear. Calibration context (what the adapter's `calibration_conditions` reads): `id2label`,
+    `context` (from the pipeline or its folder: `ModelAdapter.pipeline_context` / `folder_context`) and the plan's
+    calibration prompts and resolution.
     """
     t0 = time.time()
     plan = config if isinstance(config, Plan) else config.plan()
@@ -184,7 +189,9 @@ def quantize_transformer(
     if stats is not None and (scheme.quantize_attention or observations.hessians or observations.transformer_inputs):
         raise ValueError("quantize_attention and methods that record Hessians or transformer inputs (Hessian-based "
                          "rounding, searches) observe the model during calibration: do not pass precomputed stats")
-    run = QuantRun(transformer, adapter, plan, report, targets, observations, id2label=id2label,
+    context = {"id2label": id2label, **(context or {})}
+    context.update({k: v for k, v in plan.calibration.context().items() if v is not None})
+    run = QuantRun(transformer, adapter, plan, report, targets, observations, context=context,
                    scheduler_config=scheduler_config, progress=progress)
     if scheme.quantize_attention:
         run.attention = install_quant_attention(transformer, scheme.act_bits)

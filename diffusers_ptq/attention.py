@@ -94,7 +94,9 @@ def install_quant_attention(transformer: torch.nn.Module, bits: int = 8) -> dict
         processors[name] = QuantAttnProcessor(bits)
         transformer.get_submodule(name).set_processor(processors[name])
     if not processors:
-        raise ValueError(f"{type(transformer).__name__}: its adapter names no attention module to quantize")
+        raise ValueError(f"quantize_attention is not available for {type(transformer).__name__}: its adapter names no "
+                         "attention module whose matmuls can be quantized (built for DiT's self-attention; SD3/FLUX "
+                         "joint attention: not yet); set quantize_attention=False")
     return processors
 
 

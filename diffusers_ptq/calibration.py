@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from diffusers_ptq.distributed import process_info, reduce_layer_stats, shard
-from diffusers_ptq.models import adapter_for
 from diffusers_ptq.observe import Observer
-from diffusers_ptq.sampling import make_scheduler, sample_latents
+from diffusers_ptq.sampling import prepare_sampling, sample_latents
 
 
 @dataclass
@@ -33,6 +32,11 @@ class LayerStats:
     absmax: torch.Tensor  # [T, C]
     sample_absmax: torch.Tensor | None = None  # [T, S, C]
     token_samples: torch.Tensor | None = None  # [M, C]: randomly sampled input rows (tokens) over all steps
+
+    def columns(self, start: int, stop: int) -> LayerStats:
+        """The statistics of input channels start..stop-1."""
+        return LayerStats(*(None if v is None else v[..., start:stop] for v in (
+            self.max, self.min, self.absmax, self.sample_absmax, self.token_samples)))
 
     def divided(self, s: torch.Tensor) -> LayerStats:
         """The statistics of the input divided by s > 0 per channel (what a smoothed layer sees)."""
@@ -140,13 +144,14 @@ class StatsRecorder:
 def calibrate(
     transformer,
     *,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     scheduler_config: dict | None = None,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 1.5,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     num_samples: int = 32,
     class_labels: Sequence[int] | None = None,
     id2label: dict | None = None,
+    context: dict | None = None,
     seed: int = 0,
     batch_size: int = 16,
     include: Sequence[str] | None = None,
@@ -159,35 +164,38 @@ def calibrate(
 ) -> CalibrationStats:
     """Sample `num_samples` latents with the transformer alone and record its Linear inputs' statistics.
 
-    Labels: `class_labels` if given, else `num_samples` labels balanced over the model's classes (id2label's
-    keys if given, else every class the transformer embeds). `include`/`exclude` are fnmatch patterns on module
-    names (default: every Linear). `sample_rows` (bool or patterns) selects layers that also keep per-sample rows.
-    `tokens_per_call` > 0 keeps that many randomly chosen input rows per layer and forward call (seeded), for
-    range searches that need activation samples. `subscribers`: more observers of the same pass (observe.py:
-    Hessians, the transformer's inputs, ...), on the same hook set.
+    scheduler / num_inference_steps / guidance_scale: None = the model family's pipeline defaults
+    (`ModelAdapter.calibration_defaults`; DiT: "ddim", 50, 1.5). Conditions: `class_labels` if given, else the
+    adapter's `calibration_conditions` from `context` (DiT: labels balanced over id2label's keys, else over every
+    class the transformer embeds; text-to-image families: context["prompts"] encoded by context["encode_prompts"]).
+    `include`/`exclude` are fnmatch patterns on module names (default: every Linear). `sample_rows` (bool or
+    patterns) selects layers that also keep per-sample rows. `tokens_per_call` > 0 keeps that many randomly chosen
+    input rows per layer and forward call (seeded), for range searches that need activation samples. `subscribers`:
+    more observers of the same pass (observe.py: Hessians, the transformer's inputs, ...), on the same hook set.
 
-    Under a distributed launch (and `distributed=True`), each process samples `distributed.shard` of the labels
+    Under a distributed launch (and `distributed=True`), each process samples `distributed.shard` of the conditions
     (each sample with its global index's noise seed) and the statistics are reduced across processes before
     returning: max/absmax/rows by MAX, min by MIN (bit-exact), token samples gathered in rank order (process r > 0
     draws its picks from seed + 7919·r, so they are not the single-process picks). Every process gets the same
     result. In a single process (or `distributed=False`) nothing changes.
     """
-    adapter = adapter_for(transformer)
-    labels = list(class_labels) if class_labels is not None else adapter.calibration_conditions(
-        transformer, num_samples, {"id2label": id2label})
-    sched = make_scheduler(scheduler, scheduler_config, adapter.default_noise_schedule)
-    sched.set_timesteps(num_inference_steps)
+    context = {"id2label": id2label, **(context or {})}
+    run = prepare_sampling(transformer, scheduler=scheduler, scheduler_config=scheduler_config,
+                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           num_samples=num_samples, conditions=class_labels, context=context)
     layers = select_linears(transformer, include, exclude)
     if not layers:
         raise ValueError(f"no Linear layer matches include={include!r} exclude={exclude!r}")
     rank, world = process_info() if distributed else (0, 1)
-    part = shard(len(labels), rank, world)
-    recorder = StatsRecorder(layers, len(sched.timesteps), len(labels), cfg=guidance_scale > 1, sample_rows=sample_rows,
-                             tokens_per_call=tokens_per_call, seed=seed + 7919 * rank)
+    conditions = run.conditions
+    part = shard(len(conditions), rank, world)
+    recorder = StatsRecorder(layers, len(run.scheduler.timesteps), len(conditions), cfg=run.cfg,
+                             sample_rows=sample_rows, tokens_per_call=tokens_per_call, seed=seed + 7919 * rank)
     with Observer(transformer, [recorder, *subscribers]) as observer:
-        sample_latents(transformer, sched, labels[part.start : part.stop], adapter=adapter, seed=seed,
-                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size,
-                       before_forward=observer.set_position, progress=progress and rank == 0, sample_offset=part.start)
+        sample_latents(transformer, run.scheduler, conditions[part.start : part.stop], adapter=run.adapter, seed=seed,
+                       num_inference_steps=run.num_inference_steps, guidance_scale=run.guidance_scale,
+                       batch_size=batch_size, before_forward=observer.set_position, progress=progress and rank == 0,
+                       sample_offset=part.start, context=run.context)
     recorded = recorder.finish()
     if world > 1:
         recorded = reduce_layer_stats(recorded, list(layers), recorder.empty_stats)
@@ -197,20 +205,24 @@ def calibrate(
             processor = getattr(module, "processor", None)
             if isinstance(processor, QuantAttnProcessor) and processor.observing:
                 processor.reduce()
-    return CalibrationStats(timesteps=sched.timesteps.clone().cpu(), class_labels=labels, layers=recorded,
-                            guidance_scale=guidance_scale, seed=seed, scheduler=scheduler)
+    labels = conditions if all(isinstance(c, int) for c in conditions) else []
+    return CalibrationStats(timesteps=run.model_timesteps, class_labels=labels, layers=recorded,
+                            guidance_scale=run.guidance_scale, seed=seed, scheduler=run.kind)
 
 
 class TransformerInputRecorder:
     """Observer subscriber (observe.py) that keeps `rows_per_call` evenly spaced rows of every call's batched inputs
     (hidden states, timestep, conditioning: `batched_inputs(args, kwargs) -> {name: tensor with the batch first}`,
-    the adapter's `ModelAdapter.batched_inputs`), e.g. during the calibration run. Also a context manager on
-    `transformer` by itself."""
+    the adapter's `ModelAdapter.batched_inputs`), e.g. during the calibration run, and the inputs every row shares
+    (`shared_inputs(args, kwargs)`, e.g. FLUX's position ids: `ModelAdapter.shared_inputs`) as `shared`, from the
+    first call. Also a context manager on `transformer` by itself."""
 
     def __init__(self, transformer: torch.nn.Module, batched_inputs: Callable[[tuple, dict], dict],
-                 rows_per_call: int = 4):
+                 rows_per_call: int = 4, shared_inputs: Callable[[tuple, dict], dict] | None = None):
         self.transformer, self.batched_inputs, self.rows_per_call = transformer, batched_inputs, rows_per_call
+        self.shared_inputs = shared_inputs
         self.calls: list[dict[str, torch.Tensor]] = []
+        self.shared: dict[str, torch.Tensor] = {}
         self._observer: Observer | None = None
 
     def __enter__(self) -> TransformerInputRecorder:
@@ -225,6 +237,8 @@ class TransformerInputRecorder:
         n = next(iter(inputs.values())).shape[0]
         idx = torch.linspace(0, n - 1, min(n, self.rows_per_call)).round().long().unique()
         self.calls.append({k: v.detach()[idx.to(v.device)].cpu() for k, v in inputs.items()})
+        if self.shared_inputs is not None and len(self.calls) == 1:
+            self.shared = {k: v.detach().cpu() for k, v in self.shared_inputs(args, kwargs).items()}
 
     def inputs(self, max_rows: int = 64) -> dict[str, torch.Tensor]:
         """At most `max_rows` recorded rows, evenly spaced over the calls (so over the timesteps)."""

@@ -18,6 +18,7 @@ from diffusers_ptq.methods.ptq4dit import SSC_ROWS
 # Q-DiT's group-size search: candidate group sizes (None = per output channel) and the proxy that scores them
 from diffusers_ptq.methods.qdit import CANDIDATES as GROUP_CANDIDATES
 from diffusers_ptq.methods.qdit import PROXIES as GROUP_SEARCH_PROXIES
+from diffusers_ptq.prompts import check_prompts
 from diffusers_ptq.scheme import ACT_RANGES, SCHEDULERS
 
 WEIGHT_ROUNDINGS = ("nearest", "gptq", "reconstruct")
@@ -100,20 +101,22 @@ class QuantConfig:
     reconstruct_samples: int = 256
     include: list[str] | None = None  # None: the model family's default (ModelAdapter.default_include)
     exclude: list[str] = field(default_factory=list)
-    # calibration
-    scheduler: str = "ddim"
-    num_inference_steps: int = 50
-    guidance_scale: float = 1.5
+    # calibration (scheduler / steps / guidance None: the model family's pipeline defaults, DiT "ddim", 50, 1.5)
+    scheduler: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     num_samples: int = 32
     seed: int = 0
     batch_size: int = 16
     tokens_per_call: int = 64
+    calibration_prompts: list[str] | None = None  # text-to-image families; None: prompts.CALIBRATION_PROMPTS
+    calibration_resolution: int | None = None  # pixels; None: the pipeline's default size
 
     def __post_init__(self) -> None:
         _check("weight_bits", self.weight_bits, (8, 4))
         _check("act_bits", self.act_bits, (8, None))
         _check("act_range", self.act_range, ACT_RANGES)
-        _check("scheduler", self.scheduler, SCHEDULERS)
+        _check("scheduler", self.scheduler, (None, *SCHEDULERS))
         _check("ssc_rows", self.ssc_rows, SSC_ROWS)
         _check("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
         if self.smoothquant_alpha is not None and self.csb_alpha is not None:
@@ -153,9 +156,17 @@ class QuantConfig:
             raise ValueError("quantize_attention needs act_bits=8 (attention inputs are quantized like activations)")
         if self.smoothquant_alpha is not None and not 0 <= self.smoothquant_alpha <= 1:
             raise ValueError(f"smoothquant_alpha must be in [0, 1] or None, got {self.smoothquant_alpha}")
-        for name in ("num_inference_steps", "num_samples", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("num_inference_steps", "num_samples", "batch_size", "calibration_resolution"):
+            value = getattr(self, name)
+            if (value is not None or name in ("num_samples", "batch_size")) and (
+                    isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive int{' or None' * (name not in ('num_samples', 'batch_size'))}"
+                                 f", got {value!r}")
+        if self.guidance_scale is not None and (isinstance(self.guidance_scale, bool) or not isinstance(
+                self.guidance_scale, (int, float)) or not 0 <= self.guidance_scale < math.inf):
+            raise ValueError(f"guidance_scale must be a number >= 0 or None, got {self.guidance_scale!r}")
+        if self.calibration_prompts is not None:
+            self.calibration_prompts = check_prompts(self.calibration_prompts)
         self.include = None if self.include is None else list(self.include)
         self.exclude = list(self.exclude)
 
@@ -240,7 +251,8 @@ class QuantConfig:
         calibration = CalibrationSettings(
             scheduler=self.scheduler, num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
             num_samples=self.num_samples, seed=self.seed, batch_size=self.batch_size,
-            tokens_per_call=self.tokens_per_call)
+            tokens_per_call=self.tokens_per_call, calibration_prompts=None if self.calibration_prompts is None
+            else tuple(self.calibration_prompts), calibration_resolution=self.calibration_resolution)
         methods = []
         if self.smoothquant_alpha is not None:
             methods.append(smoothquant.SmoothQuant(alpha=self.smoothquant_alpha))
@@ -301,11 +313,13 @@ COMMON_OPTIONS: dict[str, Any] = dict(
     reconstruct_samples=256,
     include=None,
     exclude=[],
-    scheduler="ddim",
-    num_inference_steps=50,
-    guidance_scale=1.5,
+    scheduler=None,
+    num_inference_steps=None,
+    guidance_scale=None,
     num_samples=32,
     class_labels=None,
+    calibration_prompts=None,
+    calibration_resolution=None,
     seed=0,
     batch_size=16,
     tokens_per_call=64,
@@ -338,9 +352,13 @@ class DiffusersPTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
     size | None}), act_dynamic (per-token int8 activations computed at run time), act_range ("minmax" | "percentile" | "mse"), percentile,
     quantize_attention, weight_rounding ("nearest" | "gptq" | "reconstruct"), gptq_damp, gptq_act_order,
     reconstruct_iters, reconstruct_lr, reconstruct_batch, reconstruct_samples (block reconstruction), include / exclude (fnmatch
-    patterns on Linear names), and calibration: scheduler ("ddim" | "ddpm"), num_inference_steps, guidance_scale,
-    num_samples, class_labels (None = balanced over all the model's classes; else the classes to draw the
-    num_samples labels from, cycling), seed, batch_size, tokens_per_call.
+    patterns on Linear names), and calibration: scheduler ("ddim" | "ddpm" | "flow_match_euler"),
+    num_inference_steps, guidance_scale (each None = the model family's pipeline default: DiT "ddim", 50 steps,
+    1.5; SD3 flow-matching Euler, 28, 7.0; FLUX.1 dev 28, 3.5 embedded, schnell 4, none), num_samples,
+    class_labels (class-conditional models; None = balanced over all the model's classes; else the classes to
+    draw the num_samples labels from, cycling), calibration_prompts (text-to-image models; None = the bundled set
+    `diffusers_ptq.prompts.CALIBRATION_PROMPTS`; else a list of strings, cycled), calibration_resolution (pixels;
+    None = the pipeline's default size), seed, batch_size, tokens_per_call.
 
     The same object is a model-level config (`<Model>.from_pretrained(..., quantization_config=cfg)` for a model class
     with an adapter in diffusers_ptq.models,
@@ -418,7 +436,10 @@ class DiffusersPTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
 
         scheme = {f.name: getattr(self, f.name) for f in fields(QuantScheme)}
         scheme.update(include=None if self.include is None else tuple(self.include), exclude=tuple(self.exclude))
-        calibration = CalibrationSettings(**{f.name: getattr(self, f.name) for f in fields(CalibrationSettings)})
+        calibration = {f.name: getattr(self, f.name) for f in fields(CalibrationSettings)}
+        if self.calibration_prompts is not None:
+            calibration["calibration_prompts"] = tuple(self.calibration_prompts)
+        calibration = CalibrationSettings(**calibration)
         rounding = []
         if self.weight_rounding != "nearest":  # its options are the config's "<method>_<option>" fields
             plugin = PLUGINS[self.weight_rounding]

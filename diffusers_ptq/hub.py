@@ -64,6 +64,14 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _conditions(config) -> str:
+    if config.class_labels is not None:
+        return f"class labels {config.class_labels}"
+    if config.calibration_prompts is not None:
+        return f"{len(config.calibration_prompts)} prompts: {json.dumps(config.calibration_prompts[:3])[:-1]}, ...]"
+    return "the family's default: all the classes, balanced (class-conditional), or the bundled calibration prompts"
+
+
 def model_card(obj, *, metrics: dict | None = None, base_model: str | None = None) -> str:
     """A Markdown model card (with YAML front matter) for a quantized transformer or pipeline."""
     config = quantization_config_of(obj)
@@ -74,6 +82,8 @@ def model_card(obj, *, metrics: dict | None = None, base_model: str | None = Non
     is_pipeline = hasattr(obj, "components")
     adapter = adapter_for(_transformer_of(obj))
     model_class = adapter.pipeline_class if is_pipeline else adapter.model_class
+    defaults = adapter.calibration_defaults(_transformer_of(obj))  # what the settings left None resolved to
+    sampling = {k: defaults[k] if getattr(config, k) is None else getattr(config, k) for k in defaults}
     base_model = base_model or _base_model(obj)
     bits = f"W{config.weight_bits}A{config.act_bits or 16}"
     tags = ["diffusers", "diffusers-ptq", "quantization", config.method, bits.lower(), adapter.name]
@@ -99,10 +109,10 @@ def model_card(obj, *, metrics: dict | None = None, base_model: str | None = Non
         f"| layers | include {config.include}, exclude {config.exclude} |", "",
         "## Calibration", "",
         "| setting | value |", "|---|---|",
-        f"| scheduler | {config.scheduler}, {config.num_inference_steps} steps |",
-        f"| guidance scale | {config.guidance_scale} |",
+        f"| scheduler | {sampling['scheduler']}, {sampling['num_inference_steps']} steps |",
+        f"| guidance scale | {sampling['guidance_scale']} |",
         f"| samples | {config.num_samples} (seed {config.seed}) |",
-        f"| class labels | {'all the model classes, balanced' if config.class_labels is None else config.class_labels} |",
+        f"| conditions | {_conditions(config)} |",
         "",
     ]
     if metrics:

@@ -11,10 +11,12 @@ replaced, on the class or on an instance. Saving: `model.save_pretrained` / `pip
 the quantizer adds the quantized tensors and the metadata through `get_state_dict_and_metadata`. The atomic
 whole-folder save with a model card is `diffusers_ptq.save_pretrained` (hub.py): diffusers has no hook after a save.
 
-Calibration context when loading from a folder: class labels from `config.class_labels`, else the pipeline's
-`id2label` (`../model_index.json` next to a `transformer` subfolder), else every class the model embeds; the noise
-schedule from `../scheduler/scheduler_config.json` when present, else the model family's training schedule
-(`ModelAdapter.default_noise_schedule`). The scheduler class is the config's `scheduler` ("ddim" | "ddpm").
+Calibration context when loading from a folder: what the model family's adapter reads in the pipeline folder
+(`ModelAdapter.folder_context` of the folder holding `model_index.json` next to a `transformer` subfolder: DiT's
+`id2label`; SD3/FLUX's text encoders, which encode the calibration prompts and are freed), with the config's
+`class_labels` first; the noise schedule from `../scheduler/scheduler_config.json` when present, else the model
+family's training schedule (`ModelAdapter.default_noise_schedule`). The scheduler class is the config's `scheduler`
+(None: the family's, `ModelAdapter.calibration_defaults`).
 """
 
 from __future__ import annotations
@@ -38,17 +40,24 @@ def check_supported_model(model):
     return adapter_for(model)
 
 
-def pipeline_context(checkpoint_files) -> tuple[dict | None, dict | None]:
-    """(id2label, scheduler config) of the pipeline folder a transformer subfolder belongs to, if it is one."""
+def pipeline_folder(checkpoint_files) -> Path | None:
+    """The pipeline folder (with model_index.json) a transformer subfolder's checkpoint belongs to, or None."""
     if not checkpoint_files:
-        return None, None
+        return None
     root = Path(checkpoint_files[0]).resolve().parent.parent
-    if not (root / "model_index.json").is_file():
-        return None, None
-    id2label = json.loads((root / "model_index.json").read_text()).get("id2label") or None
+    return root if (root / "model_index.json").is_file() else None
+
+
+def folder_context(adapter, checkpoint_files) -> tuple[dict, dict | None]:
+    """(calibration context, scheduler config) of the pipeline folder a transformer subfolder belongs to: what the
+    model's adapter reads there (`ModelAdapter.folder_context`: id2label, text encoders, ...) and the scheduler's
+    config."""
+    root = pipeline_folder(checkpoint_files)
+    if root is None:
+        return {}, None
     scheduler_file = root / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else None
-    return id2label, scheduler_config
+    return adapter.folder_context(root), scheduler_config
 
 
 class DiffusersPTQQuantizer(DiffusersQuantizer):
@@ -131,8 +140,8 @@ class DiffusersPTQQuantizer(DiffusersQuantizer):
             serialization.rebuild_quantized_modules(model, self.metadata, self._tensors)
             self._tensors = {}
         else:
-            id2label, scheduler_config = pipeline_context(self.checkpoint_files)
-            self.report = run_quantization(model, self.quantization_config, id2label, scheduler_config)
+            context, scheduler_config = folder_context(adapter_for(model), self.checkpoint_files)
+            self.report = run_quantization(model, self.quantization_config, context, scheduler_config)
         attach(model, self)
         return model
 
@@ -159,18 +168,20 @@ class DiffusersPTQQuantizer(DiffusersQuantizer):
         return False
 
 
-def run_quantization(transformer, config: DiffusersPTQConfig, id2label: dict | None = None,
+def run_quantization(transformer, config: DiffusersPTQConfig, context: dict | None = None,
                      scheduler_config: dict | None = None, progress: bool = True):
-    """Calibrate and quantize a loaded transformer in place (the one engine pipeline). Returns its report."""
+    """Calibrate and quantize a loaded transformer in place (the one engine pipeline), with the calibration
+    `context` its pipeline or folder supplied. Returns its report."""
     from diffusers_ptq.api import quantize_transformer
 
     adapter = check_supported_model(transformer)
     plan = config.to_plan()
+    context = dict(context or {})
     if config.class_labels is not None:  # the classes calibration draws its labels from (checked by the adapter)
         adapter.calibration_conditions(transformer, len(config.class_labels), {"class_labels": config.class_labels})
-        id2label = {c: str(c) for c in config.class_labels}
+        context["id2label"] = {c: str(c) for c in config.class_labels}
     transformer.eval()
-    report = quantize_transformer(transformer, plan, id2label=id2label, scheduler_config=scheduler_config,
+    report = quantize_transformer(transformer, plan, context=context, scheduler_config=scheduler_config,
                                   progress=progress)
     report.config = config.to_dict()
     return report
@@ -195,8 +206,10 @@ def attach(model, quantizer: DiffusersPTQQuantizer) -> None:
 def quantize(pipe_or_transformer, config: DiffusersPTQConfig, *, progress: bool = True):
     """Calibrate and quantize an already-loaded pipeline (its transformer) or transformer in place.
 
-    A pipeline supplies its class labels (id2label) and its scheduler's noise schedule; a bare transformer is
-    calibrated over all its classes with its family's default schedule. Returns the object passed in.
+    A pipeline supplies its calibration context (`ModelAdapter.pipeline_context`: DiT's class labels, SD3/FLUX's
+    text encoders) and its scheduler's noise schedule; a bare transformer is calibrated with its family's defaults
+    (DiT: over all its classes; a text-to-image transformer needs its pipeline's text encoders). Returns the object
+    passed in.
     """
     if not isinstance(config, DiffusersPTQConfig):
         raise TypeError(f"config must be one of {[c.__name__ for c in METHODS.values()]}, got {type(config).__name__}")
@@ -211,13 +224,13 @@ def quantize(pipe_or_transformer, config: DiffusersPTQConfig, *, progress: bool 
     if transformer.dtype != torch.float32:
         raise ValueError(f"the transformer is {transformer.dtype}: diffusers_ptq quantizes float32 models "
                          "(load with torch_dtype=torch.float32)")
-    id2label = scheduler_config = None
+    context, scheduler_config = {}, None
     if is_pipeline:
-        id2label = adapter.pipeline_context(pipe_or_transformer).get("id2label")
+        context = adapter.pipeline_context(pipe_or_transformer)
         scheduler = getattr(pipe_or_transformer, "scheduler", None)
         scheduler_config = dict(scheduler.config) if scheduler is not None else None
     quantizer = DiffusersPTQQuantizer(config, pre_quantized=False)
-    quantizer.report = run_quantization(transformer, config, id2label, scheduler_config, progress=progress)
+    quantizer.report = run_quantization(transformer, config, context, scheduler_config, progress=progress)
     attach(transformer, quantizer)
     return pipe_or_transformer
 

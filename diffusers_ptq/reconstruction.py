@@ -224,61 +224,72 @@ class _InputCache:
 
 
 @torch.no_grad()
-def cache_inputs(transformer: nn.Module, units: dict[str, nn.Module], *, samples: int, scheduler: str = "ddim",
-                 scheduler_config: dict | None = None, num_inference_steps: int = 50, guidance_scale: float = 1.5,
-                 num_samples: int = 32, class_labels: Sequence[int] | None = None, id2label: dict | None = None,
-                 seed: int = 0, batch_size: int = 16, progress: bool = True) -> dict[str, CachedInputs]:
+def cache_inputs(transformer: nn.Module, units: dict[str, nn.Module], *, samples: int, scheduler: str | None = None,
+                 scheduler_config: dict | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, num_samples: int = 32,
+                 class_labels: Sequence[int] | None = None, id2label: dict | None = None,
+                 context: dict | None = None, seed: int = 0, batch_size: int = 16,
+                 progress: bool = True) -> dict[str, CachedInputs]:
     """Run the latent sampler once and keep the inputs of `units` ({name: module}: blocks or Linears) for a seeded
-    random subset of `samples` of its (step, sample) rows (every row of the CFG-doubled batch is one)."""
-    from diffusers_ptq.sampling import make_scheduler, sample_latents
+    random subset of `samples` of its (step, sample) rows (every row of the CFG-doubled batch is one). Settings as
+    calibration.calibrate."""
+    from diffusers_ptq.sampling import prepare_sampling, sample_latents
 
-    adapter = adapter_for(transformer)
-    labels = list(class_labels) if class_labels is not None else adapter.calibration_conditions(
-        transformer, num_samples, {"id2label": id2label})
-    sched = make_scheduler(scheduler, scheduler_config, adapter.default_noise_schedule)
-    sched.set_timesteps(num_inference_steps)
-    cfg = guidance_scale > 1
-    total = len(sched.timesteps) * len(labels) * (2 if cfg else 1)
+    run = prepare_sampling(transformer, scheduler=scheduler, scheduler_config=scheduler_config,
+                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           num_samples=num_samples, conditions=class_labels,
+                           context={"id2label": id2label, **(context or {})})
+    total = len(run.scheduler.timesteps) * len(run.conditions) * (2 if run.cfg else 1)
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(total, generator=gen)[:samples]
-    cache = _InputCache(transformer, units, chosen, len(labels), cfg)
+    cache = _InputCache(transformer, units, chosen, len(run.conditions), run.cfg)
     with Observer(transformer, [cache]) as observer:
-        sample_latents(transformer, sched, labels, adapter=adapter, seed=seed, num_inference_steps=num_inference_steps,
-                       guidance_scale=guidance_scale, batch_size=batch_size, before_forward=observer.set_position,
-                       progress=progress)
+        sample_latents(transformer, run.scheduler, run.conditions, adapter=run.adapter, seed=seed,
+                       num_inference_steps=run.num_inference_steps, guidance_scale=run.guidance_scale,
+                       batch_size=batch_size, before_forward=observer.set_position, progress=progress,
+                       context=run.context)
     return cache.result()
 
 
 # --------------------------------------------------------------------------------------------- optimization
 
-def _call(module: nn.Module, inputs: CachedInputs, context) -> torch.Tensor:
+LINEAR_OUTPUT = ("output",)
+
+
+def _call(module: nn.Module, inputs: CachedInputs, context, outputs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The unit's outputs by name: a Linear's or a block's single tensor is `outputs[0]`; a block returning a tuple
+    (MM-DiT: (encoder_hidden_states, hidden_states), `ModelAdapter.block_outputs`) names each entry (None entries,
+    e.g. SD3's last block's context, are left out)."""
     if context is not None and inputs.timesteps is not None:
         context.timestep = inputs.timesteps.reshape(-1)
-    if "input" in inputs.rows:
-        return module(inputs.rows["input"])
-    return module(**inputs.rows, **inputs.static)
+    out = module(inputs.rows["input"]) if "input" in inputs.rows else module(**inputs.rows, **inputs.static)
+    if torch.is_tensor(out):
+        return {outputs[0]: out}
+    return {name: value for name, value in zip(outputs, out, strict=True) if value is not None}
 
 
 @torch.no_grad()
-def run_unit(module: nn.Module, inputs: CachedInputs, batch_size: int, context=None) -> torch.Tensor:
-    """The unit's output on every cached row, in batches (no gradients)."""
-    outs = [_call(module, inputs.take(torch.arange(i, min(i + batch_size, len(inputs)))), context)
-            for i in range(0, len(inputs), batch_size)]
-    return torch.cat(outs)
+def run_unit(module: nn.Module, inputs: CachedInputs, batch_size: int, context=None,
+             outputs: tuple[str, ...] = LINEAR_OUTPUT) -> dict[str, torch.Tensor]:
+    """The unit's outputs on every cached row, in batches (no gradients)."""
+    parts = [_call(module, inputs.take(torch.arange(i, min(i + batch_size, len(inputs)))), context, outputs)
+             for i in range(0, len(inputs), batch_size)]
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
 def reconstruct_unit(root: nn.Module, unit: str, linears: dict[str, RoundedWeight | None], inputs: CachedInputs,
-                     target: torch.Tensor, *, bits: int, group_size: int | None, input_scales: dict,
+                     target: dict[str, torch.Tensor], *, bits: int, group_size: int | None, input_scales: dict,
                      iters: int = 500, lr: float = 1e-2, batch_size: int = 32, lam: float = 0.01,
                      warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0), seed: int = 0,
-                     context=None, progress: bool = True) -> tuple[dict[str, RoundedWeight], torch.Tensor]:
+                     context=None, outputs: tuple[str, ...] = LINEAR_OUTPUT,
+                     progress: bool = True) -> tuple[dict[str, RoundedWeight], dict[str, torch.Tensor]]:
     """Learn the rounding of `linears` (names under `root`; values: initial codes or None for nearest) inside
-    the submodule `unit` of `root`, so that unit(inputs) matches `target`.
+    the submodule `unit` of `root`, so that unit(inputs) matches `target` ({output name: rows}, as run_unit).
 
-    Loss: mean over rows and tokens of the squared error summed over channels, plus λ·Σ(1 − |2h − 1|^β) after
-    the warm-up (β from beta[0] to beta[1]); Adam on V, minibatches of `batch_size` rows drawn with `seed`.
-    Returns ({name: RoundedWeight}, the unit's output with the hard rounding on every row). The float Linears
-    are put back afterwards (weights untouched).
+    Loss: mean over rows and tokens of the squared error summed over channels (summed over the unit's outputs: both
+    streams of an MM-DiT block), plus λ·Σ(1 − |2h − 1|^β) after the warm-up (β from beta[0] to beta[1]); Adam on V,
+    minibatches of `batch_size` rows drawn with `seed`. Returns ({name: RoundedWeight}, the unit's outputs with the
+    hard rounding on every row). The float Linears are put back afterwards (weights untouched).
     """
     from tqdm.auto import tqdm
 
@@ -299,8 +310,8 @@ def reconstruct_unit(root: nn.Module, unit: str, linears: dict[str, RoundedWeigh
         with torch.enable_grad():
             for it in tqdm(range(iters), desc=f"reconstruct {unit}", disable=not progress, leave=False):
                 index = torch.randint(0, len(inputs), (min(batch_size, len(inputs)),), generator=gen)
-                out = _call(module, inputs.take(index), context)
-                loss = (out - target[index]).pow(2).sum(-1).mean()
+                out = _call(module, inputs.take(index), context, outputs)
+                loss = sum((out[k] - target[k][index]).pow(2).sum(-1).mean() for k in out)
                 b = beta_at(it, iters, warmup, *beta)
                 if b is not None:
                     loss = loss + lam * sum(rounding_regularizer(m.h(), b) for m in learned.values())
@@ -309,7 +320,7 @@ def reconstruct_unit(root: nn.Module, unit: str, linears: dict[str, RoundedWeigh
                 optimizer.step()
         for m in learned.values():
             m.soft = False
-        output = run_unit(module, inputs, batch_size, context)
+        output = run_unit(module, inputs, batch_size, context, outputs)
         return {name: m.rounded() for name, m in learned.items()}, output
     finally:
         for name, lin in originals.items():
@@ -321,7 +332,7 @@ def reconstruct_unit(root: nn.Module, unit: str, linears: dict[str, RoundedWeigh
 def reconstruct_weights(transformer: nn.Module, linears: dict[str, nn.Linear], input_scales: dict, *, bits: int,
                         group_size: int | None, iters: int = 500, lr: float = 1e-2, batch: int = 32,
                         samples: int = 256, calibration, scheduler_config: dict | None = None,
-                        id2label: dict | None = None, init: dict[str, RoundedWeight] | None = None,
+                        context: dict | None = None, init: dict[str, RoundedWeight] | None = None,
                         progress: bool = True) -> dict[str, RoundedWeight]:
     """BRECQ-style reconstruction of every Linear in `linears` ({name: float Linear}, already smoothed): `bits`,
     `group_size`, `iters` Adam steps per unit at learning rate `lr` on minibatches of `batch` rows out of
@@ -333,39 +344,40 @@ def reconstruct_weights(transformer: nn.Module, linears: dict[str, nn.Linear], i
     """
     from tqdm.auto import tqdm
 
-    block_names = adapter_for(transformer).blocks(transformer)
+    adapter = adapter_for(transformer)
+    block_names = adapter.blocks(transformer)
     blocks = [transformer.get_submodule(name) for name in block_names]
     in_block = {name: next((b for b in block_names if name.startswith(b + ".")), None) for name in linears}
     outside = [name for name, b in in_block.items() if b is None]
     units = ({block_names[0]: blocks[0]} if len(blocks) and any(b is not None for b in in_block.values()) else {})
     units.update({name: linears[name] for name in outside})
-    context = getattr(transformer, CONTEXT_ATTRIBUTE, None)
+    timestep_context = getattr(transformer, CONTEXT_ATTRIBUTE, None)
     seed = calibration.seed
     common = dict(bits=bits, group_size=group_size, input_scales=input_scales,
-                  iters=iters, lr=lr, batch_size=batch, context=context, progress=progress)
+                  iters=iters, lr=lr, batch_size=batch, context=timestep_context, progress=progress)
     init = init or {}
     result: dict[str, RoundedWeight] = {}
     with paused_observation(transformer):  # reconstruction's forwards must not widen the attention ranges
         cached = cache_inputs(transformer, units, samples=samples, scheduler=calibration.scheduler,
                               scheduler_config=scheduler_config, num_inference_steps=calibration.num_inference_steps,
                               guidance_scale=calibration.guidance_scale, num_samples=calibration.num_samples,
-                              id2label=id2label, seed=seed, batch_size=calibration.batch_size, progress=progress)
+                              context=context, seed=seed, batch_size=calibration.batch_size, progress=progress)
         if block_names and block_names[0] in cached:
             fp_in = q_in = cached[block_names[0]]
             for i, name in enumerate(tqdm(block_names, desc="block reconstruction", disable=not progress)):
                 block = transformer.get_submodule(name)
-                fp_out = run_unit(block, fp_in, batch, context)
+                fp_out = run_unit(block, fp_in, batch, timestep_context, adapter.block_outputs)
                 names = [n for n, b in in_block.items() if b == name]
                 if names:
                     rounded, q_out = reconstruct_unit(transformer, name, {n: init.get(n) for n in names}, q_in, fp_out,
-                                                      seed=seed + i, **common)
+                                                      seed=seed + i, outputs=adapter.block_outputs, **common)
                     result.update(rounded)
                 else:
-                    q_out = run_unit(block, q_in, batch, context)
-                fp_in, q_in = fp_in.with_rows(hidden_states=fp_out), q_in.with_rows(hidden_states=q_out)
+                    q_out = run_unit(block, q_in, batch, timestep_context, adapter.block_outputs)
+                fp_in, q_in = fp_in.with_rows(**fp_out), q_in.with_rows(**q_out)  # the next block's inputs
         for j, name in enumerate(outside):
             inputs = cached[name]
-            target = run_unit(linears[name], inputs, batch, context)
+            target = run_unit(linears[name], inputs, batch, timestep_context)
             rounded, _ = reconstruct_unit(transformer, name, {name: init.get(name)}, inputs, target,
                                           seed=seed + len(block_names) + j, **common)
             result.update(rounded)

@@ -18,9 +18,9 @@ from diffusers_ptq.models.base import ModulationRows, OutputRows, Producer, Smoo
 
 
 @torch.no_grad()
-def scale_input_columns(linear: nn.Linear, s: torch.Tensor) -> None:
-    """W ← W·diag(s): the layer now expects its input divided by s."""
-    linear.weight.mul_(s.to(linear.weight))
+def scale_input_columns(linear: nn.Linear, s: torch.Tensor, columns: slice = slice(None)) -> None:
+    """W ← W·diag(s) on input columns `columns`: the layer now expects that part of its input divided by s."""
+    linear.weight[:, columns] *= s.to(linear.weight)
 
 
 @torch.no_grad()
@@ -69,7 +69,7 @@ def apply_smoothing(model: nn.Module, target: SmoothingTarget, s: torch.Tensor) 
         else:
             raise ValueError(f"unknown smoothing producer {producer!r}")
     for name in target.consumers:
-        scale_input_columns(modules[name], s)
+        scale_input_columns(modules[name], s, target.column_slice)
 
 
 @torch.no_grad()
@@ -87,7 +87,7 @@ def shift_input(model: nn.Module, target: SmoothingTarget, offset: torch.Tensor)
         linear.bias[start:stop] += offset.to(linear.bias)
     for name in target.consumers:
         consumer = modules[name]
-        consumer.bias -= consumer.weight @ offset.to(consumer.weight)
+        consumer.bias -= consumer.weight[:, target.column_slice] @ offset.to(consumer.weight)
 
 
 @torch.no_grad()
@@ -103,4 +103,4 @@ def shift_input_per_group(model: nn.Module, target: SmoothingTarget, edges: torc
         add_group_bias(model, linear, edges, offsets, _producer_rows(producer, linear, offsets.shape[1]))
     for name in target.consumers:
         consumer = modules[name]
-        add_group_bias(model, consumer, edges, -offsets.to(consumer.weight) @ consumer.weight.T)
+        add_group_bias(model, consumer, edges, -offsets.to(consumer.weight) @ consumer.weight[:, target.column_slice].T)

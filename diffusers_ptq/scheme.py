@@ -11,7 +11,7 @@ import fnmatch
 from dataclasses import dataclass, field
 
 ACT_RANGES = ("minmax", "percentile", "mse")
-SCHEDULERS = ("ddim", "ddpm")
+SCHEDULERS = ("ddim", "ddpm", "flow_match_euler")
 
 
 @dataclass(frozen=True)
@@ -57,16 +57,24 @@ class QuantScheme:
 @dataclass(frozen=True)
 class CalibrationSettings:
     """The calibration run: `num_samples` samples denoised in `num_inference_steps` steps of `scheduler` with
-    `guidance_scale`, noise seeded by `seed`, `batch_size` samples per call; `tokens_per_call` input rows kept per
-    layer and call when the activation range needs samples."""
+    `guidance_scale` (each None: the model family's pipeline default, `ModelAdapter.calibration_defaults`), noise
+    seeded by `seed`, `batch_size` samples per call; `tokens_per_call` input rows kept per layer and call when the
+    activation range needs samples. Text-to-image families: `calibration_prompts` (None: the bundled set,
+    prompts.CALIBRATION_PROMPTS) at `calibration_resolution` pixels (None: the pipeline's default size)."""
 
-    scheduler: str = "ddim"
-    num_inference_steps: int = 50
-    guidance_scale: float = 1.5
+    scheduler: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     num_samples: int = 32
     seed: int = 0
     batch_size: int = 16
     tokens_per_call: int = 64
+    calibration_prompts: tuple[str, ...] | None = None
+    calibration_resolution: int | None = None
+
+    def context(self) -> dict:
+        """What these settings tell the model's adapter about the conditions and the noise (calibration context)."""
+        return {"prompts": self.calibration_prompts, "resolution": self.calibration_resolution}
 
 
 @dataclass

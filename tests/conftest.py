@@ -159,7 +159,8 @@ def assert_fold_exact(model, target, forward, seed: int, rtol: float = 1e-4, ato
     from diffusers_ptq.reparam import apply_smoothing, shift_input
 
     reference = forward(model)
-    width = model.get_submodule(target.consumers[0]).in_features
+    width = model.get_submodule(target.consumers[0]).in_features if target.columns is None else \
+        target.columns[1] - target.columns[0]
     gen = torch.Generator().manual_seed(seed)
     folded = copy.deepcopy(model)
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """The FLUX.1 adapter (issue #19, first step): the double-stream joint targets and the single-stream target (one
-modulation feeding q/k/v and the MLP) are exact folds on a random FLUX transformer; weight-only quantization runs.
+modulation feeding q/k/v and the MLP) are exact folds on a random FLUX transformer; weight-only quantization runs
+(calibration from prompts: tests/test_text_to_image.py).
 Tolerances as in tests/test_sd3_adapter.py (a few float32 roundings per product in dot products of length ≤ 64:
 ~1e-5 relative; rtol = atol = 1e-4)."""
 
@@ -48,14 +49,17 @@ def test_found_by_class_and_targets():
     assert isinstance(adapter, FluxAdapter)
     targets = adapter.smoothing_targets(model)
     assert [t.name.split(".")[-1] for t in targets] == ["qkv", "ctx_qkv", "out", "fc1", "ctx_fc1"] * 2 + \
-        ["qkv_mlp"] * 2 + ["final"]
+        ["qkv_mlp", "out"] * 2 + ["final"]
     assert targets[10].consumers[-1] == "single_transformer_blocks.0.proj_mlp"
+    out = targets[11]  # the attention half of proj_out's input: to_v's rows, columns 0..D-1
+    assert out.consumers == ("single_transformer_blocks.0.proj_out",) and out.columns == (0, 16)
+    assert model.get_submodule(out.consumers[0]).in_features == 16 + 4 * 16  # attention + MLP (after GELU)
     names = dict(model.named_modules())
     assert all(isinstance(names[c], torch.nn.Linear) for t in targets for c in t.consumers)
     assert all(p.linear in names for t in targets for p in t.producers)
 
 
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(15))
 def test_each_fold_with_quantization_off_reproduces_the_float_model(index):
     """Divide the target's input by a random s (producers' rows, consumers' columns) and shift it by a random offset
     (producers' shift rows or V biases, consumers' biases): the float function must not change."""
@@ -63,7 +67,7 @@ def test_each_fold_with_quantization_off_reproduces_the_float_model(index):
     assert_fold_exact(model, FluxAdapter().smoothing_targets(model)[index], forward, seed=10 + index, rtol=RTOL, atol=ATOL)
 
 
-def test_weight_only_quantization_runs_and_calibration_is_pending():
+def test_weight_only_quantization_runs_and_a_bare_transformer_cannot_calibrate():
     from diffusers_ptq.api import quantize_transformer
     from diffusers_ptq.config import QuantConfig
 
@@ -74,5 +78,16 @@ def test_weight_only_quantization_runs_and_calibration_is_pending():
     assert all(not n.startswith(embedders) for n in report.layers) and len(report.layers) == 2 * 14 + 2 * 6 + 2
     rel = float((forward(model) - reference).pow(2).mean() / reference.pow(2).mean())
     assert rel < 1e-3, rel
-    with pytest.raises(NotImplementedError, match="#19"):
+    with pytest.raises(ValueError, match="text encoders.*FluxPipeline.from_pretrained"):
         quantize_transformer(tiny_flux(), QuantConfig(weight_bits=8, act_bits=8), progress=False)
+
+
+def test_a_fold_on_the_wrong_columns_is_caught():
+    """The single-stream `out` fold must compensate in proj_out's attention columns: the same fold with proj_out's
+    first MLP columns (16..31) instead changes the output far beyond the tolerance."""
+    from dataclasses import replace
+
+    model = tiny_flux()
+    target = next(t for t in FluxAdapter().smoothing_targets(model) if t.name == "single_transformer_blocks.0.out")
+    with pytest.raises(AssertionError):
+        assert_fold_exact(model, replace(target, columns=(16, 32)), forward, seed=3, rtol=RTOL, atol=ATOL)

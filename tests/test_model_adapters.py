@@ -149,7 +149,7 @@ class ToyAdapter(DiTAdapter.__mro__[1]):  # ModelAdapter: everything the engine 
     def calibration_conditions(self, model, num_samples, context):
         return [None] * num_samples
 
-    def noise_shape(self, model, batch):
+    def noise_shape(self, model, batch, context=None):
         return (batch, 8, 16)
 
     def denoise(self, model, scheduler, latents, conditions, *, guidance_scale, step_generator, before_step,

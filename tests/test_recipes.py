@@ -30,6 +30,10 @@ PACKAGE_RECIPES = resources.files("diffusers_ptq") / "recipes"
 PTQ4DIT_PAPER = [n for n in NAMES if re.fullmatch(r"dit-xl-2-(256|512)-w[48]a8-ptq4dit-(250|100|50)", n)]
 HTG_PAPER = [n for n in NAMES if re.fullmatch(r"dit-xl-2-(256|512)-w[48]a8-htg-(250|100|50)", n)]
 QDIT_PAPER = [n for n in NAMES if re.fullmatch(r"qdit-dit-xl-2-(256|512)-w4a8", n)]
+TEXT_TO_IMAGE_MODELS = {"sd35-medium-": "stabilityai/stable-diffusion-3.5-medium",
+                        "sd35-large-": "stabilityai/stable-diffusion-3.5-large",
+                        "flux1-dev-": "black-forest-labs/FLUX.1-dev", "flux1-schnell-": "black-forest-labs/FLUX.1-schnell"}
+TEXT_TO_IMAGE = [n for n in NAMES if n.startswith(tuple(TEXT_TO_IMAGE_MODELS))]
 
 
 def test_recipes_come_from_the_package_not_the_source_tree(tmp_path, monkeypatch):
@@ -85,9 +89,9 @@ def test_the_paper_and_bundled_settings_are_all_there():
                 assert f"dit-xl-2-{res}-w{bits}a8-htg-{steps}" in names
     assert {"bundled-w8a8-ptq4dit", "bundled-w4a8-ptq4dit", "bundled-w8a8-minmax", "bundled-w4a8-minmax"} <= names
     assert {"qdit-dit-xl-2-256-w4a8", "qdit-dit-xl-2-512-w4a8"} <= names
-    # every recipe for the real model is named for a paper and checked below
+    # every recipe for a real model is named for a paper (or for one of the text-to-image models) and checked below
     real = {n for n in NAMES if recipe_model(n) != "bundled"}
-    assert real == set(PTQ4DIT_PAPER) | set(HTG_PAPER) | set(QDIT_PAPER)
+    assert real == set(PTQ4DIT_PAPER) | set(HTG_PAPER) | set(QDIT_PAPER) | set(TEXT_TO_IMAGE)
 
 
 def recipe_model(name):
@@ -106,7 +110,8 @@ def test_recipe_loads_into_the_config_its_name_says(name):
     if steps:
         assert config.num_inference_steps == int(steps[1]) and config.scheduler == "ddpm"
     res = re.search(r"dit-xl-2-(256|512)", name)
-    assert recipe["model"] == (f"facebook/DiT-XL-2-{res[1]}" if res else "bundled")
+    family = next((m for prefix, m in TEXT_TO_IMAGE_MODELS.items() if name.startswith(prefix)), None)
+    assert recipe["model"] == (f"facebook/DiT-XL-2-{res[1]}" if res else family or "bundled")
     assert recipe["requires"] is None  # every method of the recipes is implemented
     assert type(config).from_dict(json.loads(json.dumps(config.to_dict()))) == config
     config.to_quant_config()  # the engine's settings validate too
@@ -152,6 +157,17 @@ def test_qdit_recipes_use_the_paper_settings(name):
     engine = config.to_quant_config()
     assert engine.scheduler == "ddpm" and engine.guidance_scale == 1.5 and engine.num_inference_steps == 50
     assert engine.weight_bits == 4 and engine.act_dynamic and engine.group_search_bits == 4.5
+
+
+def test_text_to_image_recipes_cover_each_model_at_w8a8_and_w4a8():
+    """SD3.5 Medium/Large and FLUX.1 dev/schnell, W8A8 and W4A8 (issue #19), with the family's sampling."""
+    assert len(TEXT_TO_IMAGE) == 8
+    for name in TEXT_TO_IMAGE:
+        config = load_recipe(name)
+        assert config.scheduler == "flow_match_euler" and config.calibration_resolution == 1024
+        assert config.weight_rounding == ("gptq" if "w4a8" in name else "nearest")
+        assert (config.num_inference_steps, config.guidance_scale) == (4, 0.0) if "schnell" in name else \
+            config.guidance_scale > 1
 
 
 def test_readme_lists_every_recipe_with_the_paper_fid():

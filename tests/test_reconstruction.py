@@ -51,10 +51,10 @@ def _single_linear(bits, group_size, iters=250, seed=0, input_scale=None):
     holder = _Holder(linear)
     with torch.no_grad():
         target = linear(x)
-    rounded, out = reconstruct_unit(holder, "lin", {"lin": None}, CachedInputs({"input": x}), target, bits=bits,
-                                    group_size=group_size, input_scales={"lin": input_scale}, iters=iters,
+    rounded, out = reconstruct_unit(holder, "lin", {"lin": None}, CachedInputs({"input": x}), {"output": target},
+                                    bits=bits, group_size=group_size, input_scales={"lin": input_scale}, iters=iters,
                                     batch_size=64, seed=seed, progress=False)
-    return linear, x, target, rounded["lin"], out
+    return linear, x, target, rounded["lin"], out["output"]
 
 
 # ------------------------------------------------------------------------------------------------ pure pieces

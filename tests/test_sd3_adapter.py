@@ -1,6 +1,6 @@
 """The SD3 / SD3.5 adapter (issue #19, first step): its fold targets are exact on a random MM-DiT with a dual-attention
-block, qk-norm and the context_pre_only last block; weight-only quantization runs through the engine; calibrating
-configs say that calibration from prompts is not built yet.
+block, qk-norm and the context_pre_only last block; weight-only quantization runs through the engine; a bare
+transformer cannot calibrate (no text encoders) and says so. Calibration from prompts: tests/test_text_to_image.py.
 
 Tolerances: each fold multiplies and divides by s ∈ [0.5, 2] and adds/subtracts offsets, a few float32 roundings per
 product (relative u = 6e-8 each) inside dot products of length ≤ 64, so the folded model's output differs from the
@@ -102,9 +102,11 @@ def test_weight_only_quantization_runs_without_calibration():
     assert rel < 1e-3, rel  # int8 per-channel weights: ~1e-5 measured; 1e-3 would be a broken layer
 
 
-def test_calibrating_configs_say_calibration_is_not_built_yet():
+def test_calibrating_a_bare_transformer_asks_for_its_pipeline():
+    """Calibration encodes prompts with the pipeline's text encoders: a bare transformer has none, and the error
+    says how to quantize it instead."""
     from diffusers_ptq.api import quantize_transformer
     from diffusers_ptq.config import QuantConfig
 
-    with pytest.raises(NotImplementedError, match="#19"):
+    with pytest.raises(ValueError, match="text encoders.*StableDiffusion3Pipeline.from_pretrained"):
         quantize_transformer(tiny_sd3(), QuantConfig(weight_bits=8, act_bits=8), progress=False)

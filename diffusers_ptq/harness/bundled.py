@@ -41,7 +41,8 @@ def plant_outliers(transformer, channels_per_target: int = 4, factor_range: tupl
     planted = {}
     lo, hi = torch.log(torch.tensor(factor_range))
     for target in adapter_for(transformer).smoothing_targets(transformer):
-        width = transformer.get_submodule(target.consumers[0]).in_features
+        width = transformer.get_submodule(target.consumers[0]).in_features if target.columns is None else \
+            target.columns[1] - target.columns[0]
         channels = torch.randperm(width, generator=gen)[:channels_per_target]
         factors = torch.exp(lo + (hi - lo) * torch.rand(channels_per_target, generator=gen))
         s = torch.ones(width)

@@ -96,6 +96,14 @@ def check_fraction(name: str, value, low_open: bool = False, high_open: bool = F
         raise ValueError(f"{name} must be in {interval}{' or None' if allow_none else ''}, got {value!r}")
 
 
+def target_input(target, layers: dict, model) -> tuple:
+    """(statistics, consumer weights) of a smoothing target's input: its first consumer's input statistics and every
+    consumer's weight, restricted to the target's columns (SmoothingTarget.columns)."""
+    stats = layers[target.consumers[0]]
+    weights = [model.get_submodule(c).weight[:, target.column_slice] for c in target.consumers]
+    return (stats if target.columns is None else stats.columns(*target.columns)), weights
+
+
 def smooth(model, layers: dict, vector, quantized, adapter=None) -> dict:
     """For each of the model's smoothing targets whose consumers are all in `quantized`: s = vector(statistics of
     the target's input, its consumers' weights), folded as X → X/s (reparam.apply_smoothing); `layers` (name ->
@@ -107,10 +115,10 @@ def smooth(model, layers: dict, vector, quantized, adapter=None) -> dict:
     for target in (adapter or adapter_for(model)).smoothing_targets(model):
         if not set(target.consumers) <= set(quantized):
             continue
-        s = vector(layers[target.consumers[0]], [model.get_submodule(c).weight for c in target.consumers])
+        s = vector(*target_input(target, layers, model))
         apply_smoothing(model, target, s)
         for c in target.consumers:
-            layers[c] = layers[c].divided(s)
+            layers[c] = layers[c].divided(target.widen(s, model.get_submodule(c).in_features))
         done[target] = s
     return done
 
@@ -125,7 +133,7 @@ def fold_smoothing(run, vector) -> None:
     for target, s in done.items():
         for c in target.consumers:
             if c in run.hessians:  # the Hessian of X / s
-                run.hessians[c] = scale_hessian(run.hessians[c], s)
+                run.hessians[c] = scale_hessian(run.hessians[c], target.widen(s, len(run.hessians[c])))
         for producer in target.producers:
             processor = run.attention.get(getattr(producer, "attention", None))
             if processor is not None:  # V itself was divided by s

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusers_ptq.methods.base import Method, Observations, check_fraction, register_method_plugin
+from diffusers_ptq.methods.base import Method, Observations, check_fraction, register_method_plugin, target_input
 
 LINKAGES = ("ward", "centroid", "average", "optimal")
 SCALINGS = ("printed", "migration")
@@ -236,8 +236,7 @@ class HTG(Method):
         for target in adapter.smoothing_targets(model):
             if not set(target.consumers) <= set(quantized):
                 continue
-            weights = [model.get_submodule(c).weight for c in target.consumers]
-            transform = self.vectors(layers[target.consumers[0]], weights, timesteps)
+            transform = self.vectors(*target_input(target, layers, model), timesteps)
             apply_smoothing(model, target, transform.scale)
             if self.shift:
                 shift_input_per_group(model, target, transform.edges, -transform.shifts / transform.scale)

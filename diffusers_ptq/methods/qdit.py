@@ -113,10 +113,11 @@ def proxy_errors(weight: torch.Tensor, hessian: torch.Tensor | None, candidates:
 @torch.no_grad()
 def model_output_errors(transformer: torch.nn.Module, names: list[str], inputs: dict[str, torch.Tensor],
                         candidates: Iterable[GroupSize], rounded_fn: Callable[[str, torch.Tensor, GroupSize], object],
-                        batch_size: int = 64) -> dict[str, dict[GroupSize, float]]:
+                        batch_size: int = 64, shared: dict[str, torch.Tensor] | None = None,
+                        ) -> dict[str, dict[GroupSize, float]]:
     """{layer: {group size: mean squared error of the transformer output}} with only that layer's weight replaced by
     `rounded_fn(name, weight, g).weight` (the others float), on `inputs` (the forward's batched keyword inputs, as
-    TransformerInputRecorder keeps them)."""
+    TransformerInputRecorder keeps them) and `shared` (the keyword inputs every row shares, passed whole)."""
     device = next(transformer.parameters()).device
 
     def forward() -> torch.Tensor:
@@ -124,7 +125,7 @@ def model_output_errors(transformer: torch.nn.Module, names: list[str], inputs: 
         outs = []
         for i in range(0, n, batch_size):
             kw = {k: v[i:i + batch_size].to(device) for k, v in inputs.items()}
-            outs.append(transformer(**kw).sample.float())
+            outs.append(transformer(**kw, **{k: v.to(device) for k, v in (shared or {}).items()}).sample.float())
         return torch.cat(outs)
 
     reference = forward()
@@ -372,7 +373,8 @@ class GroupSearch(Method):
 
             with paused_observation(model):  # the search's forwards must not widen the attention ranges
                 errors = model_output_errors(model, names, run.transformer_inputs, self.group_sizes, rounded_fn,
-                                             batch_size=run.plan.calibration.batch_size * 4)
+                                             batch_size=run.plan.calibration.batch_size * 4,
+                                             shared=run.shared_inputs)
         else:
             kind, options = rounding.proxy_rounding() if keep else ("nearest", {})
             errors = {}

@@ -45,11 +45,26 @@ Producer = ModulationRows | OutputRows
 @dataclass(frozen=True)
 class SmoothingTarget:
     """One input that a smoothing method may divide per channel: made by `producers` (all of them are divided, so
-    several streams may feed one input), read by `consumers` (Linear names; their columns are multiplied)."""
+    several streams may feed one input), read by `consumers` (Linear names; their columns are multiplied) in their
+    input columns `columns` = (start, stop) (None: all of them; a range when the input is one part of a
+    concatenation, e.g. the attention half of FLUX's single-stream proj_out)."""
 
     name: str  # e.g. "blocks.3.qkv"
     producers: tuple[Producer, ...]
     consumers: tuple[str, ...]
+    columns: tuple[int, int] | None = None
+
+    @property
+    def column_slice(self) -> slice:
+        return slice(None) if self.columns is None else slice(*self.columns)
+
+    def widen(self, s: torch.Tensor, width: int) -> torch.Tensor:
+        """A vector over the target's columns as one over all `width` input columns of a consumer (1 elsewhere)."""
+        if self.columns is None:
+            return s
+        full = torch.ones(width, dtype=s.dtype, device=s.device)
+        full[self.column_slice] = s
+        return full
 
 
 class ModelAdapter:
@@ -62,6 +77,8 @@ class ModelAdapter:
     default_include: ClassVar[tuple[str, ...]] = ()  # fnmatch patterns of the Linears quantized by default
     forward_arguments: ClassVar[tuple[str, ...]] = ()  # the forward's positional parameters, in order
     timestep_argument: ClassVar[str] = "timestep"
+    # what a block returns, named as the next block's keyword inputs (a tuple when it returns several tensors)
+    block_outputs: ClassVar[tuple[str, ...]] = ("hidden_states",)
     description: ClassVar[str] = ""
 
     # --- structure -----------------------------------------------------------------------------------------------
@@ -97,23 +114,53 @@ class ModelAdapter:
         expanded): what replaying one row of the call needs."""
         raise NotImplementedError
 
+    def shared_inputs(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        """The call's tensor inputs that every row shares and that have no batch dimension (e.g. FLUX's position
+        ids), passed whole when rows of the call are replayed."""
+        return {}
+
     # --- calibration ---------------------------------------------------------------------------------------------
     default_noise_schedule: ClassVar[dict | None] = None  # scheduler config for a model loaded without its pipeline's
+    schedulers: ClassVar[tuple[str, ...]] = ("ddim", "ddpm")  # the sampling.SCHEDULERS kinds this family samples with
+
+    def calibration_defaults(self, model: nn.Module) -> dict:
+        """The family pipeline's defaults for the calibration settings left None: scheduler, num_inference_steps,
+        guidance_scale."""
+        return {"scheduler": self.schedulers[0], "num_inference_steps": 50, "guidance_scale": 1.5}
+
+    def doubles_batch(self, model: nn.Module, guidance_scale: float) -> bool:
+        """Whether the sampler runs classifier-free guidance by doubling the batch (rows [cond..., uncond...])."""
+        return guidance_scale > 1
 
     def pipeline_context(self, pipe) -> dict:
         """Calibration context a loaded pipeline supplies (e.g. {"id2label": ...}); see calibration_conditions."""
         return {}
 
+    def folder_context(self, root) -> dict:
+        """Calibration context of the pipeline folder `root` (a Path with model_index.json) that a transformer is
+        loaded from (the quantizer's from_pretrained path), e.g. its id2label or its text encoders."""
+        return {}
+
     def calibration_conditions(self, model: nn.Module, num_samples: int, context: dict | None) -> list:
-        """One conditioning per calibration sample (class ids, prompts, ...); `context`: what the pipeline or the
-        config supplied (e.g. {"id2label": ...})."""
+        """One conditioning per calibration sample (class ids, encoded prompts, ...); `context`: what the pipeline
+        or the config supplied (e.g. {"id2label": ...}, {"prompts": [...], "encode_prompts": fn})."""
         raise NotImplementedError
 
-    def noise_shape(self, model: nn.Module, batch: int) -> tuple[int, ...]:
+    def noise_shape(self, model: nn.Module, batch: int, context: dict | None = None) -> tuple[int, ...]:
         """The initial noise of `batch` samples (default: square image latents, [B, in_channels, sample_size,
         sample_size] from the model's config)."""
         config = model.config
         return (batch, config.in_channels, config.sample_size, config.sample_size)
+
+    def set_timesteps(self, model: nn.Module, scheduler, num_inference_steps: int, noise_shape: tuple) -> None:
+        """Set the scheduler's timesteps as the family's pipeline does before its loop (called before every batch:
+        a flow-matching scheduler counts its steps)."""
+        scheduler.set_timesteps(num_inference_steps)
+
+    def model_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The scheduler's timesteps as the transformer receives them (its `timestep` argument): what HTG's groups
+        compare against at inference."""
+        return timesteps
 
     def denoise(self, model: nn.Module, scheduler, latents: torch.Tensor, conditions: Sequence, *,
                 guidance_scale: float, step_generator: torch.Generator,

@@ -115,6 +115,12 @@ class DiTAdapter(ModelAdapter):
         labels = getattr(pipe, "labels", None)
         return {"id2label": {int(v): k for k, v in labels.items()} if labels else None}
 
+    def folder_context(self, root) -> dict:
+        """The pipeline folder's id2label (model_index.json)."""
+        import json
+
+        return {"id2label": json.loads((root / "model_index.json").read_text()).get("id2label") or None}
+
     def denoise(self, model: nn.Module, scheduler, latents: torch.Tensor, conditions: Sequence, *,
                 guidance_scale: float, step_generator: torch.Generator,
                 before_step: Callable[[int], None], after_step: Callable[[], None]) -> torch.Tensor:

@@ -1,8 +1,12 @@
 """Stable Diffusion 3 / 3.5 (`SD3Transformer2DModel` in a `StableDiffusion3Pipeline`): MM-DiT joint-attention
-blocks, SD3.5's dual-attention blocks and qk-norm (issue #19). Structure only so far: every Linear of the blocks is
-quantizable and every fold target is described; calibration from prompts (the pipeline's text encoders, CFG,
-flow-matching scheduler) is not built yet, so configs that calibrate raise a NotImplementedError that says so, and
-weight-only configs without smoothing (W8A16, W4A16: no calibration) run.
+blocks, SD3.5's dual-attention blocks and qk-norm (issue #19). Every Linear of the blocks is quantizable, every fold
+target is described below, and calibration runs from prompts as `StableDiffusion3Pipeline.__call__` does:
+the prompts (the config's `calibration_prompts`, default prompts.CALIBRATION_PROMPTS) encoded by the pipeline's
+own text encoders (CLIP-L, CLIP-G and T5 when present) with the negative prompt "", classifier-free guidance
+(default 7.0) on a doubled batch, the flow-matching Euler scheduler (static shift 3.0, or the dynamic shift when
+the scheduler config asks for it) over float timesteps, 28 steps, at the pipeline's default size or
+`calibration_resolution`. The doubled batch is [cond..., uncond...] (the pipeline's is [uncond, cond]: each row
+is computed alone, so only the row order of the recorded statistics differs).
 
 Smoothing targets of block b (`JointTransformerBlock`), and of the output layer:
 
@@ -24,23 +28,50 @@ normalizes Q and K after their projections: folding into the projections' inputs
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from diffusers_ptq.models.base import ModelAdapter, ModulationRows, OutputRows, SmoothingTarget
+from diffusers_ptq.prompts import cycle_prompts
 
-CALIBRATION_PENDING = ("calibrating a StableDiffusion3 transformer (from prompts, through the pipeline's text "
-                       "encoders and flow-matching scheduler) is not built yet (issue #19); weight-only configs "
-                       "without smoothing or GPTQ (act_bits=None) need no calibration and work")
+NO_TEXT_ENCODERS = ("calibrating a {model} runs the calibration prompts through its pipeline's text encoders, and "
+                    "none were found: quantize the pipeline (`{pipeline}.from_pretrained(folder, "
+                    "quantization_config=cfg)` on the pipeline folder, or `diffusers_ptq.quantize(pipe, cfg)` on a "
+                    "loaded pipeline), or load the transformer from the `transformer` subfolder of a pipeline folder "
+                    "that has them")
+
+
+def vae_scale_factor(root: Path) -> int:
+    """The latent downsampling of the pipeline folder's VAE (2^(blocks − 1), as the pipelines compute it; 8
+    without a VAE config)."""
+    config_file = root / "vae" / "config.json"
+    if not config_file.is_file():
+        return 8
+    return 2 ** (len(json.loads(config_file.read_text())["block_out_channels"]) - 1)
+
+
+def load_text_pipeline(root: Path, transformer: nn.Module, optional: Sequence[str] = ()):
+    """The pipeline of folder `root` around `transformer` (already loaded), without its VAE: the text encoders and
+    tokenizers are loaded (encode_prompt may read the transformer's config, e.g. SD3 without T5).
+    `optional`: components the pipeline may lack, passed as None when model_index.json lists none (diffusers saves
+    a None component, e.g. SD3 without T5, as [null, null] and then needs it passed explicitly to load)."""
+    from diffusers import DiffusionPipeline
+
+    listed = json.loads((root / "model_index.json").read_text())
+    absent = {name: None for name in optional if listed.get(name) in (None, [None, None])}
+    return DiffusionPipeline.from_pretrained(root, transformer=transformer, vae=None, **absent)
 
 
 class SD3Adapter(ModelAdapter):
     name = "sd3"
     model_class = "SD3Transformer2DModel"
     pipeline_class = "StableDiffusion3Pipeline"
-    description = "SD3Transformer2DModel (Stable Diffusion 3 / 3.5; weight-only until calibration lands, #19)"
+    description = "SD3Transformer2DModel (Stable Diffusion 3 / 3.5, in a StableDiffusion3Pipeline)"
     default_include = (
         "transformer_blocks.*.norm1.linear",
         "transformer_blocks.*.norm1_context.linear",
@@ -52,6 +83,7 @@ class SD3Adapter(ModelAdapter):
         "proj_out",
     )
     forward_arguments = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+    block_outputs = ("encoder_hidden_states", "hidden_states")  # every MM-DiT block returns both streams
 
     def blocks(self, model: nn.Module) -> list[str]:
         return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
@@ -106,10 +138,105 @@ class SD3Adapter(ModelAdapter):
             out["timestep"] = t.to(x.device).reshape(-1).expand(x.shape[0])
         return out
 
+    # --- calibration from prompts ---------------------------------------------------------------------------------
+    schedulers = ("flow_match_euler",)
+    default_noise_schedule = {"num_train_timesteps": 1000, "shift": 3.0}
+
+    def calibration_defaults(self, model: nn.Module) -> dict:
+        return {"scheduler": "flow_match_euler", "num_inference_steps": 28, "guidance_scale": 7.0}
+
+    def encode_prompts(self, pipe, prompts: list[str]) -> dict[str, dict]:
+        """{prompt: its condition} through the pipeline's text encoders: prompt and pooled embeddings, and those of
+        the negative prompt "" (used when guidance doubles the batch)."""
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=pipe._execution_device, do_classifier_free_guidance=True)
+        return {p: {"prompt_embeds": embeds[i].cpu(), "pooled_projections": pooled[i].cpu(),
+                    "negative_prompt_embeds": negative[i].cpu(), "negative_pooled_projections": negative_pooled[i].cpu()}
+                for i, p in enumerate(prompts)}
+
+    def pipeline_context(self, pipe) -> dict:
+        """The loaded pipeline's text encoders (as a prompt encoder: (transformer, prompts) -> {prompt: condition})
+        and its VAE's downsampling."""
+        return {"encode_prompts": lambda _model, prompts: self.encode_prompts(pipe, prompts),
+                "vae_scale_factor": pipe.vae_scale_factor}
+
+    def folder_context(self, root) -> dict:
+        """The folder's text encoders, loaded when the prompts are encoded and freed right after."""
+        return {"encode_prompts": functools.partial(self._encode_from_folder, Path(root)),
+                "vae_scale_factor": vae_scale_factor(Path(root))}
+
+    optional_components: tuple[str, ...] = ("text_encoder_3", "tokenizer_3")  # T5 is optional in SD3
+
+    def _encode_from_folder(self, root: Path, model: nn.Module, prompts: list[str]) -> dict[str, dict]:
+        pipe = load_text_pipeline(root, model, self.optional_components)
+        try:
+            return self.encode_prompts(pipe, prompts)
+        finally:
+            del pipe
+
+    @torch.no_grad()
     def calibration_conditions(self, model: nn.Module, num_samples: int, context: dict | None) -> list:
-        raise NotImplementedError(CALIBRATION_PENDING)
+        """`num_samples` prompts cycling through context["prompts"] (None: the bundled set), each distinct prompt
+        encoded once by context["encode_prompts"](model, prompts) (the pipeline's text encoders)."""
+        context = context or {}
+        prompts = cycle_prompts(context.get("prompts"), num_samples)
+        encode = context.get("encode_prompts")
+        if encode is None:
+            raise ValueError(NO_TEXT_ENCODERS.format(model=type(model).__name__, pipeline=self.pipeline_class))
+        encoded = encode(model, list(dict.fromkeys(prompts)))
+        return [encoded[p] for p in prompts]
+
+    def latent_size(self, model: nn.Module, context: dict | None) -> int:
+        """The side of the square latent: the pipeline's default (the transformer's sample_size) or
+        context["resolution"] pixels / the VAE's downsampling."""
+        context = context or {}
+        resolution, factor = context.get("resolution"), context.get("vae_scale_factor") or 8
+        if resolution is None:
+            return model.config.sample_size
+        multiple = factor * model.config.patch_size
+        if resolution % multiple:
+            raise ValueError(f"calibration_resolution={resolution} must be a multiple of {multiple} (the VAE's "
+                             f"downsampling {factor} × patch size {model.config.patch_size})")
+        return resolution // factor
+
+    def noise_shape(self, model: nn.Module, batch: int, context: dict | None = None) -> tuple[int, ...]:
+        size = self.latent_size(model, context)
+        return (batch, model.config.in_channels, size, size)
+
+    def set_timesteps(self, model: nn.Module, scheduler, num_inference_steps: int, noise_shape: tuple) -> None:
+        """As StableDiffusion3Pipeline: the dynamic shift `mu` from the image's token count when the scheduler
+        config asks for it, else the static shift."""
+        if scheduler.config.get("use_dynamic_shifting", None):
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            patch = model.config.patch_size
+            config = scheduler.config
+            mu = calculate_shift((noise_shape[-2] // patch) * (noise_shape[-1] // patch),
+                                 config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                 config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+            scheduler.set_timesteps(num_inference_steps, mu=mu)
+        else:
+            scheduler.set_timesteps(num_inference_steps)
 
     def denoise(self, model: nn.Module, scheduler, latents: torch.Tensor, conditions: Sequence, *,
                 guidance_scale: float, step_generator: torch.Generator,
                 before_step: Callable[[int], None], after_step: Callable[[], None]) -> torch.Tensor:
-        raise NotImplementedError(CALIBRATION_PENDING)
+        """StableDiffusion3Pipeline.__call__'s loop without the VAE (no skip-layer guidance)."""
+        device = latents.device
+        embeds = torch.stack([c["prompt_embeds"] for c in conditions]).to(device, latents.dtype)
+        pooled = torch.stack([c["pooled_projections"] for c in conditions]).to(device, latents.dtype)
+        cfg = self.doubles_batch(model, guidance_scale)
+        if cfg:
+            embeds = torch.cat([embeds, torch.stack([c["negative_prompt_embeds"] for c in conditions]).to(embeds)])
+            pooled = torch.cat([pooled, torch.stack([c["negative_pooled_projections"] for c in conditions]).to(pooled)])
+        for step_index, t in enumerate(scheduler.timesteps):
+            model_input = torch.cat([latents] * 2) if cfg else latents
+            before_step(step_index)
+            noise_pred = model(hidden_states=model_input, timestep=t.expand(model_input.shape[0]),
+                               encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+            if cfg:
+                cond, uncond = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (cond - uncond)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            after_step()
+        return latents

@@ -1,0 +1,222 @@
+"""Calibration from prompts for the MM-DiT families (issue #19): SD3 (`StableDiffusion3Pipeline`) and FLUX.1
+(`FluxPipeline`, schnell and dev), on tiny random-weight pipelines with the project's offline text encoders
+(harness/text.py).
+
+- The calibration sampler is the pipeline: the adapter's loop, from the same noise and prompts, gives the latents
+  `pipe(..., output_type="latent")` gives.
+- Every method config quantizes both families through `diffusers_ptq.quantize(pipe, cfg)` and the pipeline
+  `from_pretrained(folder, quantization_config=cfg)` form (the latter encoding the prompts with the folder's text
+  encoders), the two give the same checkpoint, and save -> reload is bit-exact.
+- HTG's groups follow the timestep the transformer receives (FLUX: t/1000) and a batch mixing timesteps of
+  different groups equals the rows run one by one.
+- Bad prompt lists and a bare transformer that cannot encode prompts get errors that name the fix.
+
+Tolerances: the sampler comparison runs the same float32 ops on the same rows; the only difference is the order of
+the rows in SD3's guidance batch ([cond, uncond] here, [uncond, cond] in the pipeline), which can change a GEMM's
+blocking and so the summation order: |error| ≤ K·u·Σ|terms| per dot product (K ≤ 64, u = 6e-8), ~1e-5 relative
+through 3 steps of 2-3 blocks; rtol = atol = 1e-4. The mixed-timestep check runs weight-only quantized models (no
+activation rounding, which a last-bit difference could flip by one code), so the same bound applies.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import FluxPipeline, PipelineQuantizationConfig, StableDiffusion3Pipeline
+from diffusers.utils.torch_utils import randn_tensor
+
+import diffusers_ptq
+from diffusers_ptq.harness.text import tiny_pipeline
+from diffusers_ptq.models import adapter_for
+from diffusers_ptq.prompts import CALIBRATION_PROMPTS
+from diffusers_ptq.sampling import prepare_sampling, sample_latents, sample_seeds
+
+RTOL = ATOL = 1e-4
+PROMPTS = ["a handwritten seven", "the digit 3", "a photo of a handwritten number zero"]
+FAMILIES = {"sd3": {}, "flux-schnell": {}, "flux-dev": {"guidance_embeds": True}}
+CALIBRATION = dict(num_samples=2, num_inference_steps=3, calibration_resolution=32, batch_size=2)
+
+
+def pipeline(family: str):
+    return tiny_pipeline(family.split("-")[0], **FAMILIES[family])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_calibration_sampler_equals_the_pipeline(family):
+    pipe = pipeline(family)
+    model = pipe.transformer
+    adapter = adapter_for(model)
+    guidance = 5.0 if family != "flux-schnell" else 0.0
+    context = {**adapter.pipeline_context(pipe), "prompts": PROMPTS, "resolution": 32}
+    run = prepare_sampling(model, num_inference_steps=3, guidance_scale=guidance, num_samples=3, context=context)
+    ours = sample_latents(model, run.scheduler, run.conditions, seed=5, num_inference_steps=3,
+                          guidance_scale=guidance, batch_size=3, progress=False, context=run.context)
+    shape = adapter.noise_shape(model, 3, run.context)
+    noise = randn_tensor(shape, generator=[torch.Generator().manual_seed(s) for s in sample_seeds(5, 3)])
+    latents = FluxPipeline._pack_latents(noise, *shape) if family.startswith("flux") else noise
+    theirs = pipe(PROMPTS, latents=latents, num_inference_steps=3, guidance_scale=guidance, height=32, width=32,
+                  output_type="latent").images
+    if family.startswith("flux"):
+        theirs = FluxPipeline._unpack_latents(theirs, 32, 32, pipe.vae_scale_factor)
+    assert ours.shape == theirs.shape == shape
+    torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=ATOL)
+    assert run.cfg == (family == "sd3")  # FLUX's guidance is an input of the transformer, never a second batch
+
+
+def test_family_defaults_and_timesteps_as_the_transformer_sees_them():
+    sd3, schnell, dev = (pipeline(f).transformer for f in FAMILIES)
+    for model, steps, guidance in ((sd3, 28, 7.0), (schnell, 4, 0.0), (dev, 28, 3.5)):
+        run = prepare_sampling(model, conditions=[None], context={"resolution": 32})
+        assert (run.kind, run.num_inference_steps, run.guidance_scale) == ("flow_match_euler", steps, guidance)
+    sd3_run = prepare_sampling(sd3, num_inference_steps=4, conditions=[None], context={"resolution": 32})
+    flux_run = prepare_sampling(dev, num_inference_steps=4, conditions=[None], context={"resolution": 32})
+    assert float(sd3_run.model_timesteps[0]) == 1000.0 and float(flux_run.model_timesteps[0]) == 1.0
+    torch.testing.assert_close(flux_run.model_timesteps, flux_run.scheduler.timesteps / 1000)
+    with pytest.raises(ValueError, match="flow_match_euler"):
+        prepare_sampling(sd3, scheduler="ddim", conditions=[None])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        prepare_sampling(sd3, conditions=[None], context={"resolution": 36, "vae_scale_factor": 4})
+
+
+def test_prompts_cycle_and_each_distinct_prompt_is_encoded_once():
+    pipe = pipeline("sd3")
+    adapter = adapter_for(pipe.transformer)
+    calls = []
+
+    def encode(_model, prompts):
+        calls.append(list(prompts))
+        return adapter.encode_prompts(pipe, prompts)
+
+    conditions = adapter.calibration_conditions(pipe.transformer, 5, {"prompts": PROMPTS[:2], "encode_prompts": encode})
+    assert calls == [PROMPTS[:2]]
+    assert [c is conditions[i % 2] for i, c in enumerate(conditions)] == [True] * 5
+    expected = pipe.encode_prompt(PROMPTS[:2], None, None, do_classifier_free_guidance=True)  # the same batch
+    assert torch.equal(conditions[1]["prompt_embeds"], expected[0][1])
+    assert torch.equal(conditions[1]["negative_pooled_projections"], expected[3][1])
+    default = adapter.calibration_conditions(pipe.transformer, 3, {"encode_prompts": encode})
+    assert calls[-1] == list(CALIBRATION_PROMPTS[:3]) and len(default) == 3
+    assert len(set(CALIBRATION_PROMPTS)) == len(CALIBRATION_PROMPTS) >= 64
+
+
+@pytest.mark.parametrize("prompts, words", [([], "empty"), ("a cat", "one string"), (["a cat", 3], "strings only"),
+                                            (None, None)])
+def test_bad_prompt_lists_are_refused(prompts, words):
+    if words is None:  # None is the bundled set
+        assert diffusers_ptq.HTGConfig(calibration_prompts=None).calibration_prompts is None
+        return
+    with pytest.raises(ValueError, match=words):
+        diffusers_ptq.HTGConfig(calibration_prompts=prompts)
+
+
+CONFIGS = {
+    "minmax-w8a8": lambda: diffusers_ptq.BaselineConfig(**CALIBRATION),
+    "smoothquant-w8a8": lambda: diffusers_ptq.BaselineConfig(smoothquant_alpha=0.5, **CALIBRATION),
+    "ptq4dit-w8a8": lambda: diffusers_ptq.PTQ4DiTConfig(**CALIBRATION),
+    "htg-w8a8": lambda: diffusers_ptq.HTGConfig(**CALIBRATION),
+    "htg-w4a8-gptq": lambda: diffusers_ptq.HTGConfig(weight_bits=4, weight_rounding="gptq", **CALIBRATION),
+    "ptq4dit-w4a8-gptq": lambda: diffusers_ptq.PTQ4DiTConfig(weight_bits=4, weight_rounding="gptq", **CALIBRATION),
+    "htg-w4a8-reconstruct": lambda: diffusers_ptq.HTGConfig(  # blocks returning both streams
+        weight_bits=4, weight_rounding="reconstruct", reconstruct_iters=2, reconstruct_samples=8, reconstruct_batch=4,
+        **CALIBRATION),
+    "qdit-w4a8": lambda: diffusers_ptq.QDiTConfig(group_sizes=[8, None], bits_per_weight=9.0, **CALIBRATION),
+}
+
+
+def _latents(pipe, seed=0):
+    family = "flux" if isinstance(pipe, FluxPipeline) else "sd3"
+    return pipe("a handwritten seven", num_inference_steps=3, height=32, width=32, output_type="latent",
+                generator=torch.Generator().manual_seed(seed), guidance_scale=4.0 if family == "sd3" else 3.5).images
+
+
+def _psnr(x, reference):
+    return float(10 * torch.log10(reference.pow(2).mean() / (x - reference).pow(2).mean()))
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("family", ["sd3", "flux-dev"])
+def test_every_method_quantizes_the_pipeline(family, config):
+    """quantize(pipe, cfg): every targeted Linear becomes a QuantLinear and the sample stays near the float one (a
+    floor, not a goal: a broken layer or a fold on the wrong rows gives ~0 dB; these random tiny models measured
+    26-50 dB)."""
+    pipe = pipeline(family)
+    reference = _latents(pipe)
+    diffusers_ptq.quantize(pipe, CONFIGS[config](), progress=False)
+    report = pipe.transformer.hf_quantizer.report
+    quantized = {n for n, m in pipe.transformer.named_modules() if type(m).__name__ == "QuantLinear"}
+    assert quantized == set(report.layers) and len(quantized) > 10
+    assert _psnr(_latents(pipe), reference) > 15
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux-dev"])
+def test_pipeline_from_pretrained_quantizes_like_quantize_and_reloads_bit_exact(family, tmp_path):
+    pipe_class = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
+    float_dir, quant_dir = tmp_path / "float", tmp_path / "quantized"
+    pipeline(family).save_pretrained(float_dir)
+    config = diffusers_ptq.HTGConfig(weight_bits=4, weight_rounding="gptq", **CALIBRATION)
+    # a saved SD3 pipeline without T5 lists no text_encoder_3: diffusers needs it passed as None to load
+    absent = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}
+    loaded = pipe_class.from_pretrained(float_dir, quantization_config=config, **absent)  # the folder's encoders
+    direct = diffusers_ptq.quantize(pipe_class.from_pretrained(float_dir, **absent), copy.deepcopy(config),
+                                    progress=False)
+    state, direct_state = loaded.transformer.state_dict(), direct.transformer.state_dict()
+    assert state.keys() == direct_state.keys() and all(torch.equal(state[k], direct_state[k]) for k in state)
+    assert loaded.transformer.hf_quantizer.report.timestep_groups  # HTG calibrated: groups exist
+    diffusers_ptq.save_pretrained(loaded, quant_dir)
+    reloaded = pipe_class.from_pretrained(quant_dir, **absent)
+    assert torch.equal(_latents(reloaded), _latents(loaded))
+    card = (quant_dir / "README.md").read_text()
+    assert f"quantized {pipe_class.__name__}" in card and "- " + adapter_for(loaded.transformer).name in card
+    # the pipeline-level form diffusers documents gives the same model
+    mapped = pipe_class.from_pretrained(float_dir, **absent, quantization_config=PipelineQuantizationConfig(
+        quant_mapping={"transformer": copy.deepcopy(config)}))
+    assert all(torch.equal(v, state[k]) for k, v in mapped.transformer.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux-dev"])
+def test_mixed_timestep_batch_equals_one_by_one_with_htg(family):
+    pipe = pipeline(family)
+    config = diffusers_ptq.HTGConfig(weight_bits=8, act_bits=None, num_groups=3, **{**CALIBRATION,
+                                                                                    "num_inference_steps": 6})
+    diffusers_ptq.quantize(pipe, config, progress=False)
+    model = pipe.transformer
+    groups = next(iter(model.hf_quantizer.report.timestep_groups.values()))
+    assert len(groups) == 3
+    run = prepare_sampling(model, num_inference_steps=6, conditions=[None], context={"resolution": 32})
+    timesteps = run.model_timesteps[[0, 5, 2, 0]]  # rows in different groups
+    gen = torch.Generator().manual_seed(1)
+    if family == "sd3":
+        inputs = dict(hidden_states=torch.randn(4, 4, 8, 8, generator=gen),
+                      encoder_hidden_states=torch.randn(4, 7, 64, generator=gen),
+                      pooled_projections=torch.randn(4, 64, generator=gen))
+        shared = {}
+    else:
+        inputs = dict(hidden_states=torch.randn(4, 16, 16, generator=gen),
+                      encoder_hidden_states=torch.randn(4, 7, 32, generator=gen),
+                      pooled_projections=torch.randn(4, 32, generator=gen), guidance=torch.full((4,), 3.5))
+        shared = dict(img_ids=FluxPipeline._prepare_latent_image_ids(4, 4, 4, "cpu", torch.float32),
+                      txt_ids=torch.zeros(7, 3))
+    with torch.no_grad():
+        batched = model(**inputs, **shared, timestep=timesteps).sample
+        single = torch.cat([model(**{k: v[i:i + 1] for k, v in inputs.items()}, **shared,
+                                  timestep=timesteps[i:i + 1]).sample for i in range(4)])
+        first_only = model(**inputs, **shared, timestep=timesteps[:1].expand(4)).sample
+    torch.testing.assert_close(batched, single, rtol=RTOL, atol=ATOL)
+    assert not torch.allclose(batched[1], first_only[1], rtol=RTOL, atol=ATOL)  # the timestep (and group) matter
+
+
+def test_bare_transformer_names_the_pipeline_forms():
+    with pytest.raises(ValueError, match="FluxPipeline.from_pretrained.*diffusers_ptq.quantize"):
+        diffusers_ptq.quantize(pipeline("flux-dev").transformer, diffusers_ptq.HTGConfig(**CALIBRATION),
+                               progress=False)
+
+
+@pytest.mark.parametrize("family, recipe", [("sd3", "sd35-medium-w4a8-htg-gptq"), ("flux-dev", "flux1-dev-w8a8-htg"),
+                                            ("flux-schnell", "flux1-schnell-w4a8-htg-gptq")])
+def test_recipes_run_on_the_tiny_pipelines(family, recipe):
+    """The shipped SD3.5 / FLUX.1 recipes are settings the engine runs (budget cut: 2 samples, 3 steps, 32 px)."""
+    pipe = pipeline(family)
+    config = diffusers_ptq.load_recipe(recipe, **CALIBRATION)
+    diffusers_ptq.quantize(pipe, config, progress=False)
+    assert type(pipe.transformer.transformer_blocks[0].attn.to_q).__name__ == "QuantLinear"
