@@ -15,6 +15,19 @@ DEFAULT_GUIDANCE_SCALE = 1.5  # the papers evaluate DiT-XL/2 at classifier-free 
 
 OUTLIER_MODEL = "bundled-outliers"
 
+# The bundled SD3- and FLUX.1-family models (docs/bundled-mmdit.md): small MM-DiTs trained on MNIST with prompts,
+# shipped as StableDiffusion3Pipeline / FluxPipeline folders (scripts/train_bundled_mmdit.py).
+SD3_MODEL = "bundled-sd3"
+FLUX_MODEL = "bundled-flux"
+BUNDLED_SD3_DIR = Path(__file__).parent.parent / "assets" / "sd3-mnist"
+BUNDLED_FLUX_DIR = Path(__file__).parent.parent / "assets" / "flux-mnist"
+MMDIT_MODELS = {SD3_MODEL: BUNDLED_SD3_DIR, FLUX_MODEL: BUNDLED_FLUX_DIR}
+MMDIT_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
+# Sampling settings their metrics are reported at (docs/bundled-mmdit.md); SD3 uses negative prompt "". The size is
+# explicit because FluxPipeline's default is fixed (128 latent pixels: 512x512 here), not read from the model.
+SD3_SAMPLING = dict(num_inference_steps=28, guidance_scale=5.0, height=32, width=32)
+FLUX_SAMPLING = dict(num_inference_steps=8, guidance_scale=0.0, height=32, width=32)  # schnell-style: no guidance
+
 
 def resolve_model_path(path: str | os.PathLike | None) -> Path | str:
     """"bundled", "bundled-outliers" or None -> the shipped model folder; anything else passes through unchanged."""
@@ -68,8 +81,26 @@ def load_pipeline(path: str | os.PathLike | None = "bundled", torch_dtype: torch
     """Load a DiTPipeline on the CPU in float32 by default. "bundled" = the shipped MNIST model;
     "bundled-outliers" = the same with outlier channels planted by `plant_outliers` (same float function).
 
-    scheduler: None keeps the pipeline's own; "ddim" or "ddpm" builds that one from its config.
+    "bundled-sd3" / "bundled-flux" (or a local folder holding a StableDiffusion3Pipeline or FluxPipeline) load that
+    pipeline instead, offline; SD3's folder has no T5, so text_encoder_3=None, tokenizer_3=None are passed for it.
+
+    scheduler: None keeps the pipeline's own; "ddim" or "ddpm" builds that one from its config (DiT only).
     """
+    mmdit = MMDIT_MODELS.get(str(path))
+    if mmdit is None and path is not None and (Path(path) / "model_index.json").is_file():
+        import json
+
+        if json.loads((Path(path) / "model_index.json").read_text()).get("_class_name") in MMDIT_PIPELINES:
+            mmdit = Path(path)
+    if mmdit is not None:
+        from diffusers import DiffusionPipeline
+
+        if scheduler is not None:
+            raise ValueError(f"{path}: SD3/FLUX pipelines keep their flow-matching scheduler, got scheduler={scheduler!r}")
+        if DiffusionPipeline.load_config(mmdit)["_class_name"] == "StableDiffusion3Pipeline":
+            kwargs = {"text_encoder_3": None, "tokenizer_3": None, **kwargs}
+        return DiffusionPipeline.from_pretrained(mmdit, dtype=torch_dtype, **kwargs)
+
     from diffusers import DiTPipeline
 
     from diffusers_ptq.sampling import make_scheduler
