@@ -20,11 +20,12 @@ def _sampling_args(parser: argparse.ArgumentParser, num_samples: int = 1000, see
     parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help="noise seeds (bench/demo: the first)")
     parser.add_argument("--steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS, help="sampling steps")
     parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                        help="DiT: ddim (default) or ddpm; SD3/FLUX models keep their pipeline's flow-matching scheduler")
     parser.add_argument("--batch-size", type=int, default=250)
 
 
-SUITES_NAMES = ("main", "baselines", "ptq4dit", "htg", "methods", "qdit")  # keys of bench.SUITES (not imported here: bench pulls in the engine)
+SUITES_NAMES = ("main", "baselines", "ptq4dit", "htg", "methods", "qdit", "mmdit")  # keys of bench.SUITES (not imported here: bench pulls in the engine)
 DEMO_CONFIGS = (dict(weight_bits=8, act_bits=8, csb_alpha=0.5), dict(weight_bits=4, act_bits=8),
                 dict(weight_bits=4, act_bits=8, htg_shift=True, htg_scale=True, weight_rounding="gptq"))
 
@@ -47,8 +48,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    pipe = load_pipeline(args.model, scheduler=args.scheduler)
-    reference = load_pipeline(args.reference, scheduler=args.scheduler) if args.reference else None
+    from diffusers_ptq.harness.bench import default_scheduler
+
+    pipe = load_pipeline(args.model, scheduler=args.scheduler or default_scheduler(args.model))
+    reference = load_pipeline(args.reference, scheduler=args.scheduler or default_scheduler(args.reference)) \
+        if args.reference else None
     reference_images = _load_image_folder(args.reference_images) if args.reference_images else None
     result = evaluate(pipe, reference, num_samples=args.num_samples, seeds=args.seeds, num_inference_steps=args.steps,
                       guidance_scale=args.guidance_scale, batch_size=args.batch_size,

@@ -25,3 +25,38 @@ def test_benchmark_rows_are_paired_and_written(tmp_path):
     again = {r["label"]: r for r in json.loads(out.read_text())["rows"]}
     assert sorted(again) == sorted(["FP32", "W8A16 weight-only", "W4A8 minmax"])
     assert again["W8A16 weight-only"] == first and again["W4A8 minmax"] == w4
+
+
+def test_benchmark_runs_on_a_text_to_image_pipeline(tmp_path):
+    """A folder holding an SD3 pipeline: sampled with its own flow-matching scheduler from prompts, calibrated from
+    the bench's prompts through its text encoders (the tiny random pipeline has 3-channel images: paired metrics
+    only, no MNIST classifier)."""
+    from diffusers_ptq.harness.bench import default_scheduler
+    from diffusers_ptq.harness.text import tiny_pipeline
+
+    folder = tmp_path / "sd3"
+    tiny_pipeline("sd3").save_pretrained(folder)
+    assert default_scheduler(folder) is None and default_scheduler("bundled") == "ddim"
+    configs = [QuantConfig(weight_bits=8, act_bits=8, htg_shift=True, htg_scale=True, num_inference_steps=3,
+                           num_samples=2)]
+    out = tmp_path / "results.json"
+    run_benchmark(folder, configs, num_samples=4, num_inference_steps=3, guidance_scale=4.0, batch_size=4,
+                  output=out, progress=False)
+    result = json.loads(out.read_text())
+    fp, htg = result["rows"]
+    assert result["scheduler"] == "FlowMatchEulerDiscreteScheduler" and result["scheduler_kind"] is None
+    assert fp["psnr_db"] == float("inf") and 15 < htg["psnr_db"] < float("inf")
+    assert "classifier_accuracy" not in htg and result["outliers"]
+
+
+def test_speed_worker_runs_the_mmdit_models(monkeypatch):
+    """The machinery of the SD3/FLUX speed rows (bench --speed's MM-DiT part), on shrunken models: a dry run, not a
+    measurement."""
+    from diffusers_ptq.harness.speed import forward_worker, mmdit_speed_markdown
+
+    monkeypatch.setenv("DIFFUSERS_PTQ_SPEED_TINY", "1")
+    rows = [forward_worker(label, repeats=1, compiled=False, model_name=name)
+            for name in ("sd3-medium", "flux") for label in ("FP32", "W8A8")]
+    assert [r["model"] for r in rows] == ["sd3-medium", "sd3-medium", "flux", "flux"]
+    assert rows[1]["kernels"] and rows[1]["speedup"] > 0 and not rows[0]["kernels"]
+    assert "FLUX.1-dev width" in mmdit_speed_markdown(rows)

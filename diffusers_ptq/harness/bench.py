@@ -22,15 +22,24 @@ import torch
 from diffusers_ptq.api import quantize_transformer
 from diffusers_ptq.config import QuantConfig
 from diffusers_ptq.groupbias import group_bias_bytes
-from diffusers_ptq.harness.bundled import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_pipeline
+from diffusers_ptq.harness.bundled import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    MMDIT_MODELS,
+    MMDIT_PIPELINES,
+    load_pipeline,
+)
 from diffusers_ptq.harness.evaluation import (
     class_ids_of,
+    digit_prompts,
     generate_images,
+    is_text_to_image,
     score_images,
     uses_mnist_classifier,
     write_json,
 )
 from diffusers_ptq.harness.utils import machine_info, save_grid
+from diffusers_ptq.models import adapter_for
 from diffusers_ptq.models.dit import balanced_labels
 
 
@@ -132,8 +141,19 @@ def qdit_configs(**calibration) -> list[QuantConfig]:
     return rows
 
 
+def mmdit_configs(**calibration) -> list[QuantConfig]:
+    """The text-to-image families' table (issue #19): min-max, SmoothQuant, PTQ4DiT, HTG, each with nearest and GPTQ
+    weights, at W4A8 then W8A8; Q-DiT (groups searched at 4.5 bits, dynamic activations) with nearest and GPTQ."""
+    methods = ({}, dict(smoothquant_alpha=0.5), dict(csb_alpha=0.5), dict(htg_shift=True, htg_scale=True))
+    rows = [QuantConfig(weight_bits=bits, act_bits=8, weight_rounding=r, **m, **calibration)
+            for bits in (4, 8) for m in methods for r in ("nearest", "gptq")]
+    rows += [QuantConfig(weight_bits=4, act_bits=8, group_search_bits=4.5, act_dynamic=True, weight_rounding=r,
+                         **calibration) for r in ("nearest", "gptq")]
+    return rows
+
+
 SUITES = {"main": main_configs, "baselines": default_configs, "ptq4dit": ptq4dit_configs, "htg": htg_configs,
-          "methods": compact_configs, "qdit": qdit_configs}
+          "methods": compact_configs, "qdit": qdit_configs, "mmdit": mmdit_configs}
 
 
 def state_dict_bytes(module: torch.nn.Module) -> int:
@@ -144,18 +164,21 @@ def state_dict_bytes(module: torch.nn.Module) -> int:
 
 def outlier_summary(transformer, *, id2label=None, scheduler_config=None, num_samples: int = 16,
                     num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-                    guidance_scale: float = DEFAULT_GUIDANCE_SCALE, progress: bool = True) -> dict:
-    """Per layer kind (the name after the block index), the outlier profile of its input over the blocks."""
+                    guidance_scale: float = DEFAULT_GUIDANCE_SCALE, context: dict | None = None,
+                    progress: bool = True) -> dict:
+    """Per layer kind (the name after the block index), the outlier profile of its input over the blocks.
+    `context`: the calibration context (text-to-image: the pipeline's prompt encoder and the prompts)."""
     from diffusers_ptq.calibration import calibrate
     from diffusers_ptq.methods.baselines import outlier_profile
     from diffusers_ptq.models import adapter_for
 
     stats = calibrate(transformer, scheduler_config=scheduler_config, num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale, num_samples=num_samples, id2label=id2label,
+                      guidance_scale=guidance_scale, num_samples=num_samples, id2label=id2label, context=context,
                       include=list(adapter_for(transformer).default_include), progress=progress)
     kinds: dict[str, list[dict]] = {}
     for name, layer in stats.layers.items():
-        kind = name.split(".", 2)[2] if name.startswith("transformer_blocks.") else name
+        blocks, _, rest = name.partition("transformer_blocks.")
+        kind = f"{blocks}{rest.split('.', 1)[1]}" if rest else name  # FLUX: "single_attn.to_q" apart from "attn.to_q"
         kinds.setdefault(kind, []).append(outlier_profile(layer.absmax))
     summary = {}
     for kind, profiles in kinds.items():
@@ -167,11 +190,31 @@ def outlier_summary(transformer, *, id2label=None, scheduler_config=None, num_sa
     return summary
 
 
+def default_scheduler(model: str | os.PathLike) -> str | None:
+    """The sampler a benchmark uses when none is named: DiT's "ddim"; None (the pipeline's own flow-matching
+    scheduler) for the bundled SD3/FLUX models and folders holding such a pipeline."""
+    if str(model) in MMDIT_MODELS:
+        return None
+    index = Path(model) / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("_class_name") in MMDIT_PIPELINES:
+        return None
+    return "ddim"
+
+
+def bench_context(pipe) -> dict:
+    """The calibration context of a benchmarked pipeline: what its adapter reads from it (DiT's id2label; a text
+    pipeline's prompt encoder) and, for the bundled text-to-image models, the digit prompts at the VAE's size."""
+    context = adapter_for(pipe.transformer).pipeline_context(pipe)
+    if is_text_to_image(pipe):
+        context.update(prompts=digit_prompts(range(10)), resolution=pipe.vae.config.sample_size)
+    return context
+
+
 def run_benchmark(
     model: str | os.PathLike = "bundled",
     configs: Sequence[QuantConfig] | None = None,
     *,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     num_samples: int = 1000,
     seed: int = 0,
     num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
@@ -188,8 +231,11 @@ def run_benchmark(
     grid: also write a PNG with one row per method (FP first) and two samples per class, same noise everywhere.
     The results are written after every row; with `resume`, rows already in `output` from a run with the same
     settings are kept (by label) instead of being measured again (the FP reference is always sampled again).
+    scheduler: DiT's sampler ("ddim" | "ddpm"); None: `default_scheduler(model)` (DiT "ddim"; SD3/FLUX keep their
+    pipeline's own).
     """
     configs = list(configs) if configs is not None else default_configs()
+    scheduler = scheduler if scheduler is not None else default_scheduler(model)
     settings = {"model": str(model), "num_samples": num_samples, "seed": seed,
                 "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler_kind": scheduler}
     done, done_grid = _finished_rows(output, settings, grid) if resume else ({}, {})
@@ -212,10 +258,9 @@ def run_benchmark(
         if label not in selected and (not grid or label in done_grid):
             rows.append(row)
             grid_rows.update({label: done_grid[label]} if grid else {})
-    id2label = {v: k for k, v in fp.labels.items()} if fp.labels else None
-    outliers = outlier_summary(fp.transformer, id2label=id2label, scheduler_config=fp.scheduler.config,
+    outliers = outlier_summary(fp.transformer, scheduler_config=fp.scheduler.config,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                               progress=progress)
+                               context=bench_context(fp), progress=progress)
     result = {**settings, "scheduler": type(fp.scheduler).__name__, "rows": rows, "outliers": outliers,
               "dit_xl_2_footprint": None, "versions": _versions(), "machine": machine_info()}
     for config in configs:
@@ -224,7 +269,7 @@ def run_benchmark(
             grid_rows.update({config.label: done_grid[config.label]} if grid else {})
             continue
         pipe = load_pipeline(model, scheduler=scheduler)
-        report = quantize_transformer(pipe.transformer, config, id2label=id2label,
+        report = quantize_transformer(pipe.transformer, config, context=bench_context(pipe),
                                       scheduler_config=pipe.scheduler.config, progress=progress)
         t_sample = time.time()
         images = generate_images(pipe, labels, **sample)

@@ -80,8 +80,26 @@ def classifier_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- sampling
 
 
+DIGIT_PROMPT = "a handwritten {}"  # how the bundled text-to-image models are asked for digit d (harness/text.py)
+
+
+def is_text_to_image(pipe) -> bool:
+    """A prompt-conditioned pipeline (SD3, FLUX, PixArt): it encodes prompts."""
+    return hasattr(pipe, "encode_prompt")
+
+
+def digit_prompts(labels: Sequence[int]) -> list[str]:
+    """The prompts that ask the bundled text-to-image models for these digits ("a handwritten seven", ...)."""
+    from diffusers_ptq.harness.text import DIGIT_WORDS
+
+    return [DIGIT_PROMPT.format(DIGIT_WORDS[int(d)]) for d in labels]
+
+
 def class_ids_of(pipe) -> list[int]:
-    """The class ids a pipeline can be conditioned on: those of its id2label if it has one, else all of the model's."""
+    """The class ids a pipeline can be conditioned on: those of its id2label if it has one, else all of the model's;
+    a text-to-image pipeline: the ten digits its prompts name (digit_prompts)."""
+    if is_text_to_image(pipe):
+        return list(range(10))
     labels = getattr(pipe, "labels", None)
     return sorted(set(labels.values())) if labels else model_class_ids(pipe.transformer)
 
@@ -96,7 +114,8 @@ def generate_images(
     batch_size: int = 100,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Run a DiTPipeline and return [N, C, H, W] float images in [0, 1].
+    """Run a DiTPipeline (conditioned on `class_labels`) or a text-to-image pipeline (on `digit_prompts` of them,
+    at its VAE's sample size) and return [N, C, H, W] float images in [0, 1].
 
     Each sample gets its own generator (`sample_seeds`), so two pipelines given the same seed start from the
     same noise; the global RNG is also seeded (DiTPipeline does not pass a generator to the scheduler step).
@@ -111,7 +130,12 @@ def generate_images(
         for start in tqdm(range(0, len(class_labels), batch_size), desc="sampling", disable=not progress):
             labels = list(class_labels[start : start + batch_size])
             gens = [torch.Generator(device).manual_seed(s) for s in seeds[start : start + batch_size]]
-            out = pipe(class_labels=labels, generator=gens, num_inference_steps=num_inference_steps,
+            if is_text_to_image(pipe):
+                size = pipe.vae.config.sample_size
+                condition = dict(prompt=digit_prompts(labels), height=size, width=size)
+            else:
+                condition = dict(class_labels=labels)
+            out = pipe(**condition, generator=gens, num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale, output_type="pt")
             images.append(out.images.float().cpu())
     finally:

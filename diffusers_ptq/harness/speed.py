@@ -99,20 +99,82 @@ def _dit_xl_model():
     return DiTTransformer2DModel(**config).eval()
 
 
-def forward_worker(label: str, repeats: int = 3, compiled: bool = True) -> dict:
-    """In this process: DiT-XL/2 (random weights) in mode `label`; its peak memory; then its forward timed
-    `repeats` times, interleaved with the same model under `torch.compile` (`compiled`) and a float DiT-XL/2's
-    eager forward (built after the memory was read): speedups are medians of the per-round ratios."""
+# SD3-medium and FLUX.1 at full width (random weights, a few blocks so that CPU memory and time stay small), at
+# 512×512 (1024 image tokens): {name: (model class, config, description)}.
+MMDIT_SPEED_MODELS = {
+    "sd3-medium": ("SD3Transformer2DModel", dict(
+        sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=192), "SD3-medium width (hidden 1536), 2 of 24 joint blocks, batch 2 (CFG) × (1024 image "
+        "+ 333 text tokens)"),
+    "flux": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56)), "FLUX.1-dev width (hidden 3072), 1 of 19 double + 2 of 38 single blocks, "
+        "batch 1 × (1024 image + 512 text tokens)"),
+}
+
+
+def _mmdit_model(name: str):
+    import diffusers
+
+    cls, config, _ = MMDIT_SPEED_MODELS[name]
+    torch.manual_seed(0)
+    if os.environ.get("DIFFUSERS_PTQ_SPEED_TINY"):  # a dry run of the machinery (tests), not a measurement
+        config = {**config, "num_attention_heads": 2, "joint_attention_dim": 64, "pooled_projection_dim": 32,
+                  **({"caption_projection_dim": 128} if name == "sd3-medium" else {"axes_dims_rope": (16, 56, 56)})}
+    return getattr(diffusers, cls)(**config).eval()
+
+
+def _mmdit_inputs(name: str, model) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    config = model.config
+    if name == "sd3-medium":
+        return dict(hidden_states=torch.randn(2, 16, 64, 64, generator=gen),
+                    encoder_hidden_states=torch.randn(2, 333, config.joint_attention_dim, generator=gen),
+                    pooled_projections=torch.randn(2, config.pooled_projection_dim, generator=gen),
+                    timestep=torch.tensor([500.0, 500.0]))
+    from diffusers import FluxPipeline
+
+    return dict(hidden_states=torch.randn(1, 1024, 64, generator=gen),
+                encoder_hidden_states=torch.randn(1, 512, config.joint_attention_dim, generator=gen),
+                pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=gen),
+                timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+                img_ids=FluxPipeline._prepare_latent_image_ids(1, 32, 32, "cpu", torch.float32),
+                txt_ids=torch.zeros(512, 3))
+
+
+def _speed_subject(model_name: str):
+    """(model, inputs, calibration context) of a speed measurement: DiT-XL/2, or an MM-DiT at full width whose
+    calibration encodes prompts as random embeddings (random weights: speed only)."""
+    if model_name == "dit-xl-2":
+        return _dit_xl_model(), _dit_xl_inputs(), {}
+    model = _mmdit_model(model_name)
+    inputs = _mmdit_inputs(model_name, model)
+
+    def encode(_model, prompts):
+        return {p: {"prompt_embeds": inputs["encoder_hidden_states"][0], "pooled_projections":
+                    inputs["pooled_projections"][0], "negative_prompt_embeds": inputs["encoder_hidden_states"][0],
+                    "negative_pooled_projections": inputs["pooled_projections"][0]} for p in prompts}
+
+    return model, inputs, {"encode_prompts": encode, "resolution": 512}
+
+
+def forward_worker(label: str, repeats: int = 3, compiled: bool = True, model_name: str = "dit-xl-2") -> dict:
+    """In this process: DiT-XL/2 (or `model_name` of MMDIT_SPEED_MODELS; random weights) in mode `label`; its peak
+    memory; then its forward timed `repeats` times, interleaved with the same model under `torch.compile`
+    (`compiled`) and a float twin's eager forward (built after the memory was read): speedups are medians of the
+    per-round ratios."""
     from diffusers_ptq import kernels
     from diffusers_ptq.api import quantize_transformer
     from diffusers_ptq.config import QuantConfig
 
-    model = _dit_xl_model()
-    row = {"label": label, "threads": torch.get_num_threads(), "load_before": os.getloadavg()}
+    model, inputs, context = _speed_subject(model_name)
+    row = {"label": label, "model": model_name, "threads": torch.get_num_threads(), "load_before": os.getloadavg()}
     t0 = time.time()
     if SPEED_MODES[label] is not None:
         quantize_transformer(model, QuantConfig(**SPEED_MODES[label], num_samples=1, num_inference_steps=2,
-                                                batch_size=1), progress=False)
+                                                batch_size=1), context=context, progress=False)
         if label.endswith("-w7"):
             to_seven_bit_codes(model)
     row["quantize_seconds"] = time.time() - t0
@@ -124,7 +186,6 @@ def forward_worker(label: str, repeats: int = 3, compiled: bool = True) -> dict:
         key = (x.numel() // x.shape[-1], x.shape[-1], module.out_features)
         shapes[key] = shapes.get(key, 0) + 1
 
-    inputs = _dit_xl_inputs()
     with torch.no_grad():
         hooks = [m.register_forward_pre_hook(record) for m in model.modules()
                  if isinstance(m, torch.nn.Linear) or type(m).__name__ == "QuantLinear"]
@@ -144,7 +205,7 @@ def forward_worker(label: str, repeats: int = 3, compiled: bool = True) -> dict:
             compiled_model = torch.compile(model)
             fns["compiled"] = lambda: compiled_model(**inputs)
         if SPEED_MODES[label] is not None:
-            reference = _dit_xl_model()
+            reference = _speed_subject(model_name)[0]
             fns["fp32"] = lambda: reference(**inputs)
         t0 = time.time()
         times = _paired(fns, repeats)
@@ -381,14 +442,36 @@ def w8a8_range_quality(num_samples: int = 200, seed: int = 0, output: str | os.P
     return result
 
 
+def mmdit_speed(repeats: int = 3, models=tuple(MMDIT_SPEED_MODELS), modes=("FP32", "W8A8", "W4A8")) -> list[dict]:
+    """The forward of each MM-DiT speed model (full width, a few blocks) in each mode, each in its own process,
+    eager (the compiled path is #21's): rows of forward_worker."""
+    return [_run_worker("--forward", label, str(repeats), "--eager-only", name) for name in models for label in modes]
+
+
+def mmdit_speed_markdown(rows: list[dict]) -> str:
+    lines = ["| model | mode | kernels (layers) | forward (s) | speedup vs FP32 | peak RSS (GB) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        kern = ", ".join(f"{k} {v}" for k, v in r["kernels"].items()) or "float"
+        lines.append(f"| {MMDIT_SPEED_MODELS[r['model']][2]} | {r['label']} | {kern} | {r['seconds']:.2f} | "
+                     f"{r['speedup']:.2f}× | {r['peak_rss_bytes'] / 1e9:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "--forward":
         print(json.dumps(forward_worker(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 3,
-                                        compiled=len(sys.argv) <= 4 or sys.argv[4] != "--eager-only")))
+                                        compiled=len(sys.argv) <= 4 or sys.argv[4] != "--eager-only",
+                                        model_name=sys.argv[5] if len(sys.argv) > 5 else "dit-xl-2")))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "--mmdit":
+        rows = mmdit_speed(int(sys.argv[3]) if len(sys.argv) > 3 else 3)
+        from diffusers_ptq.harness.utils import machine_info
+
+        Path(sys.argv[2]).write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=2) + "\n")
+        Path(sys.argv[2]).with_suffix(".md").write_text(mmdit_speed_markdown(rows))
     elif len(sys.argv) == 3 and sys.argv[1] == "--ceiling":
         print(json.dumps(ceiling_worker(json.loads(sys.argv[2]))))
     elif len(sys.argv) >= 2 and sys.argv[1] == "--w8a8-quality":
         print(json.dumps(w8a8_range_quality(output=sys.argv[2] if len(sys.argv) > 2 else None), indent=2))
     else:
-        raise SystemExit("usage: python -m diffusers_ptq.harness.speed --forward LABEL [REPEATS] | --ceiling JSON | "
-                         "--w8a8-quality [OUTPUT]")
+        raise SystemExit("usage: python -m diffusers_ptq.harness.speed --forward LABEL [REPEATS [--eager-only [MODEL]]] "
+                         "| --ceiling JSON | --w8a8-quality [OUTPUT] | --mmdit OUTPUT [REPEATS]")
