@@ -10,6 +10,7 @@
 - HTG's groups follow the timestep the transformer receives (FLUX: t/1000) and a batch mixing timesteps of
   different groups equals the rows run one by one.
 - Bad prompt lists and a bare transformer that cannot encode prompts get errors that name the fix.
+- A quantized MM-DiT runs as diffusers users run models: inference_mode / no_grad / grad, deepcopy, torch.compile.
 
 Tolerances: the sampler comparison runs the same float32 ops on the same rows; the only difference is the order of
 the rows in SD3's guidance batch ([cond, uncond] here, [uncond, cond] in the pipeline), which can change a GEMM's
@@ -220,3 +221,45 @@ def test_recipes_run_on_the_tiny_pipelines(family, recipe):
     config = diffusers_ptq.load_recipe(recipe, **CALIBRATION)
     diffusers_ptq.quantize(pipe, config, progress=False)
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q).__name__ == "QuantLinear"
+
+
+def _transformer_inputs(family: str, batch: int = 2) -> dict:
+    gen = torch.Generator().manual_seed(3)
+    if family == "sd3":
+        return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=gen),
+                    encoder_hidden_states=torch.randn(batch, 7, 64, generator=gen),
+                    pooled_projections=torch.randn(batch, 64, generator=gen), timestep=torch.tensor([900.0, 40.0]))
+    return dict(hidden_states=torch.randn(batch, 16, 16, generator=gen),
+                encoder_hidden_states=torch.randn(batch, 7, 32, generator=gen),
+                pooled_projections=torch.randn(batch, 32, generator=gen), guidance=torch.full((batch,), 3.5),
+                timestep=torch.tensor([0.9, 0.04]), txt_ids=torch.zeros(7, 3),
+                img_ids=FluxPipeline._prepare_latent_image_ids(batch, 4, 4, "cpu", torch.float32))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux-dev"])
+def test_quantized_mmdit_runs_as_diffusers_users_run_it(family):
+    """inference_mode / no_grad / grad enabled give identical outputs (the same ops run); a deep copy runs alike and
+    owns its state; torch.compile agrees with eager within one activation step on a few elements (the bound of
+    tests/test_diffusers_conformance.py: rtol 1e-4, atol 1e-3·max|y|)."""
+    pipe = pipeline(family)
+    diffusers_ptq.quantize(pipe, diffusers_ptq.HTGConfig(num_groups=2, **CALIBRATION), progress=False)
+    model, inputs = pipe.transformer, _transformer_inputs(family.split("-")[0])
+    with torch.no_grad():
+        expected = model(**inputs).sample
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).sample, expected)
+    assert torch.equal(model(**inputs).sample.detach(), expected)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(**inputs).sample, expected)
+        for module in twin.modules():  # damage the copy: the original does not change
+            if type(module).__name__ == "QuantLinear" and module.bias is not None:
+                module.bias.add_(1.0)
+        assert not torch.equal(twin(**inputs).sample, expected)
+        assert torch.equal(model(**inputs).sample, expected)
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs).sample, expected, rtol=1e-4,
+                                   atol=1e-3 * float(expected.abs().max()))
+    torch._dynamo.reset()
