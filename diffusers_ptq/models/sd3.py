@@ -32,6 +32,7 @@ import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -165,14 +166,11 @@ class SD3Adapter(ModelAdapter):
         return {"encode_prompts": functools.partial(self._encode_from_folder, Path(root)),
                 "vae_scale_factor": vae_scale_factor(Path(root))}
 
-    optional_components: tuple[str, ...] = ("text_encoder_3", "tokenizer_3")  # T5 is optional in SD3
+    optional_components: ClassVar[tuple[str, ...]] = ("text_encoder_3", "tokenizer_3")  # T5 is optional in SD3
 
     def _encode_from_folder(self, root: Path, model: nn.Module, prompts: list[str]) -> dict[str, dict]:
-        pipe = load_text_pipeline(root, model, self.optional_components)
-        try:
-            return self.encode_prompts(pipe, prompts)
-        finally:
-            del pipe
+        """Encode with the folder's text encoders; they are freed when this returns (nothing keeps the pipeline)."""
+        return self.encode_prompts(load_text_pipeline(root, model, self.optional_components), prompts)
 
     @torch.no_grad()
     def calibration_conditions(self, model: nn.Module, num_samples: int, context: dict | None) -> list:
