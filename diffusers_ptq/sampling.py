@@ -11,13 +11,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from diffusers_ptq.models import adapter_for
 
-SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "flow_match_euler": FlowMatchEulerDiscreteScheduler}
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm_solver": DPMSolverMultistepScheduler,
+              "flow_match_euler": FlowMatchEulerDiscreteScheduler}
 
 
 def make_scheduler(kind: str, config: dict | None = None, default: dict | None = None):

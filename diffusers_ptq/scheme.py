@@ -11,7 +11,7 @@ import fnmatch
 from dataclasses import dataclass, field
 
 ACT_RANGES = ("minmax", "percentile", "mse")
-SCHEDULERS = ("ddim", "ddpm", "flow_match_euler")
+SCHEDULERS = ("ddim", "ddpm", "dpm_solver", "flow_match_euler")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,19 @@ MMDIT_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 SD3_SAMPLING = dict(num_inference_steps=28, guidance_scale=5.0, height=32, width=32)
 FLUX_SAMPLING = dict(num_inference_steps=8, guidance_scale=0.0, height=32, width=32)  # schnell-style: no guidance
 
+# The bundled PixArt-Sigma-family model (docs/bundled-pixart.md): a small PixArtTransformer2DModel trained on MNIST
+# with prompts, shipped as a PixArtSigmaPipeline folder (scripts/train_bundled_pixart.py).
+PIXART_MODEL = "bundled-pixart"
+BUNDLED_PIXART_DIR = Path(__file__).parent.parent / "assets" / "pixart-mnist"
+PIXART_MODELS = {PIXART_MODEL: BUNDLED_PIXART_DIR}
+PIXART_PIPELINES = ("PixArtSigmaPipeline",)
+# Its metrics are reported at the pipeline's defaults (DPMSolverMultistepScheduler, 20 steps, guidance 4.5, negative
+# prompt ""), 32x32. use_resolution_binning=False: the pipeline's default bins the size to its 256..2048-pixel
+# aspect-ratio tables and refuses a transformer sample_size other than 32/64/128/256 (here 8). clean_caption=False:
+# the default cleans only with bs4 and ftfy installed (and warns without them); training prompts are not cleaned.
+PIXART_SAMPLING = dict(num_inference_steps=20, guidance_scale=4.5, height=32, width=32, use_resolution_binning=False,
+                       clean_caption=False)
+
 
 def resolve_model_path(path: str | os.PathLike | None) -> Path | str:
     """"bundled", "bundled-outliers" or None -> the shipped model folder; anything else passes through unchanged."""
@@ -83,15 +96,33 @@ def load_pipeline(path: str | os.PathLike | None = "bundled", torch_dtype: torch
 
     "bundled-sd3" / "bundled-flux" (or a local folder holding a StableDiffusion3Pipeline or FluxPipeline) load that
     pipeline instead, offline; SD3's folder has no T5, so text_encoder_3=None, tokenizer_3=None are passed for it.
+    "bundled-pixart" (or a local folder holding a PixArtSigmaPipeline) loads that PixArtSigmaPipeline; sample it
+    with PIXART_SAMPLING (use_resolution_binning=False, see there).
 
-    scheduler: None keeps the pipeline's own; "ddim" or "ddpm" builds that one from its config (DiT only).
+    scheduler: None keeps the pipeline's own; "ddim" or "ddpm" builds that one from its config (DiT); for PixArt
+    any of diffusers_ptq.sampling.SCHEDULERS' DDPM-family ones ("ddim", "ddpm", "dpm_solver").
     """
     mmdit = MMDIT_MODELS.get(str(path))
-    if mmdit is None and path is not None and (Path(path) / "model_index.json").is_file():
+    pixart = PIXART_MODELS.get(str(path))
+    if mmdit is None and pixart is None and path is not None and (Path(path) / "model_index.json").is_file():
         import json
 
-        if json.loads((Path(path) / "model_index.json").read_text()).get("_class_name") in MMDIT_PIPELINES:
+        class_name = json.loads((Path(path) / "model_index.json").read_text()).get("_class_name")
+        if class_name in MMDIT_PIPELINES:
             mmdit = Path(path)
+        elif class_name in PIXART_PIPELINES:
+            pixart = Path(path)
+    if pixart is not None:
+        from diffusers import PixArtSigmaPipeline
+
+        from diffusers_ptq.sampling import make_scheduler
+
+        if scheduler == "flow_match_euler":
+            raise ValueError(f"{path}: PixArt is a DDPM (epsilon) model, not a flow-matching one")
+        pipe = PixArtSigmaPipeline.from_pretrained(pixart, dtype=torch_dtype, **kwargs)
+        if scheduler is not None:
+            pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        return pipe
     if mmdit is not None:
         from diffusers import DiffusionPipeline
 

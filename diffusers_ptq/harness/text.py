@@ -10,6 +10,9 @@ words with `</s>`, `<pad>`, `<unk>`), and the encoders are `transformers` models
     >>> pipe("a handwritten seven", num_inference_steps=2, height=32, width=32, output_type="latent").images.shape
     torch.Size([1, 4, 8, 8])
 
+tiny_pipeline("pixart") is a PixArtSigmaPipeline; call it with use_resolution_binning=False (its default bins the
+size to a 256..2048-pixel table and rejects a transformer sample_size of 8).
+
 The T5 encoders are *position-free*: their relative attention bias is zeroed (`t5_positions=False`, the default), so
 the encoder is a bag of words. Then every `<pad>` position gets the same output, which FLUX training relies on to
 collapse the 512 padded positions into one (exactly, see scripts/train_bundled_mmdit.py); digit prompts lose nothing.
@@ -182,6 +185,12 @@ def text_components(family: str, seed: int = 0, width: int = 32, t5_positions: b
 FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                       base_image_seq_len=256, max_image_seq_len=4096)
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+# PixArt-Sigma's released scheduler_config.json (DPMSolverMultistepScheduler, DDPM linear betas, epsilon prediction).
+PIXART_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                        prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,
+                        solver_type="midpoint", lower_order_final=True, thresholding=False, sample_max_value=1.0,
+                        dynamic_thresholding_ratio=0.995, timestep_spacing="linspace", steps_offset=0,
+                        use_karras_sigmas=False, use_lu_lambdas=False, euler_at_final=False, variance_type=None)
 
 
 def tiny_vae(seed: int = 0, channels: int = 3):
@@ -195,7 +204,14 @@ def tiny_vae(seed: int = 0, channels: int = 3):
 
 
 def tiny_transformer(family: str, seed: int = 0, **overrides):
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    """A seeded random transformer of `family` at toy size (32x32 images -> 4x8x8 latents), overrides to its config.
+
+    "sd3": SD3Transformer2DModel, 2 joint blocks, 2 heads x 8; "flux": FluxTransformer2DModel, 1 double + 2 single
+    blocks, 2 heads x 8; "pixart": PixArtTransformer2DModel, 2 blocks, 2 heads x 8, patch 2, learned-sigma output
+    (out_channels 8 = epsilon + variance, as PixArt-alpha/Sigma), caption_channels 32 (the T5 width) projected to
+    the 16-wide cross-attention, adaLN-single, no resolution/aspect-ratio micro-conditions.
+    """
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 
     if family == "sd3":
         cfg = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
@@ -207,20 +223,37 @@ def tiny_transformer(family: str, seed: int = 0, **overrides):
                    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
                    axes_dims_rope=(2, 2, 4))
         cls = FluxTransformer2DModel
+    elif family == "pixart":
+        cfg = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, attention_head_dim=8,
+                   num_attention_heads=2, caption_channels=32, cross_attention_dim=16, norm_type="ada_norm_single",
+                   use_additional_conditions=False, num_embeds_ada_norm=1000)
+        cls = PixArtTransformer2DModel
     else:
-        raise ValueError(f"tiny_transformer builds 'sd3' or 'flux', got {family!r}")
+        raise ValueError(f"tiny_transformer builds one of {FAMILIES}, got {family!r}")
     cfg.update(overrides)
     return _seeded(seed, lambda: cls(**cfg))
 
 
 def tiny_pipeline(family: str, seed: int = 0, **transformer_overrides):
-    """A complete random-weight StableDiffusion3Pipeline ("sd3") or FluxPipeline ("flux"), CPU float32, for tests.
+    """A complete random-weight StableDiffusion3Pipeline ("sd3"), FluxPipeline ("flux") or PixArtSigmaPipeline
+    ("pixart"), CPU float32, for tests.
 
     32x32 images -> 4x8x8 latents; SD3: 16 patch tokens of width 16, CLIP widths 32+32 (joint_attention_dim 64,
-    pooled 64); FLUX: 16 packed tokens of 16 channels, CLIP pooled 32 + T5 width 32. transformer_overrides go to
-    the transformer's constructor (e.g. guidance_embeds=True for FLUX.1-dev style).
+    pooled 64); FLUX: 16 packed tokens of 16 channels, CLIP pooled 32 + T5 width 32; PixArt: 16 patch tokens of
+    width 16, T5 width 32, DPMSolverMultistepScheduler with PixArt-Sigma's config (PIXART_SCHEDULER).
+    transformer_overrides go to the transformer's constructor (e.g. guidance_embeds=True for FLUX.1-dev style).
+
+    PixArtSigmaPipeline bins the requested size to its 256..2048-pixel aspect-ratio table by default and rejects a
+    transformer sample_size outside {32, 64, 128, 256}: call the tiny (and bundled) PixArt pipeline with
+    use_resolution_binning=False.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        PixArtSigmaPipeline,
+        StableDiffusion3Pipeline,
+    )
 
     if family == "sd3":
         return StableDiffusion3Pipeline(
@@ -230,4 +263,8 @@ def tiny_pipeline(family: str, seed: int = 0, **transformer_overrides):
         return FluxPipeline(
             transformer=tiny_transformer("flux", seed, **transformer_overrides), vae=tiny_vae(seed + 10),
             scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), **text_components("flux", seed + 20))
-    raise ValueError(f"tiny_pipeline builds 'sd3' or 'flux', got {family!r}")
+    if family == "pixart":
+        return PixArtSigmaPipeline(
+            transformer=tiny_transformer("pixart", seed, **transformer_overrides), vae=tiny_vae(seed + 10),
+            scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER), **text_components("pixart", seed + 20))
+    raise ValueError(f"tiny_pipeline builds one of {FAMILIES}, got {family!r}")
