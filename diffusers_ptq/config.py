@@ -352,9 +352,10 @@ class DiffusersPTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
     size | None}), act_dynamic (per-token int8 activations computed at run time), act_range ("minmax" | "percentile" | "mse"), percentile,
     quantize_attention, weight_rounding ("nearest" | "gptq" | "reconstruct"), gptq_damp, gptq_act_order,
     reconstruct_iters, reconstruct_lr, reconstruct_batch, reconstruct_samples (block reconstruction), include / exclude (fnmatch
-    patterns on Linear names), and calibration: scheduler ("ddim" | "ddpm" | "flow_match_euler"),
+    patterns on Linear names), and calibration: scheduler ("ddim" | "ddpm" | "dpm_solver" | "flow_match_euler"),
     num_inference_steps, guidance_scale (each None = the model family's pipeline default: DiT "ddim", 50 steps,
-    1.5; SD3 flow-matching Euler, 28, 7.0; FLUX.1 dev 28, 3.5 embedded, schnell 4, none), num_samples,
+    1.5; SD3 flow-matching Euler, 28, 7.0; FLUX.1 dev 28, 3.5 embedded, schnell 4, none; PixArt DPM-Solver++, 20,
+    4.5), num_samples,
     class_labels (class-conditional models; None = balanced over all the model's classes; else the classes to
     draw the num_samples labels from, cycling), calibration_prompts (text-to-image models; None = the bundled set
     `diffusers_ptq.prompts.CALIBRATION_PROMPTS`; else a list of strings, cycled), calibration_resolution (pixels;

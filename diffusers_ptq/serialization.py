@@ -227,6 +227,7 @@ def quantization_metadata(model: nn.Module) -> tuple[dict, dict[str, torch.Tenso
     """(metadata, extra tensors) of a quantized model: every registered module and processor kind."""
     from diffusers_ptq._version import __version__
     from diffusers_ptq.groupbias import group_bias_layout
+    from diffusers_ptq.modulation import modulation_scales
 
     modules, processors, group_biases, extra = {}, {}, {}, {}
     for name, module in model.named_modules():
@@ -245,6 +246,10 @@ def quantization_metadata(model: nn.Module) -> tuple[dict, dict[str, torch.Tenso
         raise ValueError("the model has no quantized module to save")
     metadata = {"format_version": FORMAT_VERSION, "library_version": __version__, "modules": modules,
                 "processors": processors, "group_biases": group_biases}
+    scales = {block: {"width": m.out_features, "argument": m.argument, "index": m.index}
+              for block, m in modulation_scales(model).items()}
+    if scales:  # adaLN-single blocks' multipliers of the shared modulation (modulation.py)
+        metadata["modulation_scales"] = scales
     return metadata, extra
 
 
@@ -303,12 +308,18 @@ def read_metadata(checkpoint_files: list[str | os.PathLike]) -> dict:
 
 
 def _owner(metadata: dict, key: str) -> tuple[str, str, str] | None:
-    """(section, owner name, suffix) of a checkpoint key that belongs to a quantized module, a processor, or the
-    timestep-group biases (HTG) of a module."""
+    """(section, owner name, suffix) of a checkpoint key that belongs to a quantized module, a processor, the
+    timestep-group biases (HTG) of a module, or a block's modulation multiplier (adaLN-single)."""
+    from diffusers_ptq.modulation import SCALER
+
     for name in metadata.get("group_biases", {}):
         prefix = f"{name}.{GROUP_BIAS_INFIX}."
         if key.startswith(prefix):
             return "group_biases", name, key[len(prefix):]
+    for name in metadata.get("modulation_scales", {}):
+        prefix = f"{name}.{SCALER}."
+        if key.startswith(prefix):
+            return "modulation_scales", name, key[len(prefix):]
     for name in metadata["modules"]:
         if key.startswith(name + "."):
             return "modules", name, key[len(name) + 1:]
@@ -381,10 +392,31 @@ def rebuild_quantized_modules(model: nn.Module, metadata: dict, tensors: dict[st
         own = {k: v.to(device) for k, v in grouped.get(("processors", name), {}).items()}
         _check_tensors(f"{name}.{PROCESSOR_INFIX}", {f"{k}_scale": ((), torch.float32) for k in "qkv"}, own)
         kind.build(model.get_submodule(name), meta, own)
+    _rebuild_modulation_scales(model, metadata.get("modulation_scales", {}), grouped, device)
     _rebuild_group_biases(model, metadata.get("group_biases", {}), grouped, device)
     left = [p for p, _ in model.named_parameters() if _.device.type == "meta"]
     if left:
         raise CheckpointError(f"tensors missing from the checkpoint: {left[:8]}")
+
+
+def _rebuild_modulation_scales(model: nn.Module, layouts: dict, grouped: dict, device: torch.device) -> None:
+    """Give the blocks named in the metadata their multiplier of the shared modulation (before the group biases
+    that may sit on it), checking its tensor."""
+    from diffusers_ptq.modulation import SCALER, scale_block_modulation
+
+    for name, meta in layouts.items():
+        where = f"{name}.{SCALER}"
+        try:
+            width, argument, index = int(meta["width"]), str(meta["argument"]), int(meta["index"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{where}: corrupt metadata {meta}: {error!r}") from error
+        own = {k: v.to(device) for k, v in grouped.get(("modulation_scales", name), {}).items()}
+        _check_tensors(where, {"scale": ((width,), torch.float32)}, own)
+        try:
+            scaler = scale_block_modulation(model.get_submodule(name), width, argument, index)
+        except (AttributeError, ValueError) as error:
+            raise CheckpointError(f"{where}: {error}") from error
+        scaler.scale.copy_(own["scale"])
 
 
 def _rebuild_group_biases(model: nn.Module, layouts: dict, grouped: dict, device: torch.device) -> None:

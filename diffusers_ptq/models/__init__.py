@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from diffusers_ptq.models.base import ModelAdapter, ModulationRows, OutputRows, SmoothingTarget
+from diffusers_ptq.models.base import ModelAdapter, ModulationRows, OutputRows, SharedModulationRows, SmoothingTarget
 from diffusers_ptq.models.dit import DiTAdapter
 from diffusers_ptq.models.flux import FluxAdapter
+from diffusers_ptq.models.pixart import PixArtAdapter
 from diffusers_ptq.models.sd3 import SD3Adapter
 
 ADAPTERS: dict[str, ModelAdapter] = {}  # model class name -> adapter
@@ -44,6 +45,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
 register_adapter(DiTAdapter())
 register_adapter(SD3Adapter())
 register_adapter(FluxAdapter())
+register_adapter(PixArtAdapter())
 
-__all__ = ["ADAPTERS", "ModelAdapter", "ModulationRows", "OutputRows", "SmoothingTarget", "adapter_for",
-           "register_adapter", "supported_models"]
+__all__ = ["ADAPTERS", "ModelAdapter", "ModulationRows", "OutputRows", "SharedModulationRows", "SmoothingTarget",
+           "adapter_for", "register_adapter", "supported_models"]

@@ -39,7 +39,23 @@ class OutputRows:
     attention: str | None = None
 
 
-Producer = ModulationRows | OutputRows
+@dataclass(frozen=True)
+class SharedModulationRows:
+    """Producer (adaLN-single, PixArt): the block's modulation is its table row plus a vector shared by every block,
+    `table[chunk] + m[chunk]`, where `table` ([num_chunks, D], a parameter of `block`) holds the block's rows and m
+    ([B, num_chunks·D]) reaches the block as its forward argument `argument` (positional `index`). A fold rewrites
+    the table and scales m by a per-block `modulation.ModulationScale` (a per-sample multiply)."""
+
+    block: str
+    table: str  # parameter name, e.g. PixArt's "<block>.scale_shift_table"
+    shift_chunk: int
+    scale_chunk: int
+    num_chunks: int
+    argument: str = "timestep"
+    index: int = 4
+
+
+Producer = ModulationRows | OutputRows | SharedModulationRows
 
 
 @dataclass(frozen=True)
