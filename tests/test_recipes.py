@@ -32,7 +32,9 @@ HTG_PAPER = [n for n in NAMES if re.fullmatch(r"dit-xl-2-(256|512)-w[48]a8-htg-(
 QDIT_PAPER = [n for n in NAMES if re.fullmatch(r"qdit-dit-xl-2-(256|512)-w4a8", n)]
 TEXT_TO_IMAGE_MODELS = {"sd35-medium-": "stabilityai/stable-diffusion-3.5-medium",
                         "sd35-large-": "stabilityai/stable-diffusion-3.5-large",
-                        "flux1-dev-": "black-forest-labs/FLUX.1-dev", "flux1-schnell-": "black-forest-labs/FLUX.1-schnell"}
+                        "flux1-dev-": "black-forest-labs/FLUX.1-dev", "flux1-schnell-": "black-forest-labs/FLUX.1-schnell",
+                        "pixart-alpha-512-": "PixArt-alpha/PixArt-XL-2-512x512",
+                        "pixart-sigma-1024-": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"}
 TEXT_TO_IMAGE = [n for n in NAMES if n.startswith(tuple(TEXT_TO_IMAGE_MODELS))]
 
 
@@ -160,14 +162,19 @@ def test_qdit_recipes_use_the_paper_settings(name):
 
 
 def test_text_to_image_recipes_cover_each_model_at_w8a8_and_w4a8():
-    """SD3.5 Medium/Large and FLUX.1 dev/schnell, W8A8 and W4A8 (issue #19), with the family's sampling."""
-    assert len(TEXT_TO_IMAGE) == 8
+    """SD3.5 Medium/Large, FLUX.1 dev/schnell (issue #19), PixArt-α 512 and PixArt-Σ 1024 (issue #20), W8A8 and W4A8,
+    with the family's sampling."""
+    assert len(TEXT_TO_IMAGE) == 12
     for name in TEXT_TO_IMAGE:
         config = load_recipe(name)
-        assert config.scheduler == "flow_match_euler" and config.calibration_resolution == 1024
+        pixart = name.startswith("pixart")
+        assert config.scheduler == ("dpm_solver" if pixart else "flow_match_euler")
+        assert config.calibration_resolution == (512 if "alpha-512" in name else 1024)
         assert config.weight_rounding == ("gptq" if "w4a8" in name else "nearest")
         assert (config.num_inference_steps, config.guidance_scale) == (4, 0.0) if "schnell" in name else \
             config.guidance_scale > 1
+        if pixart:  # the PixArt pipelines' defaults
+            assert (config.num_inference_steps, config.guidance_scale) == (20, 4.5)
 
 
 def test_readme_lists_every_recipe_with_the_paper_fid():

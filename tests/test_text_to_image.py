@@ -1,6 +1,6 @@
-"""Calibration from prompts for the MM-DiT families (issue #19): SD3 (`StableDiffusion3Pipeline`) and FLUX.1
-(`FluxPipeline`, schnell and dev), on tiny random-weight pipelines with the project's offline text encoders
-(harness/text.py).
+"""Calibration from prompts for the text-to-image families: SD3 (`StableDiffusion3Pipeline`) and FLUX.1
+(`FluxPipeline`, schnell and dev) (issue #19), PixArt-Σ (`PixArtSigmaPipeline`, issue #20), on tiny random-weight
+pipelines with the project's offline text encoders (harness/text.py).
 
 - The calibration sampler is the pipeline: the adapter's loop, from the same noise and prompts, gives the latents
   `pipe(..., output_type="latent")` gives.
@@ -10,7 +10,7 @@
 - HTG's groups follow the timestep the transformer receives (FLUX: t/1000) and a batch mixing timesteps of
   different groups equals the rows run one by one.
 - Bad prompt lists and a bare transformer that cannot encode prompts get errors that name the fix.
-- A quantized MM-DiT runs as diffusers users run models: inference_mode / no_grad / grad, deepcopy, torch.compile.
+- A quantized model of each family runs as diffusers users run models: inference_mode / no_grad / grad, deepcopy, torch.compile.
 
 Tolerances: the sampler comparison runs the same float32 ops on the same rows; the only difference is the order of
 the rows in SD3's guidance batch ([cond, uncond] here, [uncond, cond] in the pipeline), which can change a GEMM's
@@ -25,7 +25,7 @@ import copy
 
 import pytest
 import torch
-from diffusers import FluxPipeline, PipelineQuantizationConfig, StableDiffusion3Pipeline
+from diffusers import FluxPipeline, PipelineQuantizationConfig, PixArtSigmaPipeline, StableDiffusion3Pipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 import diffusers_ptq
@@ -36,7 +36,10 @@ from diffusers_ptq.sampling import prepare_sampling, sample_latents, sample_seed
 
 RTOL = ATOL = 1e-4
 PROMPTS = ["a handwritten seven", "the digit 3", "a photo of a handwritten number zero"]
-FAMILIES = {"sd3": {}, "flux-schnell": {}, "flux-dev": {"guidance_embeds": True}}
+FAMILIES = {"sd3": {}, "flux-schnell": {}, "flux-dev": {"guidance_embeds": True}, "pixart": {}}
+PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "pixart": PixArtSigmaPipeline}
+# PixArtSigmaPipeline's call: no aspect-ratio binning at 32 px, captions as given (bs4/ftfy may be absent)
+PIXART_CALL = dict(use_resolution_binning=False, clean_caption=False)
 CALIBRATION = dict(num_samples=2, num_inference_steps=3, calibration_resolution=32, batch_size=2)
 
 
@@ -58,16 +61,16 @@ def test_calibration_sampler_equals_the_pipeline(family):
     noise = randn_tensor(shape, generator=[torch.Generator().manual_seed(s) for s in sample_seeds(5, 3)])
     latents = FluxPipeline._pack_latents(noise, *shape) if family.startswith("flux") else noise
     theirs = pipe(PROMPTS, latents=latents, num_inference_steps=3, guidance_scale=guidance, height=32, width=32,
-                  output_type="latent").images
+                  output_type="latent", **(PIXART_CALL if family == "pixart" else {})).images
     if family.startswith("flux"):
         theirs = FluxPipeline._unpack_latents(theirs, 32, 32, pipe.vae_scale_factor)
     assert ours.shape == theirs.shape == shape
     torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=ATOL)
-    assert run.cfg == (family == "sd3")  # FLUX's guidance is an input of the transformer, never a second batch
+    assert run.cfg == (family in ("sd3", "pixart"))  # FLUX's guidance is an input of the transformer, not a batch
 
 
 def test_family_defaults_and_timesteps_as_the_transformer_sees_them():
-    sd3, schnell, dev = (pipeline(f).transformer for f in FAMILIES)
+    sd3, schnell, dev = (pipeline(f).transformer for f in ("sd3", "flux-schnell", "flux-dev"))
     for model, steps, guidance in ((sd3, 28, 7.0), (schnell, 4, 0.0), (dev, 28, 3.5)):
         run = prepare_sampling(model, conditions=[None], context={"resolution": 32})
         assert (run.kind, run.num_inference_steps, run.guidance_scale) == ("flow_match_euler", steps, guidance)
@@ -126,9 +129,10 @@ CONFIGS = {
 
 
 def _latents(pipe, seed=0):
-    family = "flux" if isinstance(pipe, FluxPipeline) else "sd3"
+    extra = PIXART_CALL if isinstance(pipe, PixArtSigmaPipeline) else {}
     return pipe("a handwritten seven", num_inference_steps=3, height=32, width=32, output_type="latent",
-                generator=torch.Generator().manual_seed(seed), guidance_scale=4.0 if family == "sd3" else 3.5).images
+                generator=torch.Generator().manual_seed(seed), guidance_scale=3.5 if isinstance(pipe, FluxPipeline)
+                else 4.0, **extra).images
 
 
 def _psnr(x, reference):
@@ -136,7 +140,7 @@ def _psnr(x, reference):
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("family", ["sd3", "flux-dev"])
+@pytest.mark.parametrize("family", ["sd3", "flux-dev", "pixart"])
 def test_every_method_quantizes_the_pipeline(family, config):
     """quantize(pipe, cfg): every targeted Linear becomes a QuantLinear and the sample stays near the float one (a
     floor, not a goal: a broken layer or a fold on the wrong rows gives ~0 dB; these random tiny models measured
@@ -150,9 +154,9 @@ def test_every_method_quantizes_the_pipeline(family, config):
     assert _psnr(_latents(pipe), reference) > 15
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux-dev"])
+@pytest.mark.parametrize("family", ["sd3", "flux-dev", "pixart"])
 def test_pipeline_from_pretrained_quantizes_like_quantize_and_reloads_bit_exact(family, tmp_path):
-    pipe_class = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
+    pipe_class = PIPELINES[family.split("-")[0]]
     float_dir, quant_dir = tmp_path / "float", tmp_path / "quantized"
     pipeline(family).save_pretrained(float_dir)
     config = diffusers_ptq.HTGConfig(weight_bits=4, weight_rounding="gptq", **CALIBRATION)
@@ -175,7 +179,7 @@ def test_pipeline_from_pretrained_quantizes_like_quantize_and_reloads_bit_exact(
     assert all(torch.equal(v, state[k]) for k, v in mapped.transformer.state_dict().items())
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux-dev"])
+@pytest.mark.parametrize("family", ["sd3", "flux-dev", "pixart"])
 def test_mixed_timestep_batch_equals_one_by_one_with_htg(family):
     pipe = pipeline(family)
     config = diffusers_ptq.HTGConfig(weight_bits=8, act_bits=None, num_groups=3, **{**CALIBRATION,
@@ -192,6 +196,12 @@ def test_mixed_timestep_batch_equals_one_by_one_with_htg(family):
                       encoder_hidden_states=torch.randn(4, 7, 64, generator=gen),
                       pooled_projections=torch.randn(4, 64, generator=gen))
         shared = {}
+    elif family == "pixart":
+        mask = torch.ones(4, 7)
+        mask[1:, 3:] = 0
+        inputs = dict(hidden_states=torch.randn(4, 4, 8, 8, generator=gen),
+                      encoder_hidden_states=torch.randn(4, 7, 32, generator=gen), encoder_attention_mask=mask)
+        shared = dict(added_cond_kwargs={"resolution": None, "aspect_ratio": None})
     else:
         inputs = dict(hidden_states=torch.randn(4, 16, 16, generator=gen),
                       encoder_hidden_states=torch.randn(4, 7, 32, generator=gen),
@@ -214,13 +224,18 @@ def test_bare_transformer_names_the_pipeline_forms():
 
 
 @pytest.mark.parametrize("family, recipe", [("sd3", "sd35-medium-w4a8-htg-gptq"), ("flux-dev", "flux1-dev-w8a8-htg"),
-                                            ("flux-schnell", "flux1-schnell-w4a8-htg-gptq")])
+                                            ("flux-schnell", "flux1-schnell-w4a8-htg-gptq"),
+                                            ("pixart", "pixart-sigma-1024-w4a8-htg-gptq"),
+                                            ("pixart", "pixart-alpha-512-w8a8-htg")])
 def test_recipes_run_on_the_tiny_pipelines(family, recipe):
-    """The shipped SD3.5 / FLUX.1 recipes are settings the engine runs (budget cut: 2 samples, 3 steps, 32 px)."""
+    """The shipped SD3.5 / FLUX.1 / PixArt recipes are settings the engine runs (budget cut: 2 samples, 3 steps,
+    32 px)."""
     pipe = pipeline(family)
     config = diffusers_ptq.load_recipe(recipe, **CALIBRATION)
     diffusers_ptq.quantize(pipe, config, progress=False)
-    assert type(pipe.transformer.transformer_blocks[0].attn.to_q).__name__ == "QuantLinear"
+    block = pipe.transformer.transformer_blocks[0]
+    attention = block.attn1 if family == "pixart" else block.attn
+    assert type(attention.to_q).__name__ == "QuantLinear"
 
 
 def _transformer_inputs(family: str, batch: int = 2) -> dict:
@@ -229,6 +244,12 @@ def _transformer_inputs(family: str, batch: int = 2) -> dict:
         return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=gen),
                     encoder_hidden_states=torch.randn(batch, 7, 64, generator=gen),
                     pooled_projections=torch.randn(batch, 64, generator=gen), timestep=torch.tensor([900.0, 40.0]))
+    if family == "pixart":
+        mask = torch.ones(batch, 7)
+        mask[1, 3:] = 0
+        return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=gen),
+                    encoder_hidden_states=torch.randn(batch, 7, 32, generator=gen), encoder_attention_mask=mask,
+                    timestep=torch.tensor([900, 40]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
     return dict(hidden_states=torch.randn(batch, 16, 16, generator=gen),
                 encoder_hidden_states=torch.randn(batch, 7, 32, generator=gen),
                 pooled_projections=torch.randn(batch, 32, generator=gen), guidance=torch.full((batch,), 3.5),
@@ -236,8 +257,8 @@ def _transformer_inputs(family: str, batch: int = 2) -> dict:
                 img_ids=FluxPipeline._prepare_latent_image_ids(batch, 4, 4, "cpu", torch.float32))
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux-dev"])
-def test_quantized_mmdit_runs_as_diffusers_users_run_it(family):
+@pytest.mark.parametrize("family", ["sd3", "flux-dev", "pixart"])
+def test_quantized_model_runs_as_diffusers_users_run_it(family):
     """inference_mode / no_grad / grad enabled give identical outputs (the same ops run); a deep copy runs alike and
     owns its state; torch.compile agrees with eager within one activation step on a few elements (the bound of
     tests/test_diffusers_conformance.py: rtol 1e-4, atol 1e-3·max|y|)."""
