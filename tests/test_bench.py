@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from diffusers_ptq.config import QuantConfig
 from diffusers_ptq.harness.bench import run_benchmark
 
@@ -27,15 +29,17 @@ def test_benchmark_rows_are_paired_and_written(tmp_path):
     assert again["W8A16 weight-only"] == first and again["W4A8 minmax"] == w4
 
 
-def test_benchmark_runs_on_a_text_to_image_pipeline(tmp_path):
-    """A folder holding an SD3 pipeline: sampled with its own flow-matching scheduler from prompts, calibrated from
+@pytest.mark.parametrize("family, scheduler", [("sd3", "FlowMatchEulerDiscreteScheduler"),
+                                               ("pixart", "DPMSolverMultistepScheduler")])
+def test_benchmark_runs_on_a_text_to_image_pipeline(tmp_path, family, scheduler):
+    """A folder holding an SD3 or PixArt-Σ pipeline: sampled with its own scheduler from prompts, calibrated from
     the bench's prompts through its text encoders (the tiny random pipeline has 3-channel images: paired metrics
     only, no MNIST classifier)."""
     from diffusers_ptq.harness.bench import default_scheduler
     from diffusers_ptq.harness.text import tiny_pipeline
 
-    folder = tmp_path / "sd3"
-    tiny_pipeline("sd3").save_pretrained(folder)
+    folder = tmp_path / family
+    tiny_pipeline(family).save_pretrained(folder)
     assert default_scheduler(folder) is None and default_scheduler("bundled") == "ddim"
     configs = [QuantConfig(weight_bits=8, act_bits=8, htg_shift=True, htg_scale=True, num_inference_steps=3,
                            num_samples=2)]
@@ -44,19 +48,23 @@ def test_benchmark_runs_on_a_text_to_image_pipeline(tmp_path):
                   output=out, progress=False)
     result = json.loads(out.read_text())
     fp, htg = result["rows"]
-    assert result["scheduler"] == "FlowMatchEulerDiscreteScheduler" and result["scheduler_kind"] is None
+    assert result["scheduler"] == scheduler and result["scheduler_kind"] is None
     assert fp["psnr_db"] == float("inf") and 15 < htg["psnr_db"] < float("inf")
     assert "classifier_accuracy" not in htg and result["outliers"]
 
 
 def test_speed_worker_runs_the_mmdit_models(monkeypatch):
-    """The machinery of the SD3/FLUX speed rows (bench --speed's MM-DiT part), on shrunken models: a dry run, not a
-    measurement."""
-    from diffusers_ptq.harness.speed import forward_worker, mmdit_speed_markdown
+    """The machinery of the SD3/FLUX/PixArt speed rows and of the PixArt modulation multiply's cost, on shrunken
+    models: a dry run, not a measurement."""
+    from diffusers_ptq.harness.speed import forward_worker, mmdit_speed_markdown, modulation_multiply_worker
 
     monkeypatch.setenv("DIFFUSERS_PTQ_SPEED_TINY", "1")
-    rows = [forward_worker(label, repeats=1, compiled=False, model_name=name)
-            for name in ("sd3-medium", "flux") for label in ("FP32", "W8A8")]
-    assert [r["model"] for r in rows] == ["sd3-medium", "sd3-medium", "flux", "flux"]
-    assert rows[1]["kernels"] and rows[1]["speedup"] > 0 and not rows[0]["kernels"]
-    assert "FLUX.1-dev width" in mmdit_speed_markdown(rows)
+    names = ("sd3-medium", "flux", "pixart-sigma")
+    rows = [forward_worker(label, repeats=1, compiled=False, model_name=name) for name in names
+            for label in ("FP32", "W8A8")]
+    assert [r["model"] for r in rows] == [n for n in names for _ in range(2)]
+    assert all(r["kernels"] and r["speedup"] > 0 for r in rows[1::2]) and not rows[0]["kernels"]
+    multiply = modulation_multiply_worker(repeats=1)
+    assert multiply["blocks"] == 2 and multiply["width"] == 6 * 144 and multiply["overhead_ratio"] > 0
+    text = mmdit_speed_markdown(rows, multiply)
+    assert "FLUX.1-dev width" in text and "PixArt-Σ width" in text and "modulation multiply" in text

@@ -27,6 +27,8 @@ from diffusers_ptq.harness.bundled import (
     DEFAULT_NUM_INFERENCE_STEPS,
     MMDIT_MODELS,
     MMDIT_PIPELINES,
+    PIXART_MODELS,
+    PIXART_PIPELINES,
     load_pipeline,
 )
 from diffusers_ptq.harness.evaluation import (
@@ -191,12 +193,13 @@ def outlier_summary(transformer, *, id2label=None, scheduler_config=None, num_sa
 
 
 def default_scheduler(model: str | os.PathLike) -> str | None:
-    """The sampler a benchmark uses when none is named: DiT's "ddim"; None (the pipeline's own flow-matching
-    scheduler) for the bundled SD3/FLUX models and folders holding such a pipeline."""
-    if str(model) in MMDIT_MODELS:
+    """The sampler a benchmark uses when none is named: DiT's "ddim"; None (the pipeline's own scheduler: SD3/FLUX's
+    flow matching, PixArt's DPM-Solver++) for the bundled text-to-image models and folders holding such a
+    pipeline."""
+    if str(model) in MMDIT_MODELS or str(model) in PIXART_MODELS:
         return None
     index = Path(model) / "model_index.json"
-    if index.is_file() and json.loads(index.read_text()).get("_class_name") in MMDIT_PIPELINES:
+    if index.is_file() and json.loads(index.read_text()).get("_class_name") in MMDIT_PIPELINES + PIXART_PIPELINES:
         return None
     return "ddim"
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -88,6 +89,13 @@ def is_text_to_image(pipe) -> bool:
     return hasattr(pipe, "encode_prompt")
 
 
+def pixart_call(pipe) -> dict:
+    """What a PixArt pipeline's call needs at the bundled models' 32 px: no aspect-ratio binning (its tables start at
+    256 px) and captions as given (cleaning needs bs4/ftfy); {} for other pipelines."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    return {"use_resolution_binning": False, "clean_caption": False} if "use_resolution_binning" in parameters else {}
+
+
 def digit_prompts(labels: Sequence[int]) -> list[str]:
     """The prompts that ask the bundled text-to-image models for these digits ("a handwritten seven", ...)."""
     from diffusers_ptq.harness.text import DIGIT_WORDS
@@ -132,7 +140,7 @@ def generate_images(
             gens = [torch.Generator(device).manual_seed(s) for s in seeds[start : start + batch_size]]
             if is_text_to_image(pipe):
                 size = pipe.vae.config.sample_size
-                condition = dict(prompt=digit_prompts(labels), height=size, width=size)
+                condition = dict(prompt=digit_prompts(labels), height=size, width=size, **pixart_call(pipe))
             else:
                 condition = dict(class_labels=labels)
             out = pipe(**condition, generator=gens, num_inference_steps=num_inference_steps,

@@ -16,6 +16,7 @@ Writes JSON (every number, CPU model, ISA flags, load average) and a Markdown ta
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -99,30 +100,37 @@ def _dit_xl_model():
     return DiTTransformer2DModel(**config).eval()
 
 
-# SD3-medium and FLUX.1 at full width (random weights, a few blocks so that CPU memory and time stay small), at
-# 512×512 (1024 image tokens): {name: (model class, config, description)}.
+# SD3-medium, FLUX.1 and PixArt-Σ at full width (random weights, a few blocks so that CPU memory and time stay
+# small), at 512×512 (1024 image tokens): {name: (model class, config, description, dry-run overrides)}.
 MMDIT_SPEED_MODELS = {
     "sd3-medium": ("SD3Transformer2DModel", dict(
         sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
         pos_embed_max_size=192), "SD3-medium width (hidden 1536), 2 of 24 joint blocks, batch 2 (CFG) × (1024 image "
-        "+ 333 text tokens)"),
+        "+ 333 text tokens)", dict(num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
+                                   caption_projection_dim=128)),
     "flux": ("FluxTransformer2DModel", dict(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128,
         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=(16, 56, 56)), "FLUX.1-dev width (hidden 3072), 1 of 19 double + 2 of 38 single blocks, "
-        "batch 1 × (1024 image + 512 text tokens)"),
+        "batch 1 × (1024 image + 512 text tokens)", dict(num_attention_heads=2, joint_attention_dim=64,
+                                                         pooled_projection_dim=32)),
+    "pixart-sigma": ("PixArtTransformer2DModel", dict(
+        sample_size=64, patch_size=2, in_channels=4, out_channels=8, num_layers=2, attention_head_dim=72,
+        num_attention_heads=16, caption_channels=4096, cross_attention_dim=1152, norm_type="ada_norm_single",
+        use_additional_conditions=False, interpolation_scale=1), "PixArt-Σ width (hidden 1152), 2 of 28 blocks, batch 2 "
+        "(CFG) × (1024 image tokens, cross-attention to 300 T5 tokens)",
+        dict(num_attention_heads=2, caption_channels=64, cross_attention_dim=144)),
 }
 
 
 def _mmdit_model(name: str):
     import diffusers
 
-    cls, config, _ = MMDIT_SPEED_MODELS[name]
+    cls, config, _, tiny = MMDIT_SPEED_MODELS[name]
     torch.manual_seed(0)
     if os.environ.get("DIFFUSERS_PTQ_SPEED_TINY"):  # a dry run of the machinery (tests), not a measurement
-        config = {**config, "num_attention_heads": 2, "joint_attention_dim": 64, "pooled_projection_dim": 32,
-                  **({"caption_projection_dim": 128} if name == "sd3-medium" else {"axes_dims_rope": (16, 56, 56)})}
+        config = {**config, **tiny}
     return getattr(diffusers, cls)(**config).eval()
 
 
@@ -134,6 +142,13 @@ def _mmdit_inputs(name: str, model) -> dict:
                     encoder_hidden_states=torch.randn(2, 333, config.joint_attention_dim, generator=gen),
                     pooled_projections=torch.randn(2, config.pooled_projection_dim, generator=gen),
                     timestep=torch.tensor([500.0, 500.0]))
+    if name == "pixart-sigma":
+        mask = torch.zeros(2, 300)
+        mask[:, :40] = 1  # a 40-token prompt, padded to 300 as PixArtSigmaPipeline does
+        return dict(hidden_states=torch.randn(2, 4, 64, 64, generator=gen),
+                    encoder_hidden_states=torch.randn(2, 300, config.caption_channels, generator=gen),
+                    encoder_attention_mask=mask, timestep=torch.tensor([500, 500]),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
     from diffusers import FluxPipeline
 
     return dict(hidden_states=torch.randn(1, 1024, 64, generator=gen),
@@ -145,19 +160,47 @@ def _mmdit_inputs(name: str, model) -> dict:
 
 
 def _speed_subject(model_name: str):
-    """(model, inputs, calibration context) of a speed measurement: DiT-XL/2, or an MM-DiT at full width whose
-    calibration encodes prompts as random embeddings (random weights: speed only)."""
+    """(model, inputs, calibration context) of a speed measurement: DiT-XL/2, or a text-to-image transformer at
+    full width whose calibration encodes prompts as random embeddings (random weights: speed only)."""
     if model_name == "dit-xl-2":
         return _dit_xl_model(), _dit_xl_inputs(), {}
     model = _mmdit_model(model_name)
     inputs = _mmdit_inputs(model_name, model)
+    text = inputs["encoder_hidden_states"][0]
+    if model_name == "pixart-sigma":
+        mask = inputs["encoder_attention_mask"][0]
+        condition = {"prompt_embeds": text, "prompt_attention_mask": mask, "negative_prompt_embeds": text,
+                     "negative_prompt_attention_mask": mask}
+    else:
+        pooled = inputs["pooled_projections"][0]
+        condition = {"prompt_embeds": text, "pooled_projections": pooled, "negative_prompt_embeds": text,
+                     "negative_pooled_projections": pooled}
+    return model, inputs, {"encode_prompts": lambda _model, prompts: {p: condition for p in prompts},
+                           "resolution": 512}
 
-    def encode(_model, prompts):
-        return {p: {"prompt_embeds": inputs["encoder_hidden_states"][0], "pooled_projections":
-                    inputs["pooled_projections"][0], "negative_prompt_embeds": inputs["encoder_hidden_states"][0],
-                    "negative_pooled_projections": inputs["pooled_projections"][0]} for p in prompts}
 
-    return model, inputs, {"encode_prompts": encode, "resolution": 512}
+def modulation_multiply_worker(repeats: int = 5) -> dict:
+    """The one operation a PixArt fold adds (modulation.py): the PixArt-Σ speed model's float forward with and
+    without a ModulationScale in every block (ones: the same output), interleaved in this process; and the
+    multiplies alone."""
+    from diffusers_ptq.modulation import scale_block_modulation
+
+    model, inputs, _ = _speed_subject("pixart-sigma")
+    scaled = copy.deepcopy(model)
+    for block in scaled.transformer_blocks:
+        scale_block_modulation(block, block.scale_shift_table.numel(), "timestep", 4)
+    m = torch.randn(inputs["hidden_states"].shape[0], model.transformer_blocks[0].scale_shift_table.numel())
+    scalers = [block.modulation_scale for block in scaled.transformer_blocks]
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).sample, scaled(**inputs).sample)
+        times = _paired({"plain": lambda: model(**inputs), "scaled": lambda: scaled(**inputs),
+                         "multiplies": lambda: [s(m) for s in scalers]}, repeats)
+    plain, with_scale = statistics.median(times["plain"]), statistics.median(times["scaled"])
+    return {"model": "pixart-sigma", "blocks": len(scalers), "batch": int(m.shape[0]), "width": int(m.shape[1]),
+            "forward_seconds": plain, "forward_with_multiply_seconds": with_scale,
+            "multiplies_alone_seconds": statistics.median(times["multiplies"]),
+            "overhead_ratio": statistics.median(s / p for s, p in zip(times["scaled"], times["plain"])),
+            "all": times}
 
 
 def forward_worker(label: str, repeats: int = 3, compiled: bool = True, model_name: str = "dit-xl-2") -> dict:
@@ -448,12 +491,17 @@ def mmdit_speed(repeats: int = 3, models=tuple(MMDIT_SPEED_MODELS), modes=("FP32
     return [_run_worker("--forward", label, str(repeats), "--eager-only", name) for name in models for label in modes]
 
 
-def mmdit_speed_markdown(rows: list[dict]) -> str:
+def mmdit_speed_markdown(rows: list[dict], multiply: dict | None = None) -> str:
     lines = ["| model | mode | kernels (layers) | forward (s) | speedup vs FP32 | peak RSS (GB) |", "|---|---|---|---|---|---|"]
     for r in rows:
         kern = ", ".join(f"{k} {v}" for k, v in r["kernels"].items()) or "float"
         lines.append(f"| {MMDIT_SPEED_MODELS[r['model']][2]} | {r['label']} | {kern} | {r['seconds']:.2f} | "
                      f"{r['speedup']:.2f}× | {r['peak_rss_bytes'] / 1e9:.2f} |")
+    if multiply is not None:
+        lines += ["", f"PixArt's per-sample modulation multiply ({multiply['blocks']} blocks, [{multiply['batch']}, "
+                  f"{multiply['width']}] each): float forward {multiply['forward_seconds']:.3f} s without, "
+                  f"{multiply['forward_with_multiply_seconds']:.3f} s with (paired ratio "
+                  f"{multiply['overhead_ratio']:.4f}); the multiplies alone {multiply['multiplies_alone_seconds'] * 1e6:.0f} µs."]
     return "\n".join(lines) + "\n"
 
 
@@ -463,15 +511,19 @@ if __name__ == "__main__":
                                         compiled=len(sys.argv) <= 4 or sys.argv[4] != "--eager-only",
                                         model_name=sys.argv[5] if len(sys.argv) > 5 else "dit-xl-2")))
     elif len(sys.argv) >= 2 and sys.argv[1] == "--mmdit":
-        rows = mmdit_speed(int(sys.argv[3]) if len(sys.argv) > 3 else 3)
+        # OUTPUT [REPEATS [MODEL,...]]: the MM-DiT / PixArt rows, and the PixArt modulation multiply's cost
+        models = sys.argv[4].split(",") if len(sys.argv) > 4 else tuple(MMDIT_SPEED_MODELS)
+        rows = mmdit_speed(int(sys.argv[3]) if len(sys.argv) > 3 else 3, models=models)
+        multiply = modulation_multiply_worker() if "pixart-sigma" in models else None
         from diffusers_ptq.harness.utils import machine_info
 
-        Path(sys.argv[2]).write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=2) + "\n")
-        Path(sys.argv[2]).with_suffix(".md").write_text(mmdit_speed_markdown(rows))
+        Path(sys.argv[2]).write_text(json.dumps({"machine": machine_info(), "rows": rows,
+                                                 "modulation_multiply": multiply}, indent=2) + "\n")
+        Path(sys.argv[2]).with_suffix(".md").write_text(mmdit_speed_markdown(rows, multiply))
     elif len(sys.argv) == 3 and sys.argv[1] == "--ceiling":
         print(json.dumps(ceiling_worker(json.loads(sys.argv[2]))))
     elif len(sys.argv) >= 2 and sys.argv[1] == "--w8a8-quality":
         print(json.dumps(w8a8_range_quality(output=sys.argv[2] if len(sys.argv) > 2 else None), indent=2))
     else:
         raise SystemExit("usage: python -m diffusers_ptq.harness.speed --forward LABEL [REPEATS [--eager-only [MODEL]]] "
-                         "| --ceiling JSON | --w8a8-quality [OUTPUT] | --mmdit OUTPUT [REPEATS]")
+                         "| --ceiling JSON | --w8a8-quality [OUTPUT] | --mmdit OUTPUT [REPEATS [MODEL,...]]")
