@@ -391,26 +391,25 @@ def assemble(family: str, transformer, vae, seed: int):
                         **text_components("flux", seed))
 
 
-@torch.no_grad()
-def evaluate_pipeline(pipe, family: str, per_digit: int, steps: int, guidance: float, seed: int,
-                      batch_size: int = 50) -> tuple[dict, torch.Tensor]:
-    """per_digit samples per digit through the real pipeline, prompts cycling over EVAL_TEMPLATES (word and numeral
-    alternating); returns (report, images [N, 1, 32, 32] in [0, 1], digit-major)."""
-    from diffusers_ptq.harness.classifier import load_classifier
-
+def eval_prompts(per_digit: int) -> tuple[list[int], list[str]]:
+    """The digits and prompts of the evaluation: digit-major, prompts cycling over EVAL_TEMPLATES with the word and
+    the numeral alternating."""
     digits = [d for d in range(10) for _ in range(per_digit)]
     prompts = []
     for i, d in enumerate(digits):
         k = i % per_digit
         name = DIGITS[d] if k % 2 == 0 else str(d)
         prompts.append(EVAL_TEMPLATES[(k // 2) % len(EVAL_TEMPLATES)].format(d=name))
-    kwargs = dict(num_inference_steps=steps, height=32, width=32, output_type="pt")
-    if family == "sd3":
-        kwargs.update(guidance_scale=guidance, negative_prompt="")
-    else:
-        kwargs.update(guidance_scale=0.0)
-        if guidance > 1:
-            kwargs.update(true_cfg_scale=guidance, negative_prompt="")
+    return digits, prompts
+
+
+@torch.no_grad()
+def classify_samples(pipe, digits: list[int], prompts: list[str], kwargs: dict, seed: int,
+                     batch_size: int) -> tuple[dict, torch.Tensor]:
+    """Sample `prompts` through the pipeline (call arguments `kwargs`, one seeded generator per sample) and classify
+    the images with the project's MNIST classifier: ({accuracy, accuracy_per_digit, seconds}, images [N, 1, 32, 32])."""
+    from diffusers_ptq.harness.classifier import load_classifier
+
     pipe.set_progress_bar_config(disable=True)
     images = []
     t0 = time.time()
@@ -423,9 +422,26 @@ def evaluate_pipeline(pipe, family: str, per_digit: int, steps: int, guidance: f
     truth = torch.tensor(digits)
     accuracy = float((predicted == truth).float().mean())
     per = [float((predicted[truth == d] == d).float().mean()) for d in range(10)]
+    return dict(accuracy=round(accuracy, 4), accuracy_per_digit=[round(a, 2) for a in per],
+                seconds=round(time.time() - t0, 1)), images
+
+
+def evaluate_pipeline(pipe, family: str, per_digit: int, steps: int, guidance: float, seed: int,
+                      batch_size: int = 50) -> tuple[dict, torch.Tensor]:
+    """per_digit samples per digit through the real pipeline, prompts cycling over EVAL_TEMPLATES (word and numeral
+    alternating); returns (report, images [N, 1, 32, 32] in [0, 1], digit-major)."""
+    digits, prompts = eval_prompts(per_digit)
+    kwargs = dict(num_inference_steps=steps, height=32, width=32, output_type="pt")
+    if family == "sd3":
+        kwargs.update(guidance_scale=guidance, negative_prompt="")
+    else:
+        kwargs.update(guidance_scale=0.0)
+        if guidance > 1:
+            kwargs.update(true_cfg_scale=guidance, negative_prompt="")
+    scores, images = classify_samples(pipe, digits, prompts, kwargs, seed, batch_size)
     report = dict(samples=len(prompts), num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                  accuracy=round(accuracy, 4), accuracy_per_digit=[round(a, 2) for a in per],
-                  seconds=round(time.time() - t0, 1), prompts=list(EVAL_TEMPLATES))
+                  accuracy=scores["accuracy"], accuracy_per_digit=scores["accuracy_per_digit"],
+                  seconds=scores["seconds"], prompts=list(EVAL_TEMPLATES))
     return report, images
 
 

@@ -50,12 +50,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_bundled_mmdit import (  # noqa: E402  (the sibling script: shared prompt table, VAE, latents)
-    DIGITS,
     DIT_VAE_DIR,
     EVAL_TEMPLATES,
     ROOT,
     TEMPLATES,
     _save_checkpoint,
+    classify_samples,
+    eval_prompts,
     folder_size,
     load_vae,
     mnist_latents,
@@ -301,43 +302,18 @@ def assemble(transformer, vae, seed: int):
         **PIXART_SCHEDULER), **text_components("pixart", seed))
 
 
-def eval_prompts(per_digit: int) -> tuple[list[int], list[str]]:
-    """The digits and prompts of the evaluation (as scripts/train_bundled_mmdit.py's): digit-major, prompts cycling
-    over EVAL_TEMPLATES with the word and the numeral alternating."""
-    digits = [d for d in range(10) for _ in range(per_digit)]
-    prompts = []
-    for i, d in enumerate(digits):
-        k = i % per_digit
-        name = DIGITS[d] if k % 2 == 0 else str(d)
-        prompts.append(EVAL_TEMPLATES[(k // 2) % len(EVAL_TEMPLATES)].format(d=name))
-    return digits, prompts
-
-
-@torch.no_grad()
 def evaluate_pipeline(pipe, per_digit: int, steps: int, guidance: float, seed: int,
                       batch_size: int = 50) -> tuple[dict, torch.Tensor]:
     """per_digit samples per digit through the real pipeline at PIXART_SAMPLING (steps and guidance as given);
     returns (report, images [N, 1, 32, 32] in [0, 1], digit-major)."""
     from diffusers_ptq.harness.bundled import PIXART_SAMPLING
-    from diffusers_ptq.harness.classifier import load_classifier
 
     digits, prompts = eval_prompts(per_digit)
     kwargs = dict(PIXART_SAMPLING, num_inference_steps=steps, guidance_scale=guidance, output_type="pt")
-    pipe.set_progress_bar_config(disable=True)
-    images = []
-    t0 = time.time()
-    for start in range(0, len(prompts), batch_size):
-        gens = [torch.Generator().manual_seed(seed * 100003 + i) for i in range(start, min(start + batch_size, len(prompts)))]
-        out = pipe(prompts[start : start + batch_size], generator=gens, **kwargs).images
-        images.append(out.float()[:, :1])
-    images = torch.cat(images)
-    predicted = load_classifier()(images).argmax(1)
-    truth = torch.tensor(digits)
-    accuracy = float((predicted == truth).float().mean())
-    per = [float((predicted[truth == d] == d).float().mean()) for d in range(10)]
+    scores, images = classify_samples(pipe, digits, prompts, kwargs, seed, batch_size)
     report = dict(samples=len(prompts), num_inference_steps=steps, guidance_scale=guidance, negative_prompt="",
-                  scheduler="DPMSolverMultistepScheduler", seed=seed, accuracy=round(accuracy, 4),
-                  accuracy_per_digit=[round(a, 2) for a in per], seconds=round(time.time() - t0, 1),
+                  scheduler="DPMSolverMultistepScheduler", seed=seed, accuracy=scores["accuracy"],
+                  accuracy_per_digit=scores["accuracy_per_digit"], seconds=scores["seconds"],
                   prompts=list(EVAL_TEMPLATES))
     return report, images
 

@@ -97,16 +97,10 @@ class PixArtAdapter(TextToImageAdapter):
         """The self-attentions (no mask, no context); cross-attention's matmuls stay float."""
         return [f"{b}.attn1" for b in self.blocks(model)]
 
+    conditioning_inputs = ("encoder_hidden_states", "encoder_attention_mask")
+
     def batched_inputs(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-        x = self.argument("hidden_states", args, kwargs)
-        out = {"hidden_states": x}
-        for name in ("encoder_hidden_states", "encoder_attention_mask"):
-            value = self.argument(name, args, kwargs)
-            if value is not None:
-                out[name] = value
-        t = self.timestep(args, kwargs)
-        if t is not None:
-            out["timestep"] = t.to(x.device).reshape(-1).expand(x.shape[0])
+        out = super().batched_inputs(args, kwargs)
         added = self.argument("added_cond_kwargs", args, kwargs) or {}
         if any(v is not None for v in added.values()):
             raise ValueError("replaying PixArt-α 1024's resolution/aspect-ratio conditions (added_cond_kwargs) is not "

@@ -55,6 +55,7 @@ class SD3Adapter(TextToImageAdapter):
     )
     forward_arguments = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
     block_outputs = ("encoder_hidden_states", "hidden_states")  # every MM-DiT block returns both streams
+    conditioning_inputs = ("encoder_hidden_states", "pooled_projections")
 
     def blocks(self, model: nn.Module) -> list[str]:
         return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
@@ -96,18 +97,6 @@ class SD3Adapter(TextToImageAdapter):
                 targets.append(SmoothingTarget(f"{b}.ctx_fc1", (ModulationRows(f"{b}.norm1_context.linear", 3, 4, 6),),
                                                (f"{b}.ff_context.net.0.proj",)))
         return targets
-
-    def batched_inputs(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-        x = self.argument("hidden_states", args, kwargs)
-        out = {"hidden_states": x}
-        for name in ("encoder_hidden_states", "pooled_projections"):
-            value = self.argument(name, args, kwargs)
-            if value is not None:
-                out[name] = value
-        t = self.timestep(args, kwargs)
-        if t is not None:
-            out["timestep"] = t.to(x.device).reshape(-1).expand(x.shape[0])
-        return out
 
     # --- calibration from prompts ---------------------------------------------------------------------------------
     schedulers = ("flow_match_euler",)

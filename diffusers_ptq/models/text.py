@@ -56,6 +56,21 @@ class TextToImageAdapter(ModelAdapter):
         """{prompt: its condition} through the pipeline's text encoders (the family's encode_prompt)."""
         raise NotImplementedError
 
+    conditioning_inputs: ClassVar[tuple[str, ...]] = ()  # the forward's batched text inputs (besides the latents)
+
+    def batched_inputs(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        """hidden_states, the `conditioning_inputs` present in the call, and the timestep expanded to the batch."""
+        x = self.argument("hidden_states", args, kwargs)
+        out = {"hidden_states": x}
+        for name in self.conditioning_inputs:
+            value = self.argument(name, args, kwargs)
+            if value is not None:
+                out[name] = value
+        t = self.timestep(args, kwargs)
+        if t is not None:
+            out["timestep"] = t.to(x.device).reshape(-1).expand(x.shape[0])
+        return out
+
     def pipeline_context(self, pipe) -> dict:
         """The loaded pipeline's text encoders (as a prompt encoder: (transformer, prompts) -> {prompt: condition})
         and its VAE's downsampling."""
