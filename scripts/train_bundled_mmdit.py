@@ -303,6 +303,19 @@ def mnist_latents(vae, work_dir: Path) -> tuple[torch.Tensor, torch.Tensor, torc
     return mean, std, labels
 
 
+def optimizer_step(model, ema, opt, loss: torch.Tensor, ema_decay: float, step: int) -> None:
+    """One AdamW step on `loss` (gradients clipped to norm 1) and the EMA update (decay warmed up over the first
+    steps)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)  # our own training state, reloaded with weights_only=True
@@ -347,14 +360,7 @@ def train(family: str, args, latent_mean, latent_std, labels, cond: dict, table:
             g["lr"] = cur_lr
         pred = forward(family, model, xt, sigma, cond["context"][pidx], cond["pooled"][pidx], cond["key_bias"][pidx])
         loss = F.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(args.ema_decay, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        optimizer_step(model, ema, opt, loss, args.ema_decay, step)
         step += 1
         losses.append(loss.item())
         if step % 50 == 0 or step == args.steps:

@@ -60,6 +60,7 @@ from train_bundled_mmdit import (  # noqa: E402  (the sibling script: shared pro
     folder_size,
     load_vae,
     mnist_latents,
+    optimizer_step,
     prompt_table,
 )
 
@@ -259,14 +260,7 @@ def train(args, latent_mean, latent_std, labels, cond: dict, table: torch.Tensor
         else:
             vb = mse.new_zeros(())
         loss = mse + vb
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(args.ema_decay, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        optimizer_step(model, ema, opt, loss, args.ema_decay, step)
         step += 1
         losses.append(mse.item())
         vbs.append(vb.item())
