@@ -56,6 +56,7 @@ def main() -> None:
     lines += [f"| {r['study']} | {r['psnr_db']:.2f} | {r['paired_fd']:.3f} |" for r in out["rows"]]
     args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     scratch.unlink()
+    scratch.with_suffix(".md").unlink(missing_ok=True)  # run_benchmark's own table of the scratch run
     print("\n".join(lines))
 
 
