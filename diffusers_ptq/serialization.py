@@ -35,6 +35,7 @@ from torch import nn
 FORMAT_VERSION = 1
 METADATA_KEY = "diffusers_ptq"
 PROCESSOR_INFIX = "ptq_processor"
+TIED_KEY = "tied_modules"  # metadata: {alias module: canonical module} of identical copies stored once
 GROUP_BIAS_INFIX = "group_biases"  # a module's HTG per-timestep-group biases: <module>.group_biases.<i>.{edges,values,rows}
 
 
@@ -253,9 +254,54 @@ def quantization_metadata(model: nn.Module) -> tuple[dict, dict[str, torch.Tenso
     return metadata, extra
 
 
+def identical_copies(model: nn.Module) -> dict[str, str]:
+    """{alias: canonical} among the modules the model's adapter names in `shared_copies` (fnmatch patterns): a module
+    whose tensors all equal those of an earlier one (or that is the same module object) is an alias of it."""
+    from fnmatch import fnmatch
+
+    from diffusers_ptq.models import adapter_for
+
+    patterns = adapter_for(model).shared_copies
+    canonical, aliases = [], {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not any(fnmatch(name, p) for p in patterns):
+            continue
+        state = module.state_dict()
+        for other_name, other, other_state in canonical:
+            if other is module or (state.keys() == other_state.keys()
+                                   and all(torch.equal(state[k], other_state[k]) for k in state)):
+                aliases[name] = other_name
+                break
+        else:
+            canonical.append((name, module, state))
+    return aliases
+
+
+@torch.no_grad()
+def tie_copies(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make every alias module the canonical module object (one copy in memory; the state dict still lists both)."""
+    for alias, canonical in aliases.items():
+        model.set_submodule(alias, model.get_submodule(canonical))
+
+
+def alias_keys(aliases: dict[str, str], keys) -> dict[str, str]:
+    """{alias key: canonical key} for the canonical modules' keys among `keys`."""
+    out = {}
+    for alias, canonical in aliases.items():
+        prefix = canonical + "."
+        out.update({alias + k[len(canonical):]: k for k in keys if k.startswith(prefix)})
+    return out
+
+
 def state_dict_and_metadata(model: nn.Module, state_dict: dict) -> tuple[dict, dict[str, str]]:
-    """diffusers' `get_state_dict_and_metadata` hook: add the processor tensors and the JSON metadata header."""
+    """diffusers' `get_state_dict_and_metadata` hook: add the processor tensors and the JSON metadata header; store
+    identical copies (the adapter's `shared_copies`) once, recording the aliases in the metadata."""
     metadata, extra = quantization_metadata(model)
+    aliases = identical_copies(model)
+    if aliases:
+        dropped = alias_keys(aliases, state_dict)
+        state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
+        metadata[TIED_KEY] = aliases
     clash = sorted(set(extra) & set(state_dict))
     if clash:
         raise ValueError(f"processor tensor names clash with the state dict: {clash[:5]}")
@@ -332,8 +378,10 @@ def _owner(metadata: dict, key: str) -> tuple[str, str, str] | None:
 
 def float_model_keys(metadata: dict, loaded_keys: list[str]) -> list[str]:
     """The checkpoint's keys as the float model sees them: a quantized module's tensors stand for its float
-    weight and bias (so diffusers reports neither missing nor unexpected keys); processor tensors are dropped."""
+    weight and bias (so diffusers reports neither missing nor unexpected keys); processor tensors are dropped; the
+    keys of a copy stored once stand for every alias of it."""
     keys = [k for k in loaded_keys if _owner(metadata, k) is None]
+    keys += list(alias_keys(metadata.get(TIED_KEY, {}), keys))
     for name, meta in metadata["modules"].items():
         keys.append(f"{name}.weight")
         if meta.get("bias"):
@@ -342,9 +390,12 @@ def float_model_keys(metadata: dict, loaded_keys: list[str]) -> list[str]:
 
 
 def take_quantized_tensors(metadata: dict, state_dict: dict) -> tuple[dict, dict]:
-    """Split a loaded (shard's) state dict: (what diffusers loads into the float model, our tensors)."""
+    """Split a loaded (shard's) state dict: (what diffusers loads into the float model, with the aliases of copies
+    stored once filled in from their canonical tensors; our tensors)."""
     ours = {k: state_dict[k] for k in state_dict if _owner(metadata, k) is not None}
-    return {k: v for k, v in state_dict.items() if k not in ours}, ours
+    floats = {k: v for k, v in state_dict.items() if k not in ours}
+    floats.update({alias: floats[k] for alias, k in alias_keys(metadata.get(TIED_KEY, {}), floats).items()})
+    return floats, ours
 
 
 def _check_tensors(where: str, expected: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -394,9 +445,23 @@ def rebuild_quantized_modules(model: nn.Module, metadata: dict, tensors: dict[st
         kind.build(model.get_submodule(name), meta, own)
     _rebuild_modulation_scales(model, metadata.get("modulation_scales", {}), grouped, device)
     _rebuild_group_biases(model, metadata.get("group_biases", {}), grouped, device)
+    _retie(model, metadata.get(TIED_KEY, {}))
     left = [p for p, _ in model.named_parameters() if _.device.type == "meta"]
     if left:
         raise CheckpointError(f"tensors missing from the checkpoint: {left[:8]}")
+
+
+def _retie(model: nn.Module, aliases: dict) -> None:
+    """Tie the copies a checkpoint stored once (loaded as equal tensors) back into one module."""
+    for alias, canonical in aliases.items():
+        try:
+            a, c = model.get_submodule(alias), model.get_submodule(canonical)
+        except AttributeError as error:
+            raise CheckpointError(f"{TIED_KEY}: {alias} -> {canonical}: {error}") from error
+        if type(a) is not type(c):
+            raise CheckpointError(f"{TIED_KEY}: {alias} ({type(a).__name__}) is not a copy of {canonical} "
+                                  f"({type(c).__name__})")
+    tie_copies(model, aliases)
 
 
 def _rebuild_modulation_scales(model: nn.Module, layouts: dict, grouped: dict, device: torch.device) -> None:

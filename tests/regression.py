@@ -101,11 +101,15 @@ def _group(name: str) -> str:
 def fingerprint(transformer) -> dict:
     """{"groups": {block or top-level module: digest of its tensors}, "names": digest of the tensor names and
     shapes, "metadata": digest} of what save_pretrained would write for `transformer`."""
-    from diffusers_ptq.serialization import METADATA_KEY, state_dict_and_metadata
+    from diffusers_ptq.serialization import METADATA_KEY, TIED_KEY, alias_keys, state_dict_and_metadata
 
     tensors, header = state_dict_and_metadata(transformer, transformer.state_dict())
     metadata = json.loads(header[METADATA_KEY])
     metadata.pop("library_version", None)
+    # identical copies stored once (issue #22) are fingerprinted as every copy, as before: the values are what this
+    # guards; the storage format is tested in tests/test_tied_copies.py
+    aliases = metadata.pop(TIED_KEY, {})
+    tensors.update({alias: tensors[key] for alias, key in alias_keys(aliases, tensors).items()})
     groups: dict[str, hashlib._Hash] = {}
     for name, tensor in sorted(tensors.items()):
         groups.setdefault(_group(name), hashlib.sha256()).update(f"{name}:{tensor_digest(tensor)};".encode())

@@ -96,6 +96,9 @@ class ModelAdapter:
     # what a block returns, named as the next block's keyword inputs (a tuple when it returns several tensors)
     block_outputs: ClassVar[tuple[str, ...]] = ("hidden_states",)
     description: ClassVar[str] = ""
+    # fnmatch patterns of modules that checkpoints often hold as identical copies (e.g. DiT's per-block embedders):
+    # a saved checkpoint stores each distinct one once and a load ties the copies to one module (serialization.py)
+    shared_copies: ClassVar[tuple[str, ...]] = ()
 
     # --- structure -----------------------------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
