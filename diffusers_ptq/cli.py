@@ -76,6 +76,14 @@ def _load_image_folder(folder: str) -> torch.Tensor:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.footprint:
+        from diffusers_ptq.harness.bench import run_footprint
+
+        output = "footprint.json" if args.output == "results.json" else args.output
+        result = run_footprint(output)
+        print(Path(output).with_suffix(".md").read_text())
+        print(f"written: {output} and {Path(output).with_suffix('.md')} ({result['total_seconds']:.0f} s)")
+        return 0
     if args.speed:
         from diffusers_ptq.harness.speed import run_speed_benchmark
 
@@ -194,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "W8A8/W4A8/W8A16/W4A16 beside the bare kernel's ceiling, and the bundled pipeline's 50-step "
                        "sampling time (JSON + Markdown at --output, default speed.json)")
     bench.add_argument("--speed-repeats", type=int, default=3, help="timed forwards per mode for --speed (median)")
+    bench.add_argument("--footprint", action="store_true",
+                       help="instead: DiT-XL/2's state dict, checkpoint size by part and peak memory per mode (random "
+                       "weights, one process per mode; JSON + Markdown at --output, default footprint.json)")
     _sampling_args(bench, seeds=[0])
     bench.set_defaults(func=cmd_bench)
     quant = sub.add_parser("quantize", help="calibrate + quantize a float DiT with a recipe, save the checkpoint")

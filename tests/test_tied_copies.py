@@ -81,3 +81,24 @@ def test_tied_model_outputs_equal_the_untied_float_model():
         tie_copies(model, identical_copies(model))
         assert model.transformer_blocks[1].norm1.emb is model.transformer_blocks[0].norm1.emb
         assert torch.equal(model(**tiny_inputs()).sample, before)
+
+
+def test_checkpoint_parts_count_one_copy_of_tied_embedders():
+    """bench --footprint's size by part: a quantized checkpoint holds one copy of the 2 blocks' identical embedders
+    (besides the patch embedding), the parts add up to what a save writes, and the table prints every part."""
+    from diffusers_ptq.harness.bench import checkpoint_parts, footprint_table
+    from diffusers_ptq.serialization import state_dict_and_metadata
+
+    model = with_identical_embedders()
+    float_parts = checkpoint_parts(model)
+    quantize(model, PTQ4DiTConfig(weight_bits=4, **FAST), progress=False)
+    parts = checkpoint_parts(model)
+    assert float_parts["embedders"] - parts["embedders"] == embedder_bytes(model)  # one of the two copies
+    assert 0 < parts["block weights"] < float_parts["block weights"] / 4 and parts["scales"] > 0
+    written = state_dict_and_metadata(model, model.state_dict())[0]
+    assert sum(parts.values()) == sum(t.numel() * t.element_size() for t in written.values())
+    rows = [{"label": label, "state_dict_bytes": 1, "checkpoint_bytes": sum(p.values()), "checkpoint_parts": p,
+             "peak_rss_bytes": 1, "quantize_seconds": 0.0, "forward_seconds": 0.0}
+            for label, p in (("FP32", float_parts), ("W4A8", parts))]
+    table = footprint_table(rows)
+    assert "| embedders |" in table and "| W4A8 |" in table

@@ -401,14 +401,42 @@ FOOTPRINT_CONFIGS = {
 }
 
 
+def checkpoint_parts(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of what a save writes, by part: block weights (quantized codes or float), quantization scales, HTG group
+    biases, embedders, other float tensors (biases, norms, positional tables); a quantized model's checkpoint stores
+    identical copies once (serialization.state_dict_and_metadata), a float one is its plain state dict."""
+    from diffusers_ptq.serialization import GROUP_BIAS_INFIX, state_dict_and_metadata
+
+    quantized = any(getattr(m, "weight_qtype", None) is not None for m in model.modules())
+    tensors = state_dict_and_metadata(model, model.state_dict())[0] if quantized else model.state_dict()
+    parts = {"block weights": 0, "scales": 0, "group biases": 0, "embedders": 0, "other float": 0}
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        if f".{GROUP_BIAS_INFIX}." in name:
+            parts["group biases"] += size
+        elif name.endswith(("_scale", "_shift", "input_scale", "output_scale")):
+            parts["scales"] += size
+        elif ".emb." in name or name.startswith(("pos_embed", "adaln_single.emb", "time_text_embed")):
+            parts["embedders"] += size
+        elif ".weight._data" in name or (name.endswith("weight") and t.ndim == 2):
+            parts["block weights"] += size
+        else:
+            parts["other float"] += size
+    return parts
+
+
 def footprint_worker(label: str) -> dict:
-    """In this process: DiT-XL/2 (random weights) quantized per FOOTPRINT_CONFIGS[label], one forward at batch 2
-    (CFG) x 256 tokens; state-dict bytes and the process's peak resident memory."""
+    """In this process: DiT-XL/2 (random weights; every block's timestep/class embedder a copy of block 0's, as in
+    converted DiT-XL/2 checkpoints) quantized per FOOTPRINT_CONFIGS[label], one forward at batch 2 (CFG) x 256
+    tokens; state-dict bytes, checkpoint bytes by part, and the process's peak resident memory."""
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
     model = DiTTransformer2DModel(**DIT_XL_2_256).eval()
-    row = {"label": label, "parameters": sum(p.numel() for p in model.parameters())}
+    first = model.transformer_blocks[0].norm1.emb.state_dict()
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(first)
+    row = {"label": label, "parameters": sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))}
     t0 = time.time()
     if FOOTPRINT_CONFIGS[label] is not None:
         config = QuantConfig(**FOOTPRINT_CONFIGS[label], num_samples=1, num_inference_steps=2, batch_size=1)
@@ -416,6 +444,8 @@ def footprint_worker(label: str) -> dict:
         row["calibration_seconds"] = report.calibration_seconds
     row["quantize_seconds"] = time.time() - t0
     row["state_dict_bytes"] = state_dict_bytes(model)
+    row["checkpoint_parts"] = checkpoint_parts(model)
+    row["checkpoint_bytes"] = sum(row["checkpoint_parts"].values())
     x = torch.randn(2, 4, 32, 32)
     with torch.no_grad():
         t0 = time.time()
@@ -437,12 +467,32 @@ def architecture_footprint(labels: Sequence[str] = tuple(FOOTPRINT_CONFIGS)) -> 
 
 def footprint_table(rows: list[dict]) -> str:
     fp = rows[0]
-    lines = ["| DiT-XL/2 (random weights) | state dict (MB) | / FP32 | peak RSS (GB) | quantize (s) | forward, emulated (s) |",
-             "|---|---|---|---|---|---|"]
+    base = fp.get("checkpoint_bytes", fp["state_dict_bytes"])
+    lines = ["| DiT-XL/2 (random weights) | state dict (MB) | checkpoint (MB) | / FP32 | peak RSS (GB) | quantize (s) | "
+             "forward (s) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['state_dict_bytes'] / 1e6:.0f} | {r['state_dict_bytes'] / fp['state_dict_bytes']:.3f} "
+        saved = r.get("checkpoint_bytes", r["state_dict_bytes"])
+        lines.append(f"| {r['label']} | {r['state_dict_bytes'] / 1e6:.0f} | {saved / 1e6:.0f} | {saved / base:.3f} "
                      f"| {r['peak_rss_bytes'] / 1e9:.2f} | {r['quantize_seconds']:.1f} | {r['forward_seconds']:.2f} |")
+    if all("checkpoint_parts" in r for r in rows):
+        names = list(rows[0]["checkpoint_parts"])
+        lines += ["", "| checkpoint part (MB) | " + " | ".join(r["label"] for r in rows) + " |",
+                  "|---|" + "---|" * len(rows)]
+        lines += [f"| {n} | " + " | ".join(f"{r['checkpoint_parts'][n] / 1e6:.1f}" for r in rows) + " |" for n in names]
     return "\n".join(lines) + "\n"
+
+
+def run_footprint(output: str | os.PathLike, labels: Sequence[str] = tuple(FOOTPRINT_CONFIGS)) -> dict:
+    """`bench --footprint`: the DiT-XL/2 size and memory table alone (one process per mode), JSON + Markdown."""
+    t0 = time.time()
+    rows = architecture_footprint(labels)
+    result = {"rows": rows, "versions": _versions(), "machine": machine_info(), "total_seconds": time.time() - t0}
+    write_json(result, output)
+    Path(output).with_suffix(".md").write_text(
+        f"# DiT-XL/2 footprint\n\nCPU: {result['machine']['cpu_model']}; torch {result['versions']['torch']}. Every "
+        "block's embedder is a copy of block 0's, as in converted DiT-XL/2 checkpoints; a quantized checkpoint stores "
+        "it once.\n\n" + footprint_table(rows))
+    return result
 
 
 if __name__ == "__main__":
