@@ -398,6 +398,8 @@ FOOTPRINT_CONFIGS = {
     "W4A16": dict(weight_bits=4, act_bits=None),
     "W8A8": dict(weight_bits=8, act_bits=8),
     "W4A8": dict(weight_bits=4, act_bits=8),
+    # HTG's checkpoint with its per-group biases: 5 groups (the HTG paper's G = ⌊50/10⌋), calibrated on 10 steps
+    "W4A8-HTG": dict(weight_bits=4, act_bits=8, htg_shift=True, htg_scale=True, htg_groups=5, num_inference_steps=10),
 }
 
 
@@ -439,7 +441,7 @@ def footprint_worker(label: str) -> dict:
     row = {"label": label, "parameters": sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))}
     t0 = time.time()
     if FOOTPRINT_CONFIGS[label] is not None:
-        config = QuantConfig(**FOOTPRINT_CONFIGS[label], num_samples=1, num_inference_steps=2, batch_size=1)
+        config = QuantConfig(**{"num_inference_steps": 2, **FOOTPRINT_CONFIGS[label]}, num_samples=1, batch_size=1)
         report = quantize_transformer(model, config, progress=False)
         row["calibration_seconds"] = report.calibration_seconds
     row["quantize_seconds"] = time.time() - t0
