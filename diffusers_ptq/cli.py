@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--calibration-samples", type=int, default=32)
     bench.add_argument("--suite", choices=sorted(SUITES_NAMES), default="baselines",
                        help="which rows: every method side by side (main); the baselines grid; PTQ4DiT or HTG (with "
-                       "ablations) beside the baselines; or every method once (methods)")
+                       "ablations) beside the baselines; every method once (methods); Q-DiT (qdit); or the "
+                       "text-to-image table, every method × nearest/GPTQ × W4A8/W8A8 (mmdit: SD3, FLUX, PixArt)")
     bench.add_argument("--only", nargs="+", help="keep rows whose label contains one of these strings")
     bench.add_argument("--grid", help="also write a PNG: one row of samples per method, same noise")
     bench.add_argument("--dit-xl", action="store_true",
