@@ -155,3 +155,25 @@ def test_a_checkpoint_without_the_multiplier_is_refused(tmp_path):
 
     with pytest.raises(CheckpointError, match="transformer_blocks.0.modulation_scale.*missing"):
         PixArtTransformer2DModel.from_pretrained(tmp_path)
+
+
+def test_quantized_self_attention_only_and_reload_bit_exact(tmp_path):
+    """quantize_attention rounds the self-attention's matmuls (no mask, no context); cross-attention stays float;
+    the processors' scales and the modulation multipliers come back bit for bit."""
+    from diffusers import PixArtTransformer2DModel
+
+    from diffusers_ptq.attention import QuantAttnProcessor
+
+    pipe = tiny_pipeline("pixart")
+    diffusers_ptq.quantize(pipe, diffusers_ptq.PTQ4DiTConfig(quantize_attention=True, **CALIBRATION), progress=False)
+    model = pipe.transformer
+    blocks = model.transformer_blocks
+    assert all(isinstance(b.attn1.processor, QuantAttnProcessor) for b in blocks)
+    assert not any(isinstance(b.attn2.processor, QuantAttnProcessor) for b in blocks)
+    with torch.no_grad():
+        expected = model(**inputs()).sample
+    model.save_pretrained(tmp_path)
+    reloaded = PixArtTransformer2DModel.from_pretrained(tmp_path)
+    assert isinstance(reloaded.transformer_blocks[0].modulation_scale, ModulationScale)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs()).sample, expected)
