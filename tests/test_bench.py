@@ -68,3 +68,21 @@ def test_speed_worker_runs_the_mmdit_models(monkeypatch):
     assert multiply["blocks"] == 2 and multiply["width"] == 6 * 144 and multiply["overhead_ratio"] > 0
     text = mmdit_speed_markdown(rows, multiply)
     assert "FLUX.1-dev width" in text and "PixArt-Σ width" in text and "modulation multiply" in text
+
+
+def test_method_grid_places_each_mmdit_row():
+    """The `mmdit` suite's rows land in their (bits, rounding, method) cell; a row not run yet leaves it empty."""
+    from diffusers_ptq.harness.bench import SUITES, method_grid
+
+    labels = [c.label for c in SUITES["mmdit"]()]
+    rows = [{"label": "FP32", "psnr_db": float("inf")}] + [
+        {"label": label, "psnr_db": 20.0 + i, "classifier_fid_to_reference": 0.5, "classifier_accuracy": 0.9}
+        for i, label in enumerate(labels[:-1])]  # the last row (Q-DiT + GPTQ) not run
+    lines = method_grid({"rows": rows}).splitlines()
+    assert lines[0].startswith("| PSNR vs FP") and len(lines) == 6
+    w4_nearest, w4_gptq = lines[4].split(" | "), lines[5].split(" | ")
+    assert w4_nearest[1] == "20.00 / 0.50 / 0.90"  # the first row: W4A8 min-max, nearest
+    assert w4_gptq[2].startswith("23.00")  # W4A8 SmoothQuant + GPTQ, the fourth row
+    assert w4_nearest[5].startswith("36.00") and w4_gptq[5].strip(" |") == ""  # Q-DiT: nearest run, GPTQ not yet
+    assert sum(cell.count(" / ") == 2 for line in lines[2:] for cell in line.split(" | ")) == len(labels) - 1
+    assert method_grid({"rows": rows[:1]}) == ""

@@ -359,6 +359,42 @@ def format_row(row: dict, fp_row: dict) -> str:
     return " | ".join(f"{name} {fn(row, fp_row)}" for name, fn in COLUMNS)
 
 
+GRID_METHODS = {"minmax": "min-max", "minmax+sq0.5": "SmoothQuant", "minmax+csb+ssc": "PTQ4DiT", "minmax+htg": "HTG",
+                "gs4.5 dynamic": "Q-DiT (4.5 b, dynamic)"}
+
+
+def _grid_cell(label: str) -> tuple[str, str, str] | None:
+    """(bits, rounding, method) of an `mmdit` suite row label, e.g. "W4A8 minmax+sq0.5+gptq"; None for others."""
+    rounding = "GPTQ" if label.endswith("+gptq") else "nearest"
+    stem = label[: -len("+gptq")] if label.endswith("+gptq") else label
+    for bits in ("W4A8", "W8A8"):
+        if stem.startswith(bits):
+            method = GRID_METHODS.get(stem[len(bits):].strip())
+            return (bits, rounding, method) if method else None
+    return None
+
+
+def method_grid(result: dict) -> str:
+    """The `mmdit` suite's rows as one grid: bits × rounding down, methods across; each cell "PSNR vs FP dB / paired
+    FD / accuracy" ("" for a row not run yet). Empty when the result has none of those rows."""
+    cells = {}
+    for r in result["rows"][1:]:
+        key = _grid_cell(r["label"])
+        if key is not None:
+            fd = f"{r['classifier_fid_to_reference']:.2f}" if "classifier_fid_to_reference" in r else "–"
+            acc = f"{r['classifier_accuracy']:.2f}" if "classifier_accuracy" in r else "–"
+            cells[key] = f"{r['psnr_db']:.2f} / {fd} / {acc}"
+    if not cells:
+        return ""
+    methods = list(GRID_METHODS.values())
+    lines = ["| PSNR vs FP (dB) / paired FD / acc | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for bits in ("W8A8", "W4A8"):
+        for rounding in ("nearest", "GPTQ"):
+            lines.append(f"| {bits}, {rounding} | " + " | ".join(cells.get((bits, rounding, m), "")
+                                                                   for m in methods) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(result: dict) -> str:
     rows = result["rows"]
     fp_row = rows[0]
@@ -376,6 +412,9 @@ def markdown_table(result: dict) -> str:
         "|" + "---|" * len(COLUMNS),
     ]
     lines += ["| " + " | ".join(fn(r, fp_row) for _, fn in COLUMNS) + " |" for r in rows]
+    grid = method_grid(result)
+    if grid:
+        lines += ["", "The same rows by method (empty: not run yet):", "", grid.rstrip("\n")]
     lines += ["", "Activation outliers of the float model (per input channel absmax; ratio = largest channel over the "
               "median channel at one step; median = the median channel's absmax at the first / last step):", "",
               "| layer | layers | max ratio | mean ratio | median first → last |", "|---|---|---|---|---|"]
