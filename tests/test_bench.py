@@ -86,3 +86,14 @@ def test_method_grid_places_each_mmdit_row():
     assert w4_nearest[5].startswith("36.00") and w4_gptq[5].strip(" |") == ""  # Q-DiT: nearest run, GPTQ not yet
     assert sum(cell.count(" / ") == 2 for line in lines[2:] for cell in line.split(" | ")) == len(labels) - 1
     assert method_grid({"rows": rows[:1]}) == ""
+
+
+def test_footprint_worker_runs_on_the_flux_width_model(monkeypatch):
+    """bench --footprint's FLUX rows, on the shrunken speed model: a dry run of the machinery, not a measurement."""
+    from diffusers_ptq.harness.bench import footprint_table, footprint_worker
+
+    monkeypatch.setenv("DIFFUSERS_PTQ_SPEED_TINY", "1")
+    rows = [footprint_worker(label, "flux") for label in ("FP32", "W4A8")]
+    fp, w4 = rows
+    assert w4["checkpoint_bytes"] < fp["checkpoint_bytes"] and w4["checkpoint_parts"]["scales"] > 0
+    assert "| W4A8 |" in footprint_table(rows, "FLUX") and w4["model"] == "flux"

@@ -466,10 +466,15 @@ def checkpoint_parts(model: torch.nn.Module) -> dict[str, int]:
     return parts
 
 
-def footprint_worker(label: str) -> dict:
-    """In this process: DiT-XL/2 (random weights; every block's timestep/class embedder a copy of block 0's, as in
-    converted DiT-XL/2 checkpoints) quantized per FOOTPRINT_CONFIGS[label], one forward at batch 2 (CFG) x 256
-    tokens; state-dict bytes, checkpoint bytes by part, and the process's peak resident memory."""
+def _footprint_subject(model_name: str):
+    """(model, run one forward, calibration context) of a footprint row: DiT-XL/2 (random weights; every block's
+    timestep/class embedder a copy of block 0's, as in converted DiT-XL/2 checkpoints), or a text-to-image model at
+    full width from harness/speed.py (MMDIT_SPEED_MODELS: random weights, a few blocks)."""
+    if model_name != "dit-xl-2":
+        from diffusers_ptq.harness.speed import _speed_subject
+
+        model, inputs, context = _speed_subject(model_name)
+        return model, lambda: model(**inputs), context
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
@@ -477,39 +482,47 @@ def footprint_worker(label: str) -> dict:
     first = model.transformer_blocks[0].norm1.emb.state_dict()
     for block in model.transformer_blocks[1:]:
         block.norm1.emb.load_state_dict(first)
-    row = {"label": label, "parameters": sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))}
+    x = torch.randn(2, 4, 32, 32)
+    return model, lambda: model(x, timestep=torch.tensor([500, 500]), class_labels=torch.tensor([1, 1000])), {}
+
+
+def footprint_worker(label: str, model_name: str = "dit-xl-2") -> dict:
+    """In this process: the model (`_footprint_subject`) quantized per FOOTPRINT_CONFIGS[label], then one forward;
+    state-dict bytes, checkpoint bytes by part, and the process's peak resident memory."""
+    model, forward, context = _footprint_subject(model_name)
+    row = {"label": label, "model": model_name,
+           "parameters": sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))}
     t0 = time.time()
     if FOOTPRINT_CONFIGS[label] is not None:
         config = QuantConfig(**{"num_inference_steps": 2, **FOOTPRINT_CONFIGS[label]}, num_samples=1, batch_size=1)
-        report = quantize_transformer(model, config, progress=False)
+        report = quantize_transformer(model, config, context=context, progress=False)
         row["calibration_seconds"] = report.calibration_seconds
     row["quantize_seconds"] = time.time() - t0
     row["state_dict_bytes"] = state_dict_bytes(model)
     row["checkpoint_parts"] = checkpoint_parts(model)
     row["checkpoint_bytes"] = sum(row["checkpoint_parts"].values())
-    x = torch.randn(2, 4, 32, 32)
     with torch.no_grad():
         t0 = time.time()
-        model(x, timestep=torch.tensor([500, 500]), class_labels=torch.tensor([1, 1000]))
+        forward()
         row["forward_seconds"] = time.time() - t0
     row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return row
 
 
-def architecture_footprint(labels: Sequence[str] = tuple(FOOTPRINT_CONFIGS)) -> list[dict]:
+def architecture_footprint(labels: Sequence[str] = tuple(FOOTPRINT_CONFIGS), model_name: str = "dit-xl-2") -> list[dict]:
     """Run `footprint_worker` for each label in a fresh process (so peak memory is that mode's own)."""
     rows = []
     for label in labels:
-        out = subprocess.run([sys.executable, "-m", "diffusers_ptq.harness.bench", "--footprint-worker", label],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-m", "diffusers_ptq.harness.bench", "--footprint-worker", label,
+                              model_name], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
 
 
-def footprint_table(rows: list[dict]) -> str:
+def footprint_table(rows: list[dict], title: str = "DiT-XL/2 (random weights)") -> str:
     fp = rows[0]
     base = fp.get("checkpoint_bytes", fp["state_dict_bytes"])
-    lines = ["| DiT-XL/2 (random weights) | state dict (MB) | checkpoint (MB) | / FP32 | peak RSS (GB) | quantize (s) | "
+    lines = [f"| {title} | state dict (MB) | checkpoint (MB) | / FP32 | peak RSS (GB) | quantize (s) | "
              "forward (s) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         saved = r.get("checkpoint_bytes", r["state_dict_bytes"])
@@ -523,19 +536,26 @@ def footprint_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_footprint(output: str | os.PathLike, labels: Sequence[str] = tuple(FOOTPRINT_CONFIGS)) -> dict:
-    """`bench --footprint`: the DiT-XL/2 size and memory table alone (one process per mode), JSON + Markdown."""
+def run_footprint(output: str | os.PathLike, labels: Sequence[str] = tuple(FOOTPRINT_CONFIGS),
+                  models: Sequence[str] = ("dit-xl-2", "flux")) -> dict:
+    """`bench --footprint`: the size and memory tables alone, DiT-XL/2 and a FLUX.1-width model with a few blocks
+    (one process per mode), JSON + Markdown."""
+    from diffusers_ptq.harness.speed import MMDIT_SPEED_MODELS
+
     t0 = time.time()
-    rows = architecture_footprint(labels)
-    result = {"rows": rows, "versions": _versions(), "machine": machine_info(), "total_seconds": time.time() - t0}
+    tables = {name: architecture_footprint(labels, name) for name in models}
+    result = {"models": tables, "versions": _versions(), "machine": machine_info(), "total_seconds": time.time() - t0}
     write_json(result, output)
-    Path(output).with_suffix(".md").write_text(
-        f"# DiT-XL/2 footprint\n\nCPU: {result['machine']['cpu_model']}; torch {result['versions']['torch']}. Every "
-        "block's embedder is a copy of block 0's, as in converted DiT-XL/2 checkpoints; a quantized checkpoint stores "
-        "it once.\n\n" + footprint_table(rows))
+    text = [f"# Footprint\n\nCPU: {result['machine']['cpu_model']}; torch {result['versions']['torch']}; one process "
+            "per mode, random weights. DiT-XL/2: every block's embedder is a copy of block 0's, as in converted DiT-XL/2 "
+            "checkpoints; a quantized checkpoint stores it once.\n"]
+    for name, rows in tables.items():
+        title = "DiT-XL/2 (random weights)" if name == "dit-xl-2" else MMDIT_SPEED_MODELS[name][2]
+        text.append(footprint_table(rows, title))
+    Path(output).with_suffix(".md").write_text("\n".join(text))
     return result
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--footprint-worker":
-        print(json.dumps(footprint_worker(sys.argv[2])))
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "--footprint-worker":
+        print(json.dumps(footprint_worker(sys.argv[2], *sys.argv[3:])))
