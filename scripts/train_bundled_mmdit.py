@@ -484,7 +484,7 @@ def main() -> None:
         args.eval_guidance = [defaults["eval_guidance"]]
     args.grid = args.grid or ROOT / "docs" / "images" / f"bundled-{args.family}-samples.png"
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    from diffusers_ptq.harness.utils import machine_info, save_grid
+    from diffusers_ptq.harness.utils import machine_info
 
     if not args.eval_only:
         vae = load_vae()
@@ -509,10 +509,19 @@ def main() -> None:
         (args.output / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     info = json.loads((args.output / "training.json").read_text())
     pipe = _load(args.family, args.output)
+    write_evaluations(args, info, lambda guidance: evaluate_pipeline(pipe, args.family, args.eval_per_digit,
+                                                                     args.eval_steps, guidance, args.seed))
+
+
+def write_evaluations(args, info: dict, evaluate, log=lambda message: print(message, flush=True)) -> None:
+    """Evaluate the saved pipeline at each of args.eval_guidance (`evaluate(guidance) -> (report, images)`), save the
+    first one's grid, and write everything into the output folder's training.json."""
+    from diffusers_ptq.harness.utils import save_grid
+
     evaluations = []
     for i, guidance in enumerate(args.eval_guidance):
-        report, images = evaluate_pipeline(pipe, args.family, args.eval_per_digit, args.eval_steps, guidance, args.seed)
-        print(json.dumps(report), flush=True)
+        report, images = evaluate(guidance)
+        log(json.dumps(report))
         evaluations.append(report)
         if i == 0:
             save_grid(images, args.grid, nrow=args.eval_per_digit)
@@ -520,7 +529,7 @@ def main() -> None:
     info["grid"] = str(args.grid.relative_to(ROOT)) if args.grid.is_relative_to(ROOT) else str(args.grid)
     info["folder_bytes"] = folder_size(args.output)
     (args.output / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in info.items() if k not in ("transformer_config", "prompts")}, indent=2))
+    log(json.dumps({k: v for k, v in info.items() if k not in ("transformer_config", "prompts")}, indent=2))
 
 
 def _load(family: str, folder: Path):

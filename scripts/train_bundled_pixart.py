@@ -57,11 +57,11 @@ from train_bundled_mmdit import (  # noqa: E402  (the sibling script: shared pro
     _save_checkpoint,
     classify_samples,
     eval_prompts,
-    folder_size,
     load_vae,
     mnist_latents,
     optimizer_step,
     prompt_table,
+    write_evaluations,
 )
 
 from diffusers_ptq.harness.text import PIXART_SCHEDULER, text_components  # noqa: E402
@@ -335,7 +335,7 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     from diffusers import PixArtSigmaPipeline
 
-    from diffusers_ptq.harness.utils import machine_info, save_grid
+    from diffusers_ptq.harness.utils import machine_info
 
     def log(msg):
         print(msg, flush=True)
@@ -366,18 +366,8 @@ def main() -> None:
         (args.output / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     info = json.loads((args.output / "training.json").read_text())
     pipe = PixArtSigmaPipeline.from_pretrained(args.output, dtype=torch.float32)
-    evaluations = []
-    for i, guidance in enumerate(args.eval_guidance):
-        report, images = evaluate_pipeline(pipe, args.eval_per_digit, args.eval_steps, guidance, args.seed)
-        log(json.dumps(report))
-        evaluations.append(report)
-        if i == 0:
-            save_grid(images, args.grid, nrow=args.eval_per_digit)
-    info["evaluation"] = evaluations
-    info["grid"] = str(args.grid.relative_to(ROOT)) if args.grid.is_relative_to(ROOT) else str(args.grid)
-    info["folder_bytes"] = folder_size(args.output)
-    (args.output / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    log(json.dumps({k: v for k, v in info.items() if k not in ("transformer_config", "prompts")}, indent=2))
+    write_evaluations(args, info, lambda guidance: evaluate_pipeline(pipe, args.eval_per_digit, args.eval_steps,
+                                                                     guidance, args.seed), log)
 
 
 if __name__ == "__main__":
