@@ -40,6 +40,7 @@ from diffusers_ptq.harness.evaluation import (
     uses_mnist_classifier,
     write_json,
 )
+from diffusers_ptq.harness.speed import DIT_XL_2_256
 from diffusers_ptq.harness.utils import machine_info, save_grid
 from diffusers_ptq.models import adapter_for
 from diffusers_ptq.models.dit import balanced_labels
@@ -429,8 +430,6 @@ def markdown_table(result: dict) -> str:
 
 # ----------------------------------------------------------------------------- DiT-XL/2 footprint
 
-DIT_XL_2_256 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-                    sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
 FOOTPRINT_CONFIGS = {
     "FP32": None,
     "W8A16": dict(weight_bits=8, act_bits=None),

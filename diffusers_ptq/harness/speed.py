@@ -31,6 +31,11 @@ import torch
 
 from diffusers_ptq.modules import kernel_summary, set_kernel
 
+# DiT-XL/2 at 256 px (its released config), the speed and footprint benchmarks' subject
+DIT_XL_2_256 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                    sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+
+
 SPEED_MODES = {
     "FP32": None,
     "W8A8": dict(weight_bits=8, act_bits=8),
@@ -90,8 +95,6 @@ def _paired(fns: dict, repeats: int) -> dict:
 
 def _dit_xl_model():
     from diffusers import DiTTransformer2DModel
-
-    from diffusers_ptq.harness.bench import DIT_XL_2_256
 
     torch.manual_seed(0)
     config = DIT_XL_2_256
