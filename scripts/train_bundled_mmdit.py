@@ -178,6 +178,15 @@ class BiasedJointAttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
+def xavier_init_linears(model) -> None:
+    """Every Linear: Xavier-uniform weight, zero bias (DiT's initialisation), in place."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                module.bias.zero_()
+
+
 def build_transformer(family: str, seed: int):
     """The MM-DiT, initialized DiT-style: Xavier Linears, zero biases, zeroed adaLN modulations and output layer."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
@@ -185,11 +194,7 @@ def build_transformer(family: str, seed: int):
     torch.manual_seed(seed)
     model = SD3Transformer2DModel(**SD3_CONFIG) if family == "sd3" else FluxTransformer2DModel(**FLUX_CONFIG)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    module.bias.zero_()
+        xavier_init_linears(model)
         for name, module in model.named_modules():
             if "timestep_embedder" in name or "text_embedder" in name or "guidance_embedder" in name:
                 if isinstance(module, torch.nn.Linear):

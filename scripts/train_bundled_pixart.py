@@ -62,6 +62,7 @@ from train_bundled_mmdit import (  # noqa: E402  (the sibling script: shared pro
     optimizer_step,
     prompt_table,
     write_evaluations,
+    xavier_init_linears,
 )
 
 from diffusers_ptq.harness.text import PIXART_SCHEDULER, text_components  # noqa: E402
@@ -157,11 +158,7 @@ def build_transformer(seed: int, config: dict | None = None):
     torch.manual_seed(seed)
     model = PixArtTransformer2DModel(**(config or PIXART_CONFIG))
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    module.bias.zero_()
+        xavier_init_linears(model)
         proj = model.pos_embed.proj
         torch.nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
         proj.bias.zero_()
