@@ -71,7 +71,8 @@ def test_speed_worker_runs_the_mmdit_models(monkeypatch):
 
 
 def test_method_grid_places_each_mmdit_row():
-    """The `mmdit` suite's rows land in their (bits, rounding, method) cell; a row not run yet leaves it empty."""
+    """The `mmdit` and `mmdit-dynamic` suites' rows land in their (bits and activations, rounding, method) cell; a
+    row not run yet leaves it empty; a bits × activations with no row has no line."""
     from diffusers_ptq.harness.bench import SUITES, method_grid
 
     labels = [c.label for c in SUITES["mmdit"]()]
@@ -79,13 +80,24 @@ def test_method_grid_places_each_mmdit_row():
         {"label": label, "psnr_db": 20.0 + i, "classifier_fid_to_reference": 0.5, "classifier_accuracy": 0.9}
         for i, label in enumerate(labels[:-1])]  # the last row (Q-DiT + GPTQ) not run
     lines = method_grid({"rows": rows}).splitlines()
-    assert lines[0].startswith("| PSNR vs FP") and len(lines) == 6
-    w4_nearest, w4_gptq = lines[4].split(" | "), lines[5].split(" | ")
+    assert lines[0].startswith("| PSNR vs FP") and len(lines) == 8  # W8A8 static, W4A8 static, W4A8 dynamic (Q-DiT)
+    assert [line.split(" | ")[0] for line in lines[2:]] == [
+        "| W8A8 static, nearest", "| W8A8 static, GPTQ", "| W4A8 static, nearest", "| W4A8 static, GPTQ",
+        "| W4A8 dynamic, nearest", "| W4A8 dynamic, GPTQ"]
+    w4_nearest, w4_gptq, qdit_nearest, qdit_gptq = (lines[i].split(" | ") for i in (4, 5, 6, 7))
     assert w4_nearest[1] == "20.00 / 0.50 / 0.90"  # the first row: W4A8 min-max, nearest
     assert w4_gptq[2].startswith("23.00")  # W4A8 SmoothQuant + GPTQ, the fourth row
-    assert w4_nearest[5].startswith("36.00") and w4_gptq[5].strip(" |") == ""  # Q-DiT: nearest run, GPTQ not yet
+    assert qdit_nearest[5].startswith("36.00") and qdit_gptq[5].strip(" |") == ""  # Q-DiT: nearest run, GPTQ not yet
     assert sum(cell.count(" / ") == 2 for line in lines[2:] for cell in line.split(" | ")) == len(labels) - 1
     assert method_grid({"rows": rows[:1]}) == ""
+
+    dynamic = [c.label for c in SUITES["mmdit-dynamic"]()]
+    assert all("dynamic" in label for label in dynamic) and len(set(dynamic)) == 16
+    rows = [{"label": "FP32", "psnr_db": float("inf")}] + [{"label": label, "psnr_db": 40.0 + i} for i, label in
+                                                           enumerate(dynamic)]
+    lines = method_grid({"rows": rows}).splitlines()
+    assert len(lines) == 6 and lines[2].startswith("| W8A8 dynamic, nearest | 48.00 / – / –")  # "W8A8 dynamic"
+    assert lines[4].split(" | ")[4].startswith("46.00")  # W4A8 dynamic HTG, nearest: the 7th row
 
 
 def test_footprint_worker_runs_on_the_flux_width_model(monkeypatch):

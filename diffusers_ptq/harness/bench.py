@@ -155,8 +155,17 @@ def mmdit_configs(**calibration) -> list[QuantConfig]:
     return rows
 
 
+def mmdit_dynamic_configs(**calibration) -> list[QuantConfig]:
+    """The `mmdit` table's methods with dynamic per-token int8 activations instead of static per-tensor scales
+    (the smoothing folds still apply; nothing else is calibrated for the activations)."""
+    methods = ({}, dict(smoothquant_alpha=0.5), dict(csb_alpha=0.5), dict(htg_shift=True, htg_scale=True))
+    return [QuantConfig(weight_bits=bits, act_bits=8, act_dynamic=True, weight_rounding=r, **m, **calibration)
+            for bits in (4, 8) for m in methods for r in ("nearest", "gptq")]
+
+
 SUITES = {"main": main_configs, "baselines": default_configs, "ptq4dit": ptq4dit_configs, "htg": htg_configs,
-          "methods": compact_configs, "qdit": qdit_configs, "mmdit": mmdit_configs}
+          "methods": compact_configs, "qdit": qdit_configs, "mmdit": mmdit_configs,
+          "mmdit-dynamic": mmdit_dynamic_configs}
 
 
 def state_dict_bytes(module: torch.nn.Module) -> int:
@@ -361,23 +370,30 @@ def format_row(row: dict, fp_row: dict) -> str:
 
 
 GRID_METHODS = {"minmax": "min-max", "minmax+sq0.5": "SmoothQuant", "minmax+csb+ssc": "PTQ4DiT", "minmax+htg": "HTG",
-                "gs4.5 dynamic": "Q-DiT (4.5 b, dynamic)"}
+                "gs4.5 dynamic": "Q-DiT (4.5 b)"}
 
 
 def _grid_cell(label: str) -> tuple[str, str, str] | None:
-    """(bits, rounding, method) of an `mmdit` suite row label, e.g. "W4A8 minmax+sq0.5+gptq"; None for others."""
+    """(bits and activations, rounding, method) of an `mmdit` / `mmdit-dynamic` suite row label, e.g.
+    "W4A8 minmax+sq0.5+gptq" -> ("W4A8 static", "GPTQ", "SmoothQuant"), "W8A8 dynamic+htg" -> ("W8A8 dynamic",
+    "nearest", "HTG"); None for others. "min-max" with dynamic activations is no smoothing at all."""
     rounding = "GPTQ" if label.endswith("+gptq") else "nearest"
     stem = label[: -len("+gptq")] if label.endswith("+gptq") else label
     for bits in ("W4A8", "W8A8"):
         if stem.startswith(bits):
-            method = GRID_METHODS.get(stem[len(bits):].strip())
-            return (bits, rounding, method) if method else None
+            method = stem[len(bits):].strip()
+            acts = "dynamic" if "dynamic" in method else "static"
+            if method.startswith("dynamic"):
+                method = "minmax" + method[len("dynamic"):]
+            method = GRID_METHODS.get(method)
+            return (f"{bits} {acts}", rounding, method) if method else None
     return None
 
 
 def method_grid(result: dict) -> str:
-    """The `mmdit` suite's rows as one grid: bits × rounding down, methods across; each cell "PSNR vs FP dB / paired
-    FD / accuracy" ("" for a row not run yet). Empty when the result has none of those rows."""
+    """The `mmdit` suites' rows as one grid: bits, activations (static per-tensor / dynamic per-token) and rounding
+    down, methods across; each cell "PSNR vs FP dB / paired FD / accuracy" ("" for a row not run yet); only the
+    bits × activations that have a row. Empty when the result has none of those rows."""
     cells = {}
     for r in result["rows"][1:]:
         key = _grid_cell(r["label"])
@@ -389,9 +405,11 @@ def method_grid(result: dict) -> str:
         return ""
     methods = list(GRID_METHODS.values())
     lines = ["| PSNR vs FP (dB) / paired FD / acc | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    for bits in ("W8A8", "W4A8"):
+    for kind in ("W8A8 static", "W8A8 dynamic", "W4A8 static", "W4A8 dynamic"):
+        if not any(key[0] == kind for key in cells):
+            continue
         for rounding in ("nearest", "GPTQ"):
-            lines.append(f"| {bits}, {rounding} | " + " | ".join(cells.get((bits, rounding, m), "")
+            lines.append(f"| {kind}, {rounding} | " + " | ".join(cells.get((kind, rounding, m), "")
                                                                    for m in methods) + " |")
     return "\n".join(lines) + "\n"
 
