@@ -25,7 +25,7 @@ def _sampling_args(parser: argparse.ArgumentParser, num_samples: int = 1000, see
     parser.add_argument("--batch-size", type=int, default=250)
 
 
-SUITES_NAMES = ("main", "baselines", "ptq4dit", "htg", "methods", "qdit", "mmdit")  # keys of bench.SUITES (not imported here: bench pulls in the engine)
+SUITES_NAMES = ("main", "baselines", "ptq4dit", "htg", "methods", "qdit", "mmdit", "mmdit-dynamic")  # keys of bench.SUITES (not imported here: bench pulls in the engine)
 DEMO_CONFIGS = (dict(weight_bits=8, act_bits=8, csb_alpha=0.5), dict(weight_bits=4, act_bits=8),
                 dict(weight_bits=4, act_bits=8, htg_shift=True, htg_scale=True, weight_rounding="gptq"))
 
@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--suite", choices=sorted(SUITES_NAMES), default="baselines",
                        help="which rows: every method side by side (main); the baselines grid; PTQ4DiT or HTG (with "
                        "ablations) beside the baselines; every method once (methods); Q-DiT (qdit); or the "
-                       "text-to-image table, every method × nearest/GPTQ × W4A8/W8A8 (mmdit: SD3, FLUX, PixArt)")
+                       "text-to-image table, every method × nearest/GPTQ × W4A8/W8A8 (mmdit: SD3, FLUX, PixArt), the same with "
+                       "dynamic per-token activations (mmdit-dynamic)")
     bench.add_argument("--only", nargs="+", help="keep rows whose label contains one of these strings")
     bench.add_argument("--grid", help="also write a PNG: one row of samples per method, same noise")
     bench.add_argument("--dit-xl", action="store_true",
