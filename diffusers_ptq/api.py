@@ -21,6 +21,7 @@ from diffusers_ptq.models import ModelAdapter, adapter_for
 from diffusers_ptq.modules import quantize_linear
 from diffusers_ptq.rounding import HessianRecorder, RoundedWeight
 from diffusers_ptq.scheme import Plan, QuantScheme
+from diffusers_ptq.serialization import identical_copies, tie_copies
 
 
 @dataclass
@@ -31,6 +32,7 @@ class QuantizationReport:
     timestep_groups: dict[str, list[int]] = field(default_factory=dict)  # HTG: first step of each group, per target
     group_sizes: dict[str, int | None] = field(default_factory=dict)  # 4-bit: each layer's group size (None: channel)
     group_search: dict | None = None  # Q-DiT's search: choice, bits per weight, proxy errors (methods/qdit.py)
+    embedders: list[str] = field(default_factory=list)  # embedder_bits: the embedder modules stored as 8-bit
     search_seconds: float = 0.0
     calibration_seconds: float = 0.0
     rounding_seconds: float = 0.0
@@ -135,6 +137,32 @@ def rewrite_linears(transformer: nn.Module, config: QuantScheme, input_scales: d
         transformer.set_submodule(name, quantized)
 
 
+def quantize_embedders(transformer: nn.Module, patterns: tuple[str, ...], bits: int = 8) -> list[str]:
+    """Store the float Linears and embedding tables inside the modules matching `patterns` (the adapter's
+    `embedders`) as 8-bit weights: weight-only per-output-channel int8 QuantLinear, int8-per-row QuantEmbedding.
+    A module reachable under several names (tied copies) is replaced once, in place, so the copies stay one.
+    Returns the names replaced."""
+    from fnmatch import fnmatchcase
+
+    from diffusers_ptq.modules import QuantEmbedding
+
+    if bits != 8:
+        raise ValueError(f"embedder_bits must be 8 or None, got {bits!r}")
+    roots = [name for name, _ in transformer.named_modules() if any(fnmatchcase(name, p) for p in patterns)]
+    done = []
+    for name, module in list(transformer.named_modules()):  # each module object once (tied copies: one name)
+        if not any(name == r or name.startswith(r + ".") for r in roots):
+            continue
+        if type(module) is nn.Linear:
+            transformer.set_submodule(name, quantize_linear(module, bits, None))
+        elif type(module) is nn.Embedding:
+            transformer.set_submodule(name, QuantEmbedding.from_embedding(module))
+        else:
+            continue
+        done.append(name)
+    return done
+
+
 def layer_group_sizes(transformer: nn.Module, config: QuantScheme, names: list[str]) -> dict[str, int | None]:
     """The configured group size of each named Linear (`QuantScheme.group_size_for`), checked against its shape."""
     if config.weight_bits != 4:
@@ -176,6 +204,7 @@ def quantize_transformer(
     t0 = time.time()
     plan = config if isinstance(config, Plan) else config.plan()
     adapter = adapter_for(transformer)
+    tie_copies(transformer, identical_copies(transformer))  # identical copies (adapter.shared_copies): one module
     report = QuantizationReport(config=config.to_dict() if hasattr(config, "to_dict") else {})
     scheme = plan.scheme
     include = scheme.include if scheme.include is not None else adapter.default_include
@@ -217,6 +246,8 @@ def quantize_transformer(
         run.rounded.update(rounding.round(run, unrounded))
         report.rounding_seconds = time.time() - t_round
     rewrite_linears(transformer, scheme, run.input_scales, run.rounded, run.group_sizes)
+    if scheme.embedder_bits:
+        report.embedders = quantize_embedders(transformer, adapter.embedders, scheme.embedder_bits)
     for processor in run.attention.values():
         processor.freeze()
     report.total_seconds = time.time() - t0

@@ -61,6 +61,10 @@ class QuantConfig:
         by trace(W H Wᵀ)), "weight" (‖ΔW‖², no calibration). With weight_rounding="gptq" ΔW is GPTQ's.
     act_dynamic: 8-bit activations quantized per token at run time (symmetric, scale = max|x_token| / 127)
         instead of a static per-tensor scale; act_range is then unused.
+    embedder_bits: None (the conditioning embedders stay float) or 8: their Linears (timestep, guidance, pooled-text
+        embedders) stored as weight-only per-output-channel int8 and their embedding tables (DiT's class table) as
+        int8 per row; which modules are embedders is the model family's (ModelAdapter.embedders). Calibration and
+        the methods are unchanged (embedders are not calibrated); the checkpoint and the loaded model get smaller.
     weight_rounding: "nearest" (round to nearest) or "gptq" (error-compensating rounding from each layer's
         input Hessian over the calibration run; `gptq_damp` is the damping as a fraction of the mean diagonal,
         `gptq_act_order` processes columns by decreasing Hessian diagonal), or "reconstruct" (AdaRound-style
@@ -101,6 +105,7 @@ class QuantConfig:
     reconstruct_samples: int = 256
     include: list[str] | None = None  # None: the model family's default (ModelAdapter.default_include)
     exclude: list[str] = field(default_factory=list)
+    embedder_bits: int | None = None
     # calibration (scheduler / steps / guidance None: the model family's pipeline defaults, DiT "ddim", 50, 1.5)
     scheduler: str | None = None
     num_inference_steps: int | None = None
@@ -116,6 +121,7 @@ class QuantConfig:
         _check("weight_bits", self.weight_bits, (8, 4))
         _check("act_bits", self.act_bits, (8, None))
         _check("act_range", self.act_range, ACT_RANGES)
+        _check("embedder_bits", self.embedder_bits, (8, None))
         _check("scheduler", self.scheduler, (None, *SCHEDULERS))
         _check("ssc_rows", self.ssc_rows, SSC_ROWS)
         _check("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
@@ -233,6 +239,8 @@ class QuantConfig:
             method += f"+{self.weight_rounding}"
         if self.quantize_attention:
             method += " +attn"
+        if self.embedder_bits:
+            method += f" +emb{self.embedder_bits}"
         return f"{bits} {method}"
 
     def to_dict(self) -> dict:
@@ -247,7 +255,8 @@ class QuantConfig:
             weight_bits=self.weight_bits, act_bits=self.act_bits, weight_group_size=self.weight_group_size,
             weight_group_sizes=self.weight_group_sizes, act_dynamic=self.act_dynamic, act_range=self.act_range,
             percentile=self.percentile, quantize_attention=self.quantize_attention,
-            include=None if self.include is None else tuple(self.include), exclude=tuple(self.exclude))
+            include=None if self.include is None else tuple(self.include), exclude=tuple(self.exclude),
+            embedder_bits=self.embedder_bits)
         calibration = CalibrationSettings(
             scheduler=self.scheduler, num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
             num_samples=self.num_samples, seed=self.seed, batch_size=self.batch_size,
@@ -313,6 +322,7 @@ COMMON_OPTIONS: dict[str, Any] = dict(
     reconstruct_samples=256,
     include=None,
     exclude=[],
+    embedder_bits=None,
     scheduler=None,
     num_inference_steps=None,
     guidance_scale=None,
@@ -352,7 +362,8 @@ class DiffusersPTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
     size | None}), act_dynamic (per-token int8 activations computed at run time), act_range ("minmax" | "percentile" | "mse"), percentile,
     quantize_attention, weight_rounding ("nearest" | "gptq" | "reconstruct"), gptq_damp, gptq_act_order,
     reconstruct_iters, reconstruct_lr, reconstruct_batch, reconstruct_samples (block reconstruction), include / exclude (fnmatch
-    patterns on Linear names), and calibration: scheduler ("ddim" | "ddpm" | "dpm_solver" | "flow_match_euler"),
+    patterns on Linear names), embedder_bits (None | 8: the conditioning embedders as 8-bit weights), and
+    calibration: scheduler ("ddim" | "ddpm" | "dpm_solver" | "flow_match_euler"),
     num_inference_steps, guidance_scale (each None = the model family's pipeline default: DiT "ddim", 50 steps,
     1.5; SD3 flow-matching Euler, 28, 7.0; FLUX.1 dev 28, 3.5 embedded, schnell 4, none; PixArt DPM-Solver++, 20,
     4.5), num_samples,

@@ -195,6 +195,39 @@ def seven_bit_weight(weight: torch.Tensor) -> RoundedWeight:
                          group_size=None)
 
 
+class QuantEmbedding(torch.nn.Module):
+    """An embedding table stored as int8 codes with one float32 scale per row (symmetric, scale = max|row| / 127):
+    a looked-up row is codes[i] · scale[i] (`embedder_bits=8`: a class table such as DiT's). Not trainable."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("codes", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.ones(num_embeddings, 1, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_embedding(cls, embedding: torch.nn.Embedding) -> QuantEmbedding:
+        if embedding.padding_idx is not None or embedding.max_norm is not None or embedding.sparse:
+            raise ValueError("8-bit embedding tables support plain nn.Embedding only (no padding_idx, max_norm or "
+                             "sparse gradients); leave this table float (embedder_bits=None)")
+        w = embedding.weight.detach().float()
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, device=w.device)
+        scale = w.abs().amax(dim=1, keepdim=True) / 127
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        module.codes.copy_(torch.clamp(torch.round(w / safe), -127, 127).to(torch.int8))
+        module.scale.copy_(safe)
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.codes.float() * self.scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(ids, self.codes).float() * torch.nn.functional.embedding(ids, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, weights=qint8 (per row)"
+
+
 def quant_linears(model: torch.nn.Module) -> list[tuple[str, QuantLinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
 

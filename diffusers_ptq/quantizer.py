@@ -176,7 +176,6 @@ def run_quantization(transformer, config: DiffusersPTQConfig, context: dict | No
 
     adapter = check_supported_model(transformer)
     plan = config.to_plan()
-    serialization.tie_copies(transformer, serialization.identical_copies(transformer))  # one copy in memory
     context = dict(context or {})
     if config.class_labels is not None:  # the classes calibration draws its labels from (checked by the adapter)
         adapter.calibration_conditions(transformer, len(config.class_labels), {"class_labels": config.class_labels})

@@ -20,7 +20,8 @@ class QuantScheme:
     {name or fnmatch pattern: size}); act_bits 8 | None (weight-only); act_dynamic (per-token scales at run time)
     or static per-tensor scales from act_range ("minmax" | "percentile" | "mse", percentile); quantize_attention
     (QKᵀ and PV on int8 inputs); include / exclude: fnmatch patterns on Linear names (include None: the model
-    family's default, ModelAdapter.default_include). Validated by QuantConfig."""
+    family's default, ModelAdapter.default_include); embedder_bits 8 | None: the conditioning embedders'
+    Linears and tables (ModelAdapter.embedders) stored as 8-bit weights, or left float. Validated by QuantConfig."""
 
     weight_bits: int = 8
     act_bits: int | None = 8
@@ -32,6 +33,7 @@ class QuantScheme:
     quantize_attention: bool = False
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
+    embedder_bits: int | None = None
 
     @property
     def static_activations(self) -> bool:

@@ -6,6 +6,8 @@ The weights file holds, besides the float tensors of the layers that stay in flo
 - for each `QuantLinear`, quanto's own tensors: `<name>.weight._data` (qint8 [out, in] int8) or
   `<name>.weight._data._data` (qint4, two values per uint8, per output channel or in groups), `<name>.weight._scale`,
   `<name>.weight._shift` (qint4), `<name>.input_scale`, `<name>.output_scale`, `<name>.bias`;
+- for each `QuantEmbedding` (`embedder_bits=8`), `<name>.codes` (int8 [rows, dim]) and `<name>.scale` (float32
+  [rows, 1]);
 - for each quantized attention processor, its frozen scales: `<attn>.ptq_processor.{q,k,v}_scale`;
 - in the safetensors header, under `"diffusers_ptq"`, the JSON metadata quanto does not keep: per module its kind,
   shape, weight bits, int4 group size (per layer), activation bits, whether they are dynamic per-token (`act_dynamic`;
@@ -190,12 +192,41 @@ def _build_quant_linear(template: nn.Module, meta: dict, tensors: dict[str, torc
     return module
 
 
+# --- QuantEmbedding (8-bit embedding tables) ----------------------------------------------------------------------
+
+
+def _describe_quant_embedding(module) -> dict:
+    return {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim, "weight_bits": 8}
+
+
+def _expected_quant_embedding(meta: dict) -> dict:
+    if meta["weight_bits"] != 8:
+        raise CheckpointError(f"weight_bits={meta['weight_bits']!r} for an embedding table; supported: [8]")
+    rows = meta["num_embeddings"]
+    return {"codes": ((rows, meta["embedding_dim"]), torch.int8), "scale": ((rows, 1), torch.float32)}
+
+
+def _build_quant_embedding(template: nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    from diffusers_ptq.modules import QuantEmbedding
+
+    if not isinstance(template, nn.Embedding):
+        raise CheckpointError(f"expected an Embedding in the model, found {type(template).__name__}")
+    if (template.num_embeddings, template.embedding_dim) != (meta["num_embeddings"], meta["embedding_dim"]):
+        raise CheckpointError(f"the metadata says Embedding({meta['num_embeddings']}, {meta['embedding_dim']}) but "
+                              f"the model has {template}")
+    module = QuantEmbedding(meta["num_embeddings"], meta["embedding_dim"])
+    module.load_state_dict(dict(tensors))
+    return module
+
+
 def _register_builtin_kinds() -> None:
     from diffusers_ptq.attention import QuantAttnProcessor
-    from diffusers_ptq.modules import QuantLinear
+    from diffusers_ptq.modules import QuantEmbedding, QuantLinear
 
     register_module_kind(ModuleKind("quant_linear", QuantLinear, _describe_quant_linear, _expected_quant_linear,
                                     _build_quant_linear))
+    register_module_kind(ModuleKind("quant_embedding", QuantEmbedding, _describe_quant_embedding,
+                                    _expected_quant_embedding, _build_quant_embedding))
 
     def describe_attention(processor) -> tuple[dict, dict]:
         if processor.observing or set(processor.scales) != {"q", "k", "v"}:
@@ -381,12 +412,11 @@ def float_model_keys(metadata: dict, loaded_keys: list[str]) -> list[str]:
     weight and bias (so diffusers reports neither missing nor unexpected keys); processor tensors are dropped; the
     keys of a copy stored once stand for every alias of it."""
     keys = [k for k in loaded_keys if _owner(metadata, k) is None]
-    keys += list(alias_keys(metadata.get(TIED_KEY, {}), keys))
     for name, meta in metadata["modules"].items():
         keys.append(f"{name}.weight")
         if meta.get("bias"):
             keys.append(f"{name}.bias")
-    return keys
+    return keys + list(alias_keys(metadata.get(TIED_KEY, {}), keys))  # a tied copy may hold quantized modules
 
 
 def take_quantized_tensors(metadata: dict, state_dict: dict) -> tuple[dict, dict]:

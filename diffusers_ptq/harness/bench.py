@@ -456,6 +456,9 @@ FOOTPRINT_CONFIGS = {
     "W4A8": dict(weight_bits=4, act_bits=8),
     # HTG's checkpoint with its per-group biases: 5 groups (the HTG paper's G = ⌊50/10⌋), calibrated on 10 steps
     "W4A8-HTG": dict(weight_bits=4, act_bits=8, htg_shift=True, htg_scale=True, htg_groups=5, num_inference_steps=10),
+    # the same with the embedders stored as 8-bit weights (issue #22)
+    "W4A8-HTG-emb8": dict(weight_bits=4, act_bits=8, htg_shift=True, htg_scale=True, htg_groups=5,
+                          num_inference_steps=10, embedder_bits=8),
 }
 
 
@@ -474,7 +477,8 @@ def checkpoint_parts(model: torch.nn.Module) -> dict[str, int]:
             parts["group biases"] += size
         elif name.endswith(("_scale", "_shift", "input_scale", "output_scale")):
             parts["scales"] += size
-        elif ".emb." in name or name.startswith(("pos_embed", "adaln_single.emb", "time_text_embed")):
+        elif ".emb." in name or name.startswith(("pos_embed", "adaln_single.emb", "time_text_embed",
+                                                  "context_embedder", "x_embedder")):
             parts["embedders"] += size
         elif ".weight._data" in name or (name.endswith("weight") and t.ndim == 2):
             parts["block weights"] += size

@@ -99,6 +99,10 @@ class ModelAdapter:
     # fnmatch patterns of modules that checkpoints often hold as identical copies (e.g. DiT's per-block embedders):
     # a saved checkpoint stores each distinct one once and a load ties the copies to one module (serialization.py)
     shared_copies: ClassVar[tuple[str, ...]] = ()
+    # fnmatch patterns of the conditioning embedders (timestep / class / pooled-text / guidance embedders, text and
+    # patch projections) outside `default_include`: with `embedder_bits=8` their Linears and embedding tables are
+    # stored as 8-bit weights (api.quantize_embedders)
+    embedders: ClassVar[tuple[str, ...]] = ()
 
     # --- structure -----------------------------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:

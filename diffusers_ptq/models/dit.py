@@ -55,6 +55,7 @@ class DiTAdapter(ModelAdapter):
     # every block's adaLN-Zero carries its own timestep + class embedder; converted DiT-XL/2 checkpoints hold 28
     # identical copies (77.8 M of 675 M parameters)
     shared_copies = ("transformer_blocks.*.norm1.emb",)
+    embedders = ("transformer_blocks.*.norm1.emb",)  # timestep MLP and class table
     # DiT's training schedule, for a transformer loaded without its pipeline's scheduler config.
     default_noise_schedule = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
                                   clip_sample=False)

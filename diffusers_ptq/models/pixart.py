@@ -59,6 +59,7 @@ class PixArtAdapter(TextToImageAdapter):
         "adaln_single.linear",
         "proj_out",
     )
+    embedders = ("adaln_single.emb",)  # timestep embedder (PixArt-α 1024: resolution / aspect-ratio embedders too)
     forward_arguments = ("hidden_states", "encoder_hidden_states", "timestep", "added_cond_kwargs",
                          "cross_attention_kwargs", "attention_mask", "encoder_attention_mask")
     # where BasicTransformerBlock.forward takes the shared modulation vector (PixArt passes it as `timestep=`)

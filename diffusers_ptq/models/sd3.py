@@ -54,6 +54,8 @@ class SD3Adapter(TextToImageAdapter):
         "proj_out",
     )
     forward_arguments = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+    # timestep / pooled-text (FLUX.1 dev: guidance) embedders, the text projection, FLUX's patch projection
+    embedders = ("time_text_embed", "context_embedder", "x_embedder")
     block_outputs = ("encoder_hidden_states", "hidden_states")  # every MM-DiT block returns both streams
     conditioning_inputs = ("encoder_hidden_states", "pooled_projections")
 
