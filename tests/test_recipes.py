@@ -173,8 +173,9 @@ def test_text_to_image_recipes_cover_each_model_at_w8a8_and_w4a8():
         assert config.weight_rounding == ("gptq" if "w4a8" in name else "nearest")
         assert (config.num_inference_steps, config.guidance_scale) == (4, 0.0) if "schnell" in name else \
             config.guidance_scale > 1
-        if pixart:  # the PixArt pipelines' defaults
+        if pixart:  # the PixArt pipelines' defaults; dynamic per-token activations (docs/results/README.md)
             assert (config.num_inference_steps, config.guidance_scale) == (20, 4.5)
+        assert config.act_dynamic == pixart
 
 
 def test_readme_lists_every_recipe_with_the_paper_fid():
