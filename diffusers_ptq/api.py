@@ -123,10 +123,14 @@ class QuantRun:
 
 def rewrite_linears(transformer: nn.Module, config: QuantScheme, input_scales: dict[str, torch.Tensor | None],
                     rounded: dict[str, RoundedWeight] | None = None,
-                    group_sizes: dict[str, int | None] | None = None) -> None:
+                    group_sizes: dict[str, int | None] | None = None, release: bool = False) -> None:
     """Replace each named Linear by a frozen QuantLinear (the only place modules are swapped); `rounded` holds the
     weights that a rounding method rounded, the others are rounded to nearest. `group_sizes`: each
-    4-bit layer's group size (default: `layer_group_sizes(transformer, config, input_scales)`)."""
+    4-bit layer's group size (default: `layer_group_sizes(transformer, config, input_scales)`).
+
+    release: as soon as a layer's packed form exists, drop its float weight (the replaced Linear keeps `weight =
+    None`: any other reference to it sees an empty layer) and its `rounded` entry, so that packing needs one layer's
+    extra memory, not the whole model's (the engine's own call; issue #22)."""
     if group_sizes is None:
         group_sizes = layer_group_sizes(transformer, config, list(input_scales))
     for name, scale in input_scales.items():
@@ -135,6 +139,10 @@ def rewrite_linears(transformer: nn.Module, config: QuantScheme, input_scales: d
                                     rounded=(rounded or {}).get(name), act_dynamic=config.act_dynamic)
         move_group_biases(linear, quantized)
         transformer.set_submodule(name, quantized)
+        if release:
+            linear.weight = None
+            if rounded is not None:
+                rounded.pop(name, None)
 
 
 def quantize_embedders(transformer: nn.Module, patterns: tuple[str, ...], bits: int = 8) -> list[str]:
@@ -245,7 +253,8 @@ def quantize_transformer(
         t_round = time.time()
         run.rounded.update(rounding.round(run, unrounded))
         report.rounding_seconds = time.time() - t_round
-    rewrite_linears(transformer, scheme, run.input_scales, run.rounded, run.group_sizes)
+    rewrite_linears(transformer, scheme, run.input_scales, run.rounded, run.group_sizes, release=True)
+    run.hessians.clear()
     if scheme.embedder_bits:
         report.embedders = quantize_embedders(transformer, adapter.embedders, scheme.embedder_bits)
     for processor in run.attention.values():
