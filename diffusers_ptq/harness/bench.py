@@ -454,6 +454,7 @@ FOOTPRINT_CONFIGS = {
     "W4A16": dict(weight_bits=4, act_bits=None),
     "W8A8": dict(weight_bits=8, act_bits=8),
     "W4A8": dict(weight_bits=4, act_bits=8),
+    "W4A8-GPTQ": dict(weight_bits=4, act_bits=8, weight_rounding="gptq"),
     # HTG's checkpoint with its per-group biases: 5 groups (the HTG paper's G = ⌊50/10⌋), calibrated on 10 steps
     "W4A8-HTG": dict(weight_bits=4, act_bits=8, htg_shift=True, htg_scale=True, htg_groups=5, num_inference_steps=10),
     # the same with the embedders stored as 8-bit weights (issue #22)
