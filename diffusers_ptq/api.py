@@ -7,9 +7,6 @@ method plug-ins, methods/base.py) and `QuantRun` runs every stage for every meth
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import platform
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +16,7 @@ from torch import nn
 from diffusers_ptq.attention import install_quant_attention
 from diffusers_ptq.calibration import CalibrationStats, LayerStats, TransformerInputRecorder, calibrate, select_linears
 from diffusers_ptq.groupbias import move_group_biases
+from diffusers_ptq.memory import return_freed_memory
 from diffusers_ptq.methods import Observations, baselines
 from diffusers_ptq.models import ModelAdapter, adapter_for
 from diffusers_ptq.modules import quantize_linear
@@ -122,25 +120,6 @@ class QuantRun:
                 self.input_scales[name] = baselines.scale_from_range(clip.clamp(min=1e-8), scheme.act_bits)
             scale = self.input_scales[name]
             self.report.layers[name] = {"input_scale": None if scale is None else float(scale)}
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None (another C library, another OS)."""
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim if platform.system() == "Linux" else None
-    except (OSError, AttributeError):
-        return None
-
-
-def return_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc: malloc_trim). glibc serves allocations below its dynamic mmap
-    threshold — which rises to the size of the largest block freed, e.g. a float weight — from the heap and keeps
-    what is freed there, so without this the float weights dropped while packing still count in the process's
-    resident memory (measured: +367 MB instead of −191 MB over 20 layers of 4608×1152)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def rewrite_linears(transformer: nn.Module, config: QuantScheme, input_scales: dict[str, torch.Tensor | None],

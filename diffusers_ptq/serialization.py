@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffusers_ptq.memory import return_freed_memory
+
 FORMAT_VERSION = 1
 METADATA_KEY = "diffusers_ptq"
 PROCESSOR_INFIX = "ptq_processor"
@@ -479,6 +481,7 @@ def rebuild_quantized_modules(model: nn.Module, metadata: dict, tensors: dict[st
     left = [p for p, _ in model.named_parameters() if _.device.type == "meta"]
     if left:
         raise CheckpointError(f"tensors missing from the checkpoint: {left[:8]}")
+    return_freed_memory()  # the loaded tensors, copied into the modules and their kernels' packed weights
 
 
 def _retie(model: nn.Module, aliases: dict) -> None:
