@@ -64,7 +64,8 @@ class QuantConfig:
     embedder_bits: None (the conditioning embedders stay float) or 8: their Linears (timestep, guidance, pooled-text
         embedders) stored as weight-only per-output-channel int8 and their embedding tables (DiT's class table) as
         int8 per row; which modules are embedders is the model family's (ModelAdapter.embedders). Calibration and
-        the methods are unchanged (embedders are not calibrated); the checkpoint and the loaded model get smaller.
+        the methods are unchanged (embedders are not calibrated). The checkpoint gets smaller; in memory the
+        weight-only Linears run on the `emulated` kernel, which keeps a dequantized float copy beside the codes.
     weight_rounding: "nearest" (round to nearest) or "gptq" (error-compensating rounding from each layer's
         input Hessian over the calibration run; `gptq_damp` is the damping as a fraction of the mean diagonal,
         `gptq_act_order` processes columns by decreasing Hessian diagonal), or "reconstruct" (AdaRound-style

@@ -123,3 +123,25 @@ def test_embedder_bits_other_than_8_are_refused():
     with pytest.raises(ValueError, match="embedder_bits"):
         HTGConfig(embedder_bits=16)
     assert QuantConfig(embedder_bits=8).label.endswith("+emb8")
+
+
+def test_8_bit_embedders_run_as_diffusers_models_run():
+    """inference_mode, no_grad and grad mode give the same output; a deepcopy is independent and equal."""
+    import copy
+
+    from conftest import tiny_inputs
+
+    model = with_identical_embedders()
+    diffusers_ptq.quantize(model, BaselineConfig(embedder_bits=8, **FAST), progress=False)
+    inputs = tiny_inputs()
+    with torch.inference_mode():
+        expected = model(**inputs).sample.clone()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).sample, expected)
+    assert torch.equal(model(**inputs).sample.detach(), expected)
+    twin = copy.deepcopy(model)
+    assert twin.transformer_blocks[1].norm1.emb is twin.transformer_blocks[0].norm1.emb  # still tied in the copy
+    twin.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.codes.zero_()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).sample, expected)
+        assert not torch.equal(twin(**inputs).sample, expected)
