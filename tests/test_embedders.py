@@ -2,9 +2,12 @@
 each family's embedders (ModelAdapter.embedders) as int8 weights — weight-only per-output-channel QuantLinear, int8
 per-row QuantEmbedding — keeps tied copies one module, and saves / reloads bit-exactly in a smaller checkpoint.
 
-Tolerances: an 8-bit weight code is within half a step (scale / 2) of the float weight, so a Linear's output moves
-by at most Σ_i |x_i| · scale_o / 2 (plus float32 rounding of the two dot products, γ_(K+2) · Σ|x_i w_oi| each,
-conftest.matmul_error_bound); a table row by at most scale / 2 per element (plus one rounding of the product).
+Tolerances: an 8-bit weight code q = round(w / s), |q| ≤ 127, is within half a step of w / s, plus the rounding
+of the division (≤ u·127 steps), so |q·s − w| ≤ s·(1/2 + 127u) per element (u = 2⁻²⁴); a table row's product
+q·s is rounded once more (≤ u·127·s): a row element is within s·(1/2 + 2·127u). A Linear's output moves by at most
+Σ_i |x_i| · s_o·(1/2 + 127u), plus the float32 rounding of the two dot products — on the float and on the
+dequantized weight — γ_(K+2) · Σ|x_i w_oi| each (conftest.matmul_error_bound), which also covers the one rounding
+of each dequantized weight.
 """
 
 from __future__ import annotations
@@ -37,15 +40,15 @@ def test_quant_embedding_matches_a_direct_computation():
     expected = (codes * scale)[ids]
     assert torch.equal(quantized(ids), expected)  # one float32 multiply each, as computed here
     assert quantized.codes.dtype == torch.int8 and int(quantized.codes.abs().max()) == 127
-    assert torch.all((quantized(ids) - w[ids]).abs() <= scale[ids] / 2 * (1 + 2 * unit_roundoff()))
+    assert torch.all((quantized(ids) - w[ids]).abs() <= scale[ids] * (0.5 + 2 * 127 * unit_roundoff()))
     with pytest.raises(ValueError, match="padding_idx"):
         QuantEmbedding.from_embedding(torch.nn.Embedding(4, 8, padding_idx=0))
 
 
 def _check_linear(quantized: QuantLinear, float_weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     x = torch.randn(5, quantized.in_features, generator=torch.Generator().manual_seed(1))
-    half_step = x.abs().sum(1, keepdim=True).double() * quantized.weight._scale.reshape(1, -1).double() / 2
-    bound = half_step * (1 + 4 * unit_roundoff()) + matmul_error_bound(x, float_weight, bias=bias) + \
+    step = x.abs().sum(1, keepdim=True).double() * quantized.weight._scale.reshape(1, -1).double()
+    bound = step * (0.5 + 127 * unit_roundoff()) + matmul_error_bound(x, float_weight, bias=bias) + \
         matmul_error_bound(x, quantized.dequantized_weight(), bias=bias)
     error = (quantized(x) - torch.nn.functional.linear(x, float_weight, bias)).double().abs()
     assert torch.all(error <= bound)
@@ -72,7 +75,7 @@ def test_dit_embedders_are_8_bit_tied_within_the_bound_and_reload_bit_exact(tmp_
         else:
             assert isinstance(module, QuantEmbedding)
             ids = torch.arange(weight.shape[0])
-            assert torch.all((module(ids) - weight).abs() <= module.scale / 2 * (1 + 2 * unit_roundoff()))
+            assert torch.all((module(ids) - weight).abs() <= module.scale * (0.5 + 2 * 127 * unit_roundoff()))
     assert not any(type(m) in (torch.nn.Linear, torch.nn.Embedding) for m in emb.modules())
     reloaded = reload_bit_exact(model, tmp_path / "emb8", monkeypatch)
     assert reloaded.transformer_blocks[1].norm1.emb is reloaded.transformer_blocks[0].norm1.emb
