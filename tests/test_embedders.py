@@ -148,3 +148,19 @@ def test_8_bit_embedders_run_as_diffusers_models_run():
     with torch.no_grad():
         assert torch.equal(model(**inputs).sample, expected)
         assert not torch.equal(twin(**inputs).sample, expected)
+
+
+def test_8_bit_embedders_compile_fullgraph():
+    """Inductor compiles a model with 8-bit embedders (QuantEmbedding and weight-only Linears) with no graph break
+    and agrees with eager to the conformance tests' tolerance (test_diffusers_conformance.compiled_tolerance)."""
+    from conftest import tiny_inputs
+    from test_diffusers_conformance import compiled_tolerance
+
+    model = with_identical_embedders()
+    diffusers_ptq.quantize(model, BaselineConfig(embedder_bits=8, **FAST), progress=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        expected = model(**tiny_inputs()).sample
+        torch.testing.assert_close(compiled(**tiny_inputs()).sample, expected, **compiled_tolerance(expected))
+    torch._dynamo.reset()
