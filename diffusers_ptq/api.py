@@ -13,15 +13,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from diffusers_ptq.attention import install_quant_attention
-from diffusers_ptq.calibration import CalibrationStats, LayerStats, TransformerInputRecorder, calibrate, select_linears
-from diffusers_ptq.groupbias import move_group_biases
+from diffusers_ptq.attention import install_quant_attention, paused_observation
+from diffusers_ptq.calibration import (
+    CalibrationStats,
+    LayerStats,
+    TransformerInputRecorder,
+    calibrate,
+    observe_layers,
+    select_linears,
+)
+from diffusers_ptq.groupbias import CONTEXT_ATTRIBUTE, move_group_biases
 from diffusers_ptq.memory import return_freed_memory
 from diffusers_ptq.methods import Observations, baselines
 from diffusers_ptq.models import ModelAdapter, adapter_for
 from diffusers_ptq.modules import quantize_linear
 from diffusers_ptq.rounding import HessianRecorder, RoundedWeight
 from diffusers_ptq.scheme import Plan, QuantScheme
+from diffusers_ptq.sequential import BlockInputRecorder, BlockInputs, replay
 from diffusers_ptq.serialization import identical_copies, tie_copies
 
 
@@ -75,34 +83,51 @@ class QuantRun:
     input_scales: dict[str, torch.Tensor | None] = field(default_factory=dict)
     group_sizes: dict[str, int | None] = field(default_factory=dict)
     rounded: dict[str, RoundedWeight] = field(default_factory=dict)
+    shape: tuple[int, int, bool] = (0, 0, False)  # the calibration run's steps, samples, CFG-doubled batches
 
     def needs_ranges_or_hessians(self) -> bool:
         """Whether what calibration measured must describe the final inputs (a transform that changes them
         calibrates again)."""
         return self.plan.scheme.static_activations or self.observations.hessians
 
-    def calibrate(self) -> None:
-        """One calibration run recording everything the plan observes: per-layer statistics, Hessians (replacing
-        earlier ones), the transformer's inputs (first run only), the attention ranges."""
+    def unit(self, targets: dict[str, nn.Linear], cls: type[QuantRun] | None = None, **fields) -> QuantRun:
+        """A run over some of this run's Linears (block-sequential calibration: one block, the Linears outside the
+        blocks), sharing the model, the plan and the report, with state of its own (`fields`: attention processors,
+        none by default; ...)."""
+        fields = {"timesteps": self.timesteps, "shape": self.shape, "attention": {}, **fields}
+        return (cls or QuantRun)(self.transformer, self.adapter, self.plan, self.report, targets, self.observations,
+                                 context=self.context, scheduler_config=self.scheduler_config, progress=self.progress,
+                                 **fields)
+
+    def calibrate(self, more_stats: dict[str, nn.Linear] | None = None, subscribers: tuple = ()) -> None:
+        """One calibration run recording everything the plan observes: per-layer statistics (of `more_stats` too),
+        Hessians (replacing earlier ones), the transformer's inputs (first run only), the attention ranges;
+        `subscribers`: more observers of the same run (observe.py)."""
         t0 = time.time()
         obs, cal = self.observations, self.plan.calibration
         inputs = TransformerInputRecorder(self.transformer, self.adapter.batched_inputs,
                                           shared_inputs=self.adapter.shared_inputs) \
             if obs.transformer_inputs and self.transformer_inputs is None else None
         recorder = HessianRecorder(self.targets if obs.hessians else {})
-        rows = [t.consumers[0] for t in self.adapter.smoothing_targets(self.transformer)] if obs.sample_rows else []
         result = calibrate(
             self.transformer, scheduler=cal.scheduler, scheduler_config=self.scheduler_config,
             num_inference_steps=cal.num_inference_steps, guidance_scale=cal.guidance_scale,
             num_samples=cal.num_samples, context=self.context, seed=cal.seed, batch_size=cal.batch_size,
-            include=list(self.targets), sample_rows=rows,
+            include=[*self.targets, *(more_stats or {})], sample_rows=self.sample_rows(),
             tokens_per_call=cal.tokens_per_call if self.plan.scheme.token_samples else 0, progress=self.progress,
-            subscribers=[recorder, inputs])
+            subscribers=[recorder, inputs, *subscribers])
         self.hessians.update(recorder.hessians())
         if inputs is not None:
             self.transformer_inputs, self.shared_inputs = inputs.inputs(), inputs.shared
         self.layers, self.timesteps = dict(result.layers), result.timesteps
+        self.shape = (len(result.timesteps), result.num_samples, result.cfg)
         self.report.calibration_seconds += time.time() - t0
+
+    def sample_rows(self) -> list[str]:
+        """The layers that keep per-sample rows: the first consumer of each smoothing target (when observed)."""
+        if not self.observations.sample_rows:
+            return []
+        return [t.consumers[0] for t in self.adapter.smoothing_targets(self.transformer)]
 
     def recalibrate(self) -> None:
         """Calibrate again from scratch (after a transform changed the inputs): attention ranges too."""
@@ -120,6 +145,46 @@ class QuantRun:
                 self.input_scales[name] = baselines.scale_from_range(clip.clamp(min=1e-8), scheme.act_bits)
             scale = self.input_scales[name]
             self.report.layers[name] = {"input_scale": None if scale is None else float(scale)}
+
+
+@dataclass
+class BlockRun(QuantRun):
+    """The run of one block in block-sequential calibration: its calibration replays the block on its cached inputs
+    (sequential.replay; the calls and batches of the sampler, positions and timesteps included) instead of sampling
+    with the whole model. `float_outputs`: filled with the unfolded float block's outputs by the first replay
+    (sequential_inputs="float")."""
+
+    block: str = ""
+    inputs: BlockInputs | None = None
+    float_outputs: BlockInputs | None = None
+
+    def calibrate(self, more_stats=None, subscribers=()) -> None:
+        t0 = time.time()
+        cal, module = self.plan.calibration, self.transformer.get_submodule(self.block)
+        recorder = HessianRecorder(self.targets if self.observations.hessians else {})
+        into = self.float_outputs if self.float_outputs is not None and not len(self.float_outputs) else None
+        context = getattr(self.transformer, CONTEXT_ATTRIBUTE, None)
+
+        def drive(observer) -> None:
+            replay(module, self.inputs, self.adapter.block_outputs, observer=observer, timestep_context=context,
+                   into=into)
+
+        steps, samples, cfg = self.shape
+        self.layers = observe_layers(
+            module, self.targets, drive, num_steps=steps, num_samples=samples, cfg=cfg, sample_rows=self.sample_rows(),
+            tokens_per_call=cal.tokens_per_call if self.plan.scheme.token_samples else 0, seed=cal.seed,
+            subscribers=[recorder])
+        self.hessians.update(recorder.hessians())
+        self.report.calibration_seconds += time.time() - t0
+
+
+class _FoldOnly(QuantRun):
+    """The transform stage of the smoothing targets whose consumers sit in several blocks (PixArt's caption
+    projection feeding every cross-attention), from the first run's statistics; the blocks observe the folded
+    inputs when they are replayed, so nothing is measured again here."""
+
+    def recalibrate(self) -> None:
+        pass
 
 
 def rewrite_linears(transformer: nn.Module, config: QuantScheme, input_scales: dict[str, torch.Tensor | None],
@@ -190,6 +255,115 @@ def layer_group_sizes(transformer: nn.Module, config: QuantScheme, names: list[s
     return sizes
 
 
+def quantize_unit(run: QuantRun) -> None:
+    """The stages after observation, for the run's Linears: each method's transform, the input scales, the group
+    sizes, the rounding, and the packing (each float weight released once packed)."""
+    plan, report = run.plan, run.report
+    for method in plan.methods:
+        method.transform(run)
+    run.choose_input_scales()
+    searcher = plan.method("group_sizes")
+    if searcher is not None:
+        t_search = time.time()
+        run.group_sizes = searcher.choose_group_sizes(run)
+        report.search_seconds += time.time() - t_search
+    else:
+        run.group_sizes = layer_group_sizes(run.transformer, plan.scheme, list(run.targets))
+    report.group_sizes.update(run.group_sizes)
+    rounding = plan.method("rounding")
+    unrounded = [n for n in run.targets if n not in run.rounded]
+    if rounding is not None and unrounded:
+        t_round = time.time()
+        run.rounded.update(rounding.round(run, unrounded))
+        report.rounding_seconds += time.time() - t_round
+    rewrite_linears(run.transformer, plan.scheme, run.input_scales, run.rounded, run.group_sizes, release=True)
+    run.hessians.clear()
+
+
+SEQUENTIAL_INPUTS = ("quantized", "float")
+
+
+def check_sequential(plan: Plan, stats: CalibrationStats | None) -> None:
+    """A ValueError unless the plan can run block by block."""
+    if stats is not None:
+        raise ValueError("sequential calibration observes each block itself: do not pass precomputed stats")
+    for method in plan.methods:
+        if not method.per_block:
+            raise ValueError(f"{method.name}: {method.per_block_reason} — not available with sequential=True "
+                             "(use sequential=False)")
+    if plan.calibration.sequential_inputs not in SEQUENTIAL_INPUTS:
+        raise ValueError(f"sequential_inputs={plan.calibration.sequential_inputs!r} is not supported; allowed values: "
+                         f"{list(SEQUENTIAL_INPUTS)}")
+
+
+def quantize_sequential(run: QuantRun) -> None:
+    """Block-sequential calibration (issue #22, llm-compressor's sequential pipeline): one sampling run of the
+    model records the first block's inputs at every call (memory, or files under `sequential_cache`) and observes
+    the Linears outside the blocks; then each block in turn is observed by replaying its cached calls, transformed,
+    rounded and packed — so Hessians, rounded copies and observed statistics exist for one block at a time — and
+    its outputs become the next block's inputs: the quantized block's (sequential_inputs="quantized": each block
+    calibrates on what the quantized model feeds it) or the float block's (="float": every observation equals the
+    all-in-memory run's, bit for bit, for the methods that do not calibrate again after their fold). The Linears
+    outside the blocks are quantized from the first run's observations, before the blocks with float inputs and
+    after them with quantized ones (so that a method observing again after its fold, HTG, sees the same model as
+    the blocks do). Smoothing targets whose consumers sit in several blocks (PixArt's caption projection) are folded
+    first, from one more sampling run's statistics, before the run that records the first block's inputs."""
+    model, adapter, cal = run.transformer, run.adapter, run.plan.calibration
+    blocks = adapter.blocks(model)
+    if not blocks:
+        raise ValueError(f"sequential calibration: {type(model).__name__}'s adapter names no blocks")
+    owner = {n: next((b for b in blocks if n.startswith(b + ".")), None) for n in run.targets}
+    outside = {n: linear for n, linear in run.targets.items() if owner[n] is None}
+    spanning = [c for t in adapter.smoothing_targets(model) if set(t.consumers) <= set(run.targets)
+                and len({owner[c] for c in t.consumers}) > 1 for c in t.consumers]
+    inputs = BlockInputs(cal.sequential_cache)
+    try:
+        head = run.unit(outside)
+        recorder = BlockInputRecorder(blocks[0], model.get_submodule(blocks[0]), inputs)
+        with paused_observation(model):  # attention ranges: from each block's replay only
+            if spanning:  # folded first; the blocks' inputs are then recorded from the folded model
+                head.calibrate(more_stats={c: run.targets[c] for c in spanning})
+                folds = run.unit({c: run.targets[c] for c in spanning}, cls=_FoldOnly, timesteps=head.timesteps)
+                folds.layers = {c: head.layers[c] for c in spanning}
+                for method in run.plan.methods:
+                    method.transform(folds)
+            head.calibrate(subscribers=(recorder,))
+        run.timesteps, run.shape = head.timesteps, head.shape
+        float_inputs = cal.sequential_inputs == "float"
+        if float_inputs:  # a method that observes again after its fold observes the float blocks, as in one pass
+            with paused_observation(model):
+                quantize_unit(head)
+        for b in blocks:
+            _sequential_block(run, b, {n: lin for n, lin in run.targets.items() if owner[n] == b}, inputs)
+        if not float_inputs:  # after the blocks: observing again, a method sees what the quantized blocks feed
+            quantize_unit(head)
+    finally:
+        inputs.close()
+
+
+def _sequential_block(run: QuantRun, block: str, targets: dict, inputs: BlockInputs) -> None:
+    """One block of `quantize_sequential`: observe, quantize, then turn `inputs` into the next block's."""
+    cal, module = run.plan.calibration, run.transformer.get_submodule(block)
+    attention = {n: p for n, p in run.attention.items() if n.startswith(block + ".")}
+    floats = BlockInputs(cal.sequential_cache) if cal.sequential_inputs == "float" else None
+    unit = run.unit(targets, cls=BlockRun, attention=attention, block=block, inputs=inputs, float_outputs=floats)
+    try:
+        if targets or attention:
+            unit.calibrate()
+            quantize_unit(unit)
+            for processor in attention.values():
+                processor.freeze()
+        if floats is not None and len(floats):
+            inputs.calls, floats.calls = floats.calls, inputs.calls  # the float block's outputs, recorded above
+            inputs.folder, floats.folder = floats.folder, inputs.folder
+        else:  # the quantized block (or a block without targets) on its inputs, call by call
+            replay(module, inputs, run.adapter.block_outputs,
+                   timestep_context=getattr(run.transformer, CONTEXT_ATTRIBUTE, None), into=inputs)
+    finally:
+        if floats is not None:
+            floats.close()
+
+
 @torch.no_grad()
 def quantize_transformer(
     transformer: nn.Module,
@@ -234,32 +408,19 @@ def quantize_transformer(
                    scheduler_config=scheduler_config, progress=progress)
     if scheme.quantize_attention:
         run.attention = install_quant_attention(transformer, scheme.act_bits)
-    if stats is not None:
-        run.layers, run.timesteps = dict(stats.layers), stats.timesteps
-    elif observations.any():
-        run.calibrate()
-    for method in plan.methods:
-        method.transform(run)
-    run.choose_input_scales()
-    searcher = plan.method("group_sizes")
-    if searcher is not None:
-        t_search = time.time()
-        run.group_sizes = searcher.choose_group_sizes(run)
-        report.search_seconds = time.time() - t_search
+    if plan.calibration.sequential:
+        check_sequential(plan, stats)
+        quantize_sequential(run)
     else:
-        run.group_sizes = layer_group_sizes(transformer, scheme, list(targets))
-    report.group_sizes = dict(run.group_sizes)
-    rounding = plan.method("rounding")
-    unrounded = [n for n in targets if n not in run.rounded]
-    if rounding is not None and unrounded:
-        t_round = time.time()
-        run.rounded.update(rounding.round(run, unrounded))
-        report.rounding_seconds = time.time() - t_round
-    rewrite_linears(transformer, scheme, run.input_scales, run.rounded, run.group_sizes, release=True)
-    run.hessians.clear()
+        if stats is not None:
+            run.layers, run.timesteps = dict(stats.layers), stats.timesteps
+        elif observations.any():
+            run.calibrate()
+        quantize_unit(run)
     if scheme.embedder_bits:
         report.embedders = quantize_embedders(transformer, adapter.embedders, scheme.embedder_bits)
     for processor in run.attention.values():
-        processor.freeze()
+        if processor.observing:
+            processor.freeze()
     report.total_seconds = time.time() - t0
     return report

@@ -52,6 +52,8 @@ class CalibrationStats:
     guidance_scale: float = 1.5
     seed: int = 0
     scheduler: str = "ddim"
+    num_samples: int = 0  # the calibration set's samples (every process's)
+    cfg: bool = False  # each call's batch held the unconditional rows too
 
 
 def _matches(name: str, patterns: Sequence[str] | None) -> bool:
@@ -141,6 +143,32 @@ class StatsRecorder:
         return out
 
 
+def observe_layers(model: nn.Module, layers: dict[str, nn.Linear], drive: Callable[[Observer], None], *,
+                   num_steps: int, num_samples: int, cfg: bool, sample_rows: bool | Sequence[str] = False,
+                   tokens_per_call: int = 0, seed: int = 0, distributed: bool = True, subscribers: Sequence = (),
+                   call_hook: bool = False) -> dict[str, LayerStats]:
+    """The statistics of `layers`' inputs over the forwards `drive(observer)` runs (a sampler, or the replay of one
+    block's cached inputs: sequential.py), which tells the observer where it is (`set_position`). One Observer hook
+    set for the statistics and `subscribers`; `call_hook`: also the model-level hook (the timestep of each call).
+    Under a distributed launch the statistics, and the ranges of the quantized attention observing under `model`,
+    are reduced across processes (see `calibrate`)."""
+    rank, world = process_info() if distributed else (0, 1)
+    recorder = StatsRecorder(layers, num_steps, num_samples, cfg=cfg, sample_rows=sample_rows,
+                             tokens_per_call=tokens_per_call, seed=seed + 7919 * rank)
+    with Observer(model if call_hook else None, [recorder, *subscribers]) as observer:
+        drive(observer)
+    recorded = recorder.finish()
+    if world > 1:
+        recorded = reduce_layer_stats(recorded, list(layers), recorder.empty_stats)
+        from diffusers_ptq.attention import QuantAttnProcessor
+
+        for module in model.modules():  # quantized attention observing this run: its absmax too (MAX)
+            processor = getattr(module, "processor", None)
+            if isinstance(processor, QuantAttnProcessor) and processor.observing:
+                processor.reduce()
+    return recorded
+
+
 def calibrate(
     transformer,
     *,
@@ -184,30 +212,26 @@ def calibrate(
                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                            num_samples=num_samples, conditions=class_labels, context=context)
     layers = select_linears(transformer, include, exclude)
-    if not layers:
+    if not layers and not subscribers:
         raise ValueError(f"no Linear layer matches include={include!r} exclude={exclude!r}")
     rank, world = process_info() if distributed else (0, 1)
     conditions = run.conditions
     part = shard(len(conditions), rank, world)
-    recorder = StatsRecorder(layers, len(run.scheduler.timesteps), len(conditions), cfg=run.cfg,
-                             sample_rows=sample_rows, tokens_per_call=tokens_per_call, seed=seed + 7919 * rank)
-    with Observer(transformer, [recorder, *subscribers]) as observer:
+
+    def drive(observer: Observer) -> None:
         sample_latents(transformer, run.scheduler, conditions[part.start : part.stop], adapter=run.adapter, seed=seed,
                        num_inference_steps=run.num_inference_steps, guidance_scale=run.guidance_scale,
                        batch_size=batch_size, before_forward=observer.set_position, progress=progress and rank == 0,
                        sample_offset=part.start, context=run.context)
-    recorded = recorder.finish()
-    if world > 1:
-        recorded = reduce_layer_stats(recorded, list(layers), recorder.empty_stats)
-        from diffusers_ptq.attention import QuantAttnProcessor
 
-        for module in transformer.modules():  # quantized attention observing this run: its absmax too (MAX)
-            processor = getattr(module, "processor", None)
-            if isinstance(processor, QuantAttnProcessor) and processor.observing:
-                processor.reduce()
+    recorded = observe_layers(transformer, layers, drive, num_steps=len(run.scheduler.timesteps),
+                              num_samples=len(conditions), cfg=run.cfg, sample_rows=sample_rows,
+                              tokens_per_call=tokens_per_call, seed=seed, distributed=distributed,
+                              subscribers=subscribers, call_hook=True)
     labels = conditions if all(isinstance(c, int) for c in conditions) else []
     return CalibrationStats(timesteps=run.model_timesteps, class_labels=labels, layers=recorded,
-                            guidance_scale=run.guidance_scale, seed=seed, scheduler=run.kind)
+                            guidance_scale=run.guidance_scale, seed=seed, scheduler=run.kind,
+                            num_samples=len(conditions), cfg=run.cfg)
 
 
 class TransformerInputRecorder:

@@ -117,6 +117,9 @@ class QuantConfig:
     tokens_per_call: int = 64
     calibration_prompts: list[str] | None = None  # text-to-image families; None: prompts.CALIBRATION_PROMPTS
     calibration_resolution: int | None = None  # pixels; None: the pipeline's default size
+    sequential: bool = False  # block-sequential calibration (api.quantize_sequential)
+    sequential_inputs: str = "quantized"  # what feeds each block: the quantized blocks' outputs, or "float"
+    sequential_cache: str | None = None  # a folder for the cached block inputs; None: in memory
 
     def __post_init__(self) -> None:
         _check("weight_bits", self.weight_bits, (8, 4))
@@ -174,8 +177,20 @@ class QuantConfig:
             raise ValueError(f"guidance_scale must be a number >= 0 or None, got {self.guidance_scale!r}")
         if self.calibration_prompts is not None:
             self.calibration_prompts = check_prompts(self.calibration_prompts)
+        self._validate_sequential()
         self.include = None if self.include is None else list(self.include)
         self.exclude = list(self.exclude)
+
+    def _validate_sequential(self) -> None:
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential must be True or False, got {self.sequential!r}")
+        _check("sequential_inputs", self.sequential_inputs, ("quantized", "float"))
+        cache = self.sequential_cache
+        if cache is not None and (not isinstance(cache, (str, os.PathLike)) or not os.path.isdir(cache)):
+            raise ValueError(f"sequential_cache must be an existing folder (the cached block inputs are written "
+                             f"there) or None (in memory), got {cache!r}")
+        if cache is not None:
+            self.sequential_cache = os.fspath(cache)
 
     def _validate_groups(self) -> None:
         def valid_size(g) -> bool:
@@ -242,6 +257,8 @@ class QuantConfig:
             method += " +attn"
         if self.embedder_bits:
             method += f" +emb{self.embedder_bits}"
+        if self.sequential:
+            method += " +seq" + ("(float)" if self.sequential_inputs == "float" else "")
         return f"{bits} {method}"
 
     def to_dict(self) -> dict:
@@ -262,7 +279,9 @@ class QuantConfig:
             scheduler=self.scheduler, num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
             num_samples=self.num_samples, seed=self.seed, batch_size=self.batch_size,
             tokens_per_call=self.tokens_per_call, calibration_prompts=None if self.calibration_prompts is None
-            else tuple(self.calibration_prompts), calibration_resolution=self.calibration_resolution)
+            else tuple(self.calibration_prompts), calibration_resolution=self.calibration_resolution,
+            sequential=self.sequential, sequential_inputs=self.sequential_inputs,
+            sequential_cache=self.sequential_cache)
         methods = []
         if self.smoothquant_alpha is not None:
             methods.append(smoothquant.SmoothQuant(alpha=self.smoothquant_alpha))
@@ -334,6 +353,9 @@ COMMON_OPTIONS: dict[str, Any] = dict(
     seed=0,
     batch_size=16,
     tokens_per_call=64,
+    sequential=False,
+    sequential_inputs="quantized",
+    sequential_cache=None,
 )
 
 
@@ -371,7 +393,9 @@ class DiffusersPTQConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
     class_labels (class-conditional models; None = balanced over all the model's classes; else the classes to
     draw the num_samples labels from, cycling), calibration_prompts (text-to-image models; None = the bundled set
     `diffusers_ptq.prompts.CALIBRATION_PROMPTS`; else a list of strings, cycled), calibration_resolution (pixels;
-    None = the pipeline's default size), seed, batch_size, tokens_per_call.
+    None = the pipeline's default size), seed, batch_size, tokens_per_call, and sequential (True: calibrate and
+    quantize block by block, docs/sequential.md), sequential_inputs ("quantized" | "float": what feeds each block),
+    sequential_cache (None: the cached block inputs in memory; a folder: in files there).
 
     The same object is a model-level config (`<Model>.from_pretrained(..., quantization_config=cfg)` for a model class
     with an adapter in diffusers_ptq.models,

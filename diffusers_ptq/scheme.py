@@ -62,7 +62,10 @@ class CalibrationSettings:
     `guidance_scale` (each None: the model family's pipeline default, `ModelAdapter.calibration_defaults`), noise
     seeded by `seed`, `batch_size` samples per call; `tokens_per_call` input rows kept per layer and call when the
     activation range needs samples. Text-to-image families: `calibration_prompts` (None: the bundled set,
-    prompts.CALIBRATION_PROMPTS) at `calibration_resolution` pixels (None: the pipeline's default size)."""
+    prompts.CALIBRATION_PROMPTS) at `calibration_resolution` pixels (None: the pipeline's default size).
+    `sequential`: calibrate and quantize block by block (api.quantize_sequential), each block fed the
+    `sequential_inputs` ("quantized": the quantized blocks' outputs; "float": the float model's), its cached inputs
+    in memory or, with `sequential_cache` (a folder), in files."""
 
     scheduler: str | None = None
     num_inference_steps: int | None = None
@@ -73,6 +76,9 @@ class CalibrationSettings:
     tokens_per_call: int = 64
     calibration_prompts: tuple[str, ...] | None = None
     calibration_resolution: int | None = None
+    sequential: bool = False
+    sequential_inputs: str = "quantized"
+    sequential_cache: str | None = None
 
     def context(self) -> dict:
         """What these settings tell the model's adapter about the conditions and the noise (calibration context)."""

@@ -56,6 +56,8 @@ class Method:
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     rounds_candidates: ClassVar[bool] = False  # a rounding method that can round one layer at one group size
+    per_block: ClassVar[bool] = True  # its stages can run on one block's Linears at a time (sequential calibration)
+    per_block_reason: ClassVar[str] = ""  # why not, when per_block is False
 
     def check(self, plan) -> None:
         """Raise ValueError if this method cannot run with the rest of `plan`."""
@@ -129,7 +131,7 @@ def fold_smoothing(run, vector) -> None:
     from diffusers_ptq.rounding import scale_hessian
 
     done = smooth(run.transformer, run.layers, vector, run.targets, run.adapter)
-    run.report.smoothed_targets = [t.name for t in done]
+    run.report.smoothed_targets += [t.name for t in done]
     for target, s in done.items():
         for c in target.consumers:
             if c in run.hessians:  # the Hessian of X / s

@@ -245,7 +245,7 @@ class HTG(Method):
 
     def transform(self, run) -> None:
         folded = self.fold(run.transformer, run.adapter, run.layers, run.timesteps, run.targets)
-        run.report.smoothed_targets = [t.name for t in folded]
-        run.report.timestep_groups = {t.name: f.starts for t, f in folded.items()}
-        if run.needs_ranges_or_hessians():  # of the shifted, scaled inputs: measured again
+        run.report.smoothed_targets += [t.name for t in folded]
+        run.report.timestep_groups.update({t.name: f.starts for t, f in folded.items()})
+        if folded and run.needs_ranges_or_hessians():  # of the shifted, scaled inputs: measured again
             run.recalibrate()

@@ -351,6 +351,9 @@ class GroupSearch(Method):
         if self.search_proxy not in PROXIES:
             raise ValueError(f"search_proxy={self.search_proxy!r} is not supported; allowed values: {list(PROXIES)}")
 
+    per_block = False
+    per_block_reason = "the group-size search shares one bit budget among all the model's Linears"
+
     def observations(self, scheme) -> Observations:
         return Observations(hessians=self.search_proxy in ("output", "relative"),
                             transformer_inputs=self.search_proxy == "model")

@@ -17,6 +17,8 @@ class Reconstruct(Method):
     name = "reconstruct"
     kind = "rounding"
     rounds_candidates = False
+    per_block = False
+    per_block_reason = "block reconstruction makes its own pass over the blocks, from one sampling run of the model"
     iters: int = 500
     lr: float = 1e-2
     batch: int = 32
