@@ -5,7 +5,8 @@ script, one shard of the samples per process). Every process writes OUT/rank{r}.
 attention absmax and the quantized model's flattened state dict) and OUT/state-rank{r}/ (that state saved directly
 with diffusers' ModelMixin.save_pretrained, which every process runs), and asks the guarded save,
 diffusers_ptq.save_pretrained, to write OUT/ckpt-rank{r}/ (only the main process may write it); OUT/recon-rank{r}/
-holds a W4A8 block-reconstruction model (reconstruction is not split; the main process's result is broadcast).
+holds a W4A8 block-reconstruction model (reconstruction is not split; the main process's result is broadcast);
+OUT/seq-state-rank{r}/ and OUT/seq-rank{r}/ the same W8A8 GPTQ model quantized block by block (sequential=True).
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def main(out: Path) -> None:
 
     ModelMixin.save_pretrained(quantized, str(out / f"state-rank{rank}"), safe_serialization=True)  # unguarded
     save_pretrained(quantized, str(out / f"ckpt-rank{rank}"))  # guarded: the main process only
+    sequential = PTQ4DiTConfig(weight_bits=8, act_bits=8, weight_rounding="gptq", quantize_attention=True,
+                               num_samples=SAMPLES, num_inference_steps=STEPS, batch_size=BATCH, seed=1,
+                               sequential=True)  # block by block, each process replaying its own cached calls
+    block_by_block = quantize(copy.deepcopy(model), sequential, progress=False)
+    ModelMixin.save_pretrained(block_by_block, str(out / f"seq-state-rank{rank}"), safe_serialization=True)
+    save_pretrained(block_by_block, str(out / f"seq-rank{rank}"))
     recon = PTQ4DiTConfig(weight_bits=4, act_bits=8, weight_rounding="reconstruct", reconstruct_iters=20,
                           reconstruct_samples=16, reconstruct_batch=8, num_samples=SAMPLES, num_inference_steps=STEPS,
                           batch_size=BATCH)
