@@ -80,7 +80,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from diffusers_ptq.harness.bench import run_footprint
 
         output = "footprint.json" if args.output == "results.json" else args.output
-        result = run_footprint(output)
+        result = run_footprint(output, labels=args.only)
         print(Path(output).with_suffix(".md").read_text())
         print(f"written: {output} and {Path(output).with_suffix('.md')} ({result['total_seconds']:.0f} s)")
         return 0
@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "ablations) beside the baselines; every method once (methods); Q-DiT (qdit); or the "
                        "text-to-image table, every method × nearest/GPTQ × W4A8/W8A8 (mmdit: SD3, FLUX, PixArt), the same with "
                        "dynamic per-token activations (mmdit-dynamic)")
-    bench.add_argument("--only", nargs="+", help="keep rows whose label contains one of these strings")
+    bench.add_argument("--only", nargs="+", help="keep rows whose label contains one of these strings (with "
+                       "--footprint: the modes to run, e.g. W4A8-GPTQ-seq; the others' rows of --output are kept)")
     bench.add_argument("--grid", help="also write a PNG: one row of samples per method, same noise")
     bench.add_argument("--dit-xl", action="store_true",
                        help="also measure DiT-XL/2's state-dict size and peak memory per mode (random weights)")

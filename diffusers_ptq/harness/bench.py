@@ -455,6 +455,9 @@ FOOTPRINT_CONFIGS = {
     "W8A8": dict(weight_bits=8, act_bits=8),
     "W4A8": dict(weight_bits=4, act_bits=8),
     "W4A8-GPTQ": dict(weight_bits=4, act_bits=8, weight_rounding="gptq"),
+    # block-sequential calibration (issue #22): Hessians and rounded weights of one block at a time
+    "W8A8-GPTQ-seq": dict(weight_bits=8, act_bits=8, weight_rounding="gptq", sequential=True),
+    "W4A8-GPTQ-seq": dict(weight_bits=4, act_bits=8, weight_rounding="gptq", sequential=True),
     # HTG's checkpoint with its per-group biases: 5 groups (the HTG paper's G = ⌊50/10⌋), calibrated on 10 steps
     "W4A8-HTG": dict(weight_bits=4, act_bits=8, htg_shift=True, htg_scale=True, htg_groups=5, num_inference_steps=10),
     # the same with the embedders stored as 8-bit weights (issue #22)
@@ -558,19 +561,30 @@ def footprint_table(rows: list[dict], title: str = "DiT-XL/2 (random weights)") 
     return "\n".join(lines) + "\n"
 
 
-def run_footprint(output: str | os.PathLike, labels: Sequence[str] = tuple(FOOTPRINT_CONFIGS),
+def run_footprint(output: str | os.PathLike, labels: Sequence[str] | None = None,
                   models: Sequence[str] = ("dit-xl-2", "flux")) -> dict:
     """`bench --footprint`: the size and memory tables alone, DiT-XL/2 and a FLUX.1-width model with a few blocks
-    (one process per mode), JSON + Markdown."""
+    (one process per mode), JSON + Markdown. `labels`: only these modes (None: every one); the other modes' rows
+    of an existing `output` JSON are kept (so one mode can be rerun, or a long run resumed)."""
     from diffusers_ptq.harness.speed import MMDIT_SPEED_MODELS
 
+    unknown = [label for label in labels or () if label not in FOOTPRINT_CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown footprint mode(s) {unknown}; the modes: {list(FOOTPRINT_CONFIGS)}")
     t0 = time.time()
-    tables = {name: architecture_footprint(labels, name) for name in models}
+    kept = json.loads(Path(output).read_text())["models"] if labels is not None and Path(output).is_file() else {}
+    tables = {}
+    for name in models:
+        rows = {r["label"]: r for r in kept.get(name, [])}
+        for row in architecture_footprint(list(labels or FOOTPRINT_CONFIGS), name):
+            rows[row["label"]] = row
+        tables[name] = [rows[label] for label in FOOTPRINT_CONFIGS if label in rows]
     result = {"models": tables, "versions": _versions(), "machine": machine_info(), "total_seconds": time.time() - t0}
     write_json(result, output)
     text = [f"# Footprint\n\nCPU: {result['machine']['cpu_model']}; torch {result['versions']['torch']}; one process "
             "per mode, random weights. DiT-XL/2: every block's embedder is a copy of block 0's, as in converted DiT-XL/2 "
-            "checkpoints; a quantized checkpoint stores it once.\n"]
+            "checkpoints; a quantized checkpoint stores it once. `-seq`: block-sequential calibration "
+            "(docs/sequential.md).\n"]
     for name, rows in tables.items():
         title = "DiT-XL/2 (random weights)" if name == "dit-xl-2" else MMDIT_SPEED_MODELS[name][2]
         text.append(footprint_table(rows, title))
