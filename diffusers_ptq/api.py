@@ -29,7 +29,7 @@ from diffusers_ptq.models import ModelAdapter, adapter_for
 from diffusers_ptq.modules import quantize_linear
 from diffusers_ptq.rounding import HessianRecorder, RoundedWeight
 from diffusers_ptq.scheme import Plan, QuantScheme
-from diffusers_ptq.sequential import BlockInputRecorder, BlockInputs, replay
+from diffusers_ptq.sequential import BlockInputRecorder, BlockInputs, onload, replay
 from diffusers_ptq.serialization import identical_copies, tie_copies
 
 
@@ -296,6 +296,19 @@ def check_sequential(plan: Plan, stats: CalibrationStats | None) -> None:
                          f"{list(SEQUENTIAL_INPUTS)}")
 
 
+def onload_outside_blocks(model: nn.Module, adapter: ModelAdapter) -> None:
+    """`sequential.onload` for what the blocks do not hold, and for the modules the adapter names as identical
+    copies (compared before anything else)."""
+    from fnmatch import fnmatchcase
+
+    blocks = adapter.blocks(model)
+    for name, module in model.named_modules():
+        if any(fnmatchcase(name, p) for p in adapter.shared_copies):
+            onload(module)
+        elif not any(name == b or name.startswith(b + ".") for b in blocks):
+            onload(module, recurse=False)
+
+
 def quantize_sequential(run: QuantRun) -> None:
     """Block-sequential calibration (issue #22, llm-compressor's sequential pipeline): one sampling run of the
     model records the first block's inputs at every call (memory, or files under `sequential_cache`) and observes
@@ -322,6 +335,8 @@ def quantize_sequential(run: QuantRun) -> None:
         recorder = BlockInputRecorder(blocks[0], model.get_submodule(blocks[0]), inputs)
         with paused_observation(model):  # attention ranges: from each block's replay only
             if spanning:  # folded first; the blocks' inputs are then recorded from the folded model
+                for c in spanning:
+                    onload(model.get_submodule(c))
                 head.calibrate(more_stats={c: run.targets[c] for c in spanning})
                 folds = run.unit({c: run.targets[c] for c in spanning}, cls=_FoldOnly, timesteps=head.timesteps)
                 folds.layers = {c: head.layers[c] for c in spanning}
@@ -344,6 +359,7 @@ def quantize_sequential(run: QuantRun) -> None:
 def _sequential_block(run: QuantRun, block: str, targets: dict, inputs: BlockInputs) -> None:
     """One block of `quantize_sequential`: observe, quantize, then turn `inputs` into the next block's."""
     cal, module = run.plan.calibration, run.transformer.get_submodule(block)
+    onload(module)
     attention = {n: p for n, p in run.attention.items() if n.startswith(block + ".")}
     floats = BlockInputs(cal.sequential_cache) if cal.sequential_inputs == "float" else None
     unit = run.unit(targets, cls=BlockRun, attention=attention, block=block, inputs=inputs, float_outputs=floats)
@@ -388,6 +404,10 @@ def quantize_transformer(
     t0 = time.time()
     plan = config if isinstance(config, Plan) else config.plan()
     adapter = adapter_for(transformer)
+    if plan.calibration.sequential:  # offloaded blocks (accelerate) are brought in one at a time
+        onload_outside_blocks(transformer, adapter)
+    else:
+        onload(transformer)
     tie_copies(transformer, identical_copies(transformer))  # identical copies (adapter.shared_copies): one module
     report = QuantizationReport(config=config.to_dict() if hasattr(config, "to_dict") else {})
     scheme = plan.scheme

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["BlockCall", "BlockInputs", "BlockInputRecorder", "block_arguments", "replay"]
+__all__ = ["BlockCall", "BlockInputs", "BlockInputRecorder", "block_arguments", "onload", "replay"]
 
 
 @dataclass
@@ -140,3 +140,26 @@ def replay(block: nn.Module, inputs: BlockInputs, outputs: tuple[str, ...] = ("h
         else:
             into.calls.append(BlockCall(call.position, call.timestep, None, call.static, call.device))
             into.set_rows(len(into.calls) - 1, following)
+
+
+@torch.no_grad()
+def onload(module: nn.Module, recurse: bool = True) -> None:
+    """Give `module` its weights back from accelerate's offload hooks (`cpu_offload`, `disk_offload`, a `device_map`
+    with offloaded parts keep them on the meta device between forwards) and drop those hooks: the module becomes a
+    plain one holding its own copy of its tensors (so that folds may write into them) where they were loaded.
+    Nothing happens to a module without hooks."""
+    modules = list(module.modules()) if recurse else [module]
+    hooked = [m for m in modules if hasattr(m, "_hf_hook")]
+    if not hooked:
+        return
+    from accelerate.hooks import remove_hook_from_module
+
+    for m in hooked:
+        remove_hook_from_module(m)
+        for name, tensor in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            if tensor is not None and tensor.device.type != "meta":
+                copy = tensor.detach().clone()
+                if isinstance(tensor, nn.Parameter):
+                    setattr(m, name, nn.Parameter(copy, requires_grad=tensor.requires_grad))
+                else:
+                    m._buffers[name] = copy

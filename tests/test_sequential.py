@@ -205,3 +205,25 @@ def test_bundled_text_to_image_models_float_inputs_bit_for_bit(bundled):
         finally:
             pipe.transformer = fp
     _assert_same_checkpoint(*results)
+
+
+@pytest.mark.parametrize("offload", ["disk", "cpu"])
+def test_an_offloaded_model_gives_the_same_checkpoint_and_is_left_plain(tiny_transformer, tmp_path, offload):
+    """accelerate's disk / CPU offload (weights on the meta device between forwards, loaded by hooks): block by
+    block, each block is brought in (`sequential.onload`) when its turn comes; the checkpoint is the one of the
+    model without offload, bit for bit, and no hook is left on the quantized model. One pass brings in the whole
+    model first."""
+    from accelerate import cpu_offload, disk_offload
+
+    options = dict(weight_bits=4, weight_rounding="gptq", smoothquant_alpha=0.5)
+    for sequential in (dict(sequential=True), {}):
+        plain, _ = _quantized(tiny_transformer, **options, **sequential)
+        offloaded = copy.deepcopy(tiny_transformer)
+        if offload == "disk":
+            disk_offload(offloaded, str(tmp_path / f"weights{len(sequential)}"), execution_device=torch.device("cpu"))
+        else:
+            cpu_offload(offloaded, execution_device=torch.device("cpu"))
+        assert next(offloaded.transformer_blocks[1].parameters()).device.type == "meta"
+        quantize_transformer(offloaded, QuantConfig(**CALIBRATION, **options, **sequential), progress=False)
+        _assert_same_checkpoint(plain, offloaded)
+        assert not any(hasattr(m, "_hf_hook") for m in offloaded.modules())
