@@ -57,7 +57,9 @@ counters or keeps per-call caches, so `torch.inference_mode()`, `no_grad` and gr
 from __future__ import annotations
 
 import functools
+import os
 import platform
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -528,14 +530,61 @@ def available_kernels(module) -> list[str]:
     return [name for name in KERNELS if kernel_problem(module, name) is None]
 
 
+# How the automatic choice picks among the exact kernels a layer may use on the CPU (issue #21, point 5):
+# "measured" times each on the layer (once per process and layer shape) and takes the fastest, so that a small
+# layer, where the integer GEMM's fixed costs outweigh its speed, runs the float emulation (exact too) and no
+# quantized model is slower than the kernels allow; "priority" takes the registry's highest priority (oneDNN).
+KERNEL_CHOICE = os.environ.get("DIFFUSERS_PTQ_KERNEL_CHOICE", "measured")
+MEASURE_ROWS = 256  # input rows of the timed calls (DiT-XL/2's batch of 2 × 256 tokens is 512; the bundled model's 320)
+MEASURED: dict[tuple, dict[str, float]] = {}  # layer shape key -> {kernel: best seconds}, per process
+
+
+def _shape_key(module, names: tuple[str, ...]) -> tuple:
+    """What a kernel's speed on a layer depends on: the candidates, the shape, the bit widths and scale kinds."""
+    return (names, module.in_features, module.out_features, module.bias is not None, module.weight_qtype.bits,
+            getattr(module.activation_qtype, "bits", None), bool(getattr(module, "act_dynamic", False)),
+            getattr(module, "weight_group_size", None))
+
+
+def time_kernel(kernel: Kernel, module, x: torch.Tensor, repeats: int = 3) -> float:
+    """Best of `repeats` timed calls of `kernel` on `module` (prepared once, one warm-up call first)."""
+    state = kernel.prepare(module)
+    with torch.no_grad():
+        kernel.run(module, state, x)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            kernel.run(module, state, x)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measured_kernel(module, candidates: list[Kernel]) -> str:
+    """The fastest of `candidates` (all exact for the layer) on MEASURE_ROWS random rows, measured once per process
+    and layer shape (`MEASURED`); ties go to the earlier (higher-priority) candidate."""
+    key = _shape_key(module, tuple(k.name for k in candidates))
+    if key not in MEASURED:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(MEASURE_ROWS, module.in_features, generator=gen).to(module.weight.device)
+        stats = dict(ONEDNN_STATS)
+        MEASURED[key] = {k.name: time_kernel(k, module, x) for k in candidates}
+        ONEDNN_STATS.update(stats)  # the timing calls are not the model's
+    times = MEASURED[key]
+    return min(candidates, key=lambda k: times[k.name]).name
+
+
 def choose_kernel(module) -> str:
-    """The fastest exact kernel for a frozen quantized Linear on its device: the registered kernel of highest
-    priority whose `devices` include the layer's device type and whose check passes (on CUDA: quanto; on an x86
-    CPU, W8A8 and per-channel W4A8: oneDNN; elsewhere the float emulation, as fast as the float model)."""
+    """The fastest exact kernel for a frozen quantized Linear on its device, among the registered kernels whose
+    `devices` include the layer's device type and whose check passes: on the CPU the faster of them on this layer
+    (`measured_kernel`, with KERNEL_CHOICE = "measured", the default), else the highest priority (on CUDA: quanto;
+    on an x86 CPU, W8A8 and per-channel W4A8: oneDNN; elsewhere the float emulation)."""
     device = module.weight.device
     if device.type == "meta" or not getattr(module, "frozen", False):
         return default_kernel(device)
-    for kernel in sorted(KERNELS.values(), key=lambda k: -k.priority):
-        if (kernel.devices is None or device.type in kernel.devices) and kernel.check(module) is None:
-            return kernel.name
-    raise KernelError(f"no registered kernel can run {module!r} on {device}")
+    candidates = [k for k in sorted(KERNELS.values(), key=lambda k: -k.priority)
+                  if (k.devices is None or device.type in k.devices) and k.check(module) is None]
+    if not candidates:
+        raise KernelError(f"no registered kernel can run {module!r} on {device}")
+    if KERNEL_CHOICE == "measured" and device.type == "cpu" and len(candidates) > 1:
+        return measured_kernel(module, candidates)
+    return candidates[0].name

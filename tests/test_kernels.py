@@ -335,3 +335,41 @@ def test_prepared_weights_are_never_saved_and_follow_moves(tiny_transformer, tmp
     assert {m.kernel for m in reloaded.modules() if isinstance(m, QuantLinear)} == {"onednn"}
     assert torch.equal(_forward(reloaded), expected)
     assert set(reloaded.state_dict()) == keys
+
+
+# --- the measured choice (issue #21, point 5) -------------------------------------------------------------------------
+
+
+@needs_onednn
+def test_measured_choice_takes_the_faster_exact_kernel_once_per_layer_shape(monkeypatch):
+    """KERNEL_CHOICE = "measured" (the library's default): the faster of the exact kernels on this layer, timed once per
+    process and layer shape (timings faked here, so the test does not depend on this machine's speed)."""
+    monkeypatch.setattr(kernels, "KERNEL_CHOICE", "measured")
+    monkeypatch.setattr(kernels, "MEASURED", {})
+    timed, speeds = [], {"onednn": 2.0, "emulated": 1.0}
+
+    def fake(kernel, module, x, repeats=3):
+        assert x.shape == (kernels.MEASURE_ROWS, module.in_features)
+        timed.append((kernel.name, module.in_features))
+        return speeds[kernel.name]
+
+    monkeypatch.setattr(kernels, "time_kernel", fake)
+    assert quantize_linear(_linear(), 8, 0.02).kernel == "emulated"
+    assert sorted(timed) == [("emulated", 256), ("onednn", 256)]
+    speeds.update(onednn=0.5)  # the same shape again: not timed again, the first result stands
+    assert quantize_linear(_linear(), 8, 0.02).kernel == "emulated" and len(timed) == 2
+    assert quantize_linear(_linear(in_f=96), 8, 0.02).kernel == "onednn" and len(timed) == 4  # another shape
+    assert quantize_linear(_linear(), 4, 0.02).kernel == "onednn"  # 4-bit weights: another key
+    monkeypatch.setattr(kernels, "KERNEL_CHOICE", "priority")
+    assert quantize_linear(_linear(), 8, 0.02).kernel == "onednn"
+
+
+@needs_onednn
+def test_measured_choice_times_real_calls_and_leaves_the_statistics_alone(monkeypatch):
+    monkeypatch.setattr(kernels, "KERNEL_CHOICE", "measured")
+    monkeypatch.setattr(kernels, "MEASURED", {})
+    before = dict(kernels.ONEDNN_STATS)
+    layer = quantize_linear(_linear(), 8, 0.02)
+    (times,) = kernels.MEASURED.values()
+    assert set(times) == {"onednn", "emulated"} and all(0 < t < 10 for t in times.values())
+    assert layer.kernel == min(times, key=times.get) and kernels.ONEDNN_STATS == before
