@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from diffusers_ptq.config import QuantConfig
 from diffusers_ptq.harness.bench import run_benchmark
@@ -68,6 +69,29 @@ def test_speed_worker_runs_the_mmdit_models(monkeypatch):
     assert multiply["blocks"] == 2 and multiply["width"] == 6 * 144 and multiply["overhead_ratio"] > 0
     text = mmdit_speed_markdown(rows, multiply)
     assert "FLUX.1-dev width" in text and "PixArt-Σ width" in text and "modulation multiply" in text
+
+
+@pytest.mark.parametrize("label", ["quanto-W8A8", "torchao-int8dyn"])
+def test_speed_peers_quantize_the_same_linears_as_ours(monkeypatch, label):
+    """bench --speed's peers (issue #21) replace exactly the Linears diffusers-ptq quantizes; the row runs (a dry
+    run on a one-block DiT-XL/2, not a measurement). torchao is optional: skipped where it is not installed."""
+    if label.startswith("torchao"):
+        pytest.importorskip("torchao")
+    from diffusers_ptq.harness.speed import PEER_MODES, _dit_xl_inputs, _dit_xl_model, _peer_targets, forward_worker
+
+    monkeypatch.setenv("DIFFUSERS_PTQ_SPEED_TINY", "1")
+    model = _dit_xl_model()
+    targets = _peer_targets(model)
+    before = {name: type(m.weight) if hasattr(m, "weight") else None for name, m in model.named_modules()}
+    inputs = _dit_xl_inputs()
+    inputs["hidden_states"] = inputs["hidden_states"][:, :, :8, :8]
+    PEER_MODES[label](model, inputs)
+    changed = {name for name, m in model.named_modules()
+               if name in before and (type(m).__name__ != "Linear" or type(getattr(m, "weight", None)) is not before[name])
+               and isinstance(m, torch.nn.Linear)}
+    assert changed == set(targets) and len(targets) == 9
+    row = forward_worker(label, repeats=1, compiled=False)
+    assert row["kernels"] == {f"{label.split('-')[0]} (peer)": 9} and row["speedup"] > 0
 
 
 def test_method_grid_places_each_mmdit_row():

@@ -46,6 +46,45 @@ SPEED_MODES = {
 }
 
 
+def _peer_targets(model: torch.nn.Module) -> list[str]:
+    """The Linears the peers quantize: the ones diffusers-ptq quantizes (the family's `default_include`)."""
+    from diffusers_ptq.calibration import select_linears
+    from diffusers_ptq.models import adapter_for
+
+    return list(select_linears(model, adapter_for(model).default_include))
+
+
+def torchao_int8_dynamic(model: torch.nn.Module, inputs: dict) -> None:
+    """torchao's int8 dynamic activations × int8 weights (what diffusers' TorchAoConfig("int8dq") gives), on the
+    same Linears as ours."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    names = set(_peer_targets(model))
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda _m, fqn: fqn in names)
+
+
+def quanto_w8a8(model: torch.nn.Module, inputs: dict) -> None:
+    """optimum-quanto's own W8A8 (qint8 weights and activations, activation scales from one calibration forward on
+    the timed inputs), on the same Linears as ours."""
+    from optimum.quanto import Calibration, freeze, qint8, quantize
+
+    quantize(model, weights=qint8, activations=qint8, include=_peer_targets(model))
+    with torch.no_grad(), Calibration():
+        model(**inputs)
+    freeze(model)
+
+
+# Peers timed beside ours in the same run (issue #21); torchao is optional: its row is left out where it is not
+# installed (`pip install torchao`).
+PEER_MODES = {"torchao-int8dyn": torchao_int8_dynamic, "quanto-W8A8": quanto_w8a8}
+
+
+def available_peers() -> list[str]:
+    import importlib.util
+
+    return [label for label in PEER_MODES if label != "torchao-int8dyn" or importlib.util.find_spec("torchao")]
+
+
 def to_seven_bit_codes(model: torch.nn.Module) -> None:
     """Re-round every 8-bit QuantLinear's weight to codes on ±63 (from its dequantized weight), in place: the
     same checkpoint format; the oneDNN kernel then runs one full-range GEMM without VNNI."""
@@ -218,13 +257,16 @@ def forward_worker(label: str, repeats: int = 3, compiled: bool = True, model_na
     model, inputs, context = _speed_subject(model_name)
     row = {"label": label, "model": model_name, "threads": torch.get_num_threads(), "load_before": os.getloadavg()}
     t0 = time.time()
-    if SPEED_MODES[label] is not None:
+    if label in PEER_MODES:
+        PEER_MODES[label](model, inputs)
+    elif SPEED_MODES[label] is not None:
         quantize_transformer(model, QuantConfig(**SPEED_MODES[label], num_samples=1, num_inference_steps=2,
                                                 batch_size=1), context=context, progress=False)
         if label.endswith("-w7"):
             to_seven_bit_codes(model)
     row["quantize_seconds"] = time.time() - t0
-    row["kernels"] = kernel_summary(model)
+    row["kernels"] = {f"{label.split('-')[0]} (peer)": len(_peer_targets(model))} if label in PEER_MODES \
+        else kernel_summary(model)
     shapes: dict[tuple, int] = {}
 
     def record(module, args):
@@ -250,7 +292,7 @@ def forward_worker(label: str, repeats: int = 3, compiled: bool = True, model_na
             torch._dynamo.reset()
             compiled_model = torch.compile(model)
             fns["compiled"] = lambda: compiled_model(**inputs)
-        if SPEED_MODES[label] is not None:
+        if label != "FP32":
             reference = _speed_subject(model_name)[0]
             fns["fp32"] = lambda: reference(**inputs)
         t0 = time.time()
@@ -345,8 +387,9 @@ def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, l
             for label, pipe in pipes.items()]
 
 
-def run_speed_benchmark(output: str | os.PathLike, repeats: int = 3, modes=tuple(SPEED_MODES),
-                        sampling: bool = True) -> dict:
+def run_speed_benchmark(output: str | os.PathLike, repeats: int = 3, modes=None, sampling: bool = True) -> dict:
+    """`bench --speed`: `modes` (default: every SPEED_MODES entry and the installed peers) each in its own process,
+    the bare-kernel ceiling, the bundled pipeline's sampling time; JSON + Markdown at `output`."""
     from diffusers_ptq import kernels
     from diffusers_ptq.harness.utils import machine_info
 
@@ -355,6 +398,7 @@ def run_speed_benchmark(output: str | os.PathLike, repeats: int = 3, modes=tuple
                           "all_int8_flags": sorted(f for f in kernels.cpu_flags()
                                                    if "vnni" in f or f.startswith(("amx", "avx512")))},
               "load_at_start": os.getloadavg(), "repeats": repeats, "batch": 2, "tokens": 256}
+    modes = [*SPEED_MODES, *available_peers()] if modes is None else list(modes)
     forward = [_run_worker("--forward", label, str(repeats)) for label in modes]
     fp = next(r for r in forward if r["label"] == "FP32")
     ceiling = _run_worker("--ceiling", json.dumps(fp["linear_calls"]))
@@ -405,6 +449,14 @@ def speed_markdown(result: dict) -> str:
                 f"{r['speedup'] * r['compiled_vs_eager']:.2f}×") if "compiled_seconds" in r else "– | – | –"
         lines.append(f"| {r['label']} | {kern} | {r['seconds']:.2f} | {r['speedup']:.2f}× | {comp} | {frac} | {share} | "
                      f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['resident_bytes_after'] / 1e9:.2f} |")
+    peer = next((r for r in result["forward"] if r["label"] == "torchao-int8dyn" and "compiled_seconds" in r), None)
+    if peer is not None:  # across processes: each mode's time against its own float twin, then the ratio
+        best = peer["speedup"] * max(1.0, peer["compiled_vs_eager"])
+        lines += ["", f"Against torchao's int8 dynamic peer at its best ({best:.2f}× FP32 eager"
+                  f"{', compiled' if peer['compiled_vs_eager'] > 1 else ', eager'}), each mode at its best "
+                  "(eager or compiled): " + ", ".join(
+                      f"{r['label']} {r['speedup'] * max(1.0, r.get('compiled_vs_eager', 1.0)) / best:.2f}×"
+                      for r in result["forward"] if r["label"] not in ("FP32", "torchao-int8dyn")) + "."]
     if c.get("kernel_speedup"):
         lines += ["", f"Ceiling (bare oneDNN u8×s8 GEMM on pre-quantized inputs vs bare fp32 GEMM, every Linear call "
                   f"of the forward): Linear time {c['fp32_linear_seconds']:.2f} s → {c['int8_linear_seconds']:.2f} s "
