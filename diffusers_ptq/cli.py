@@ -202,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also measure DiT-XL/2's state-dict size and peak memory per mode (random weights)")
     bench.add_argument("--speed", action="store_true",
                        help="instead: integer speed at DiT-XL/2 shapes (random weights, batch 2 x 256 tokens), FP32 vs "
-                       "W8A8/W4A8/W8A16/W4A16 beside the bare kernel's ceiling, and the bundled pipeline's 50-step "
+                       "W8A8/W4A8/W8A16/W4A16 and the peers (torchao int8-dynamic where installed: `pip install "
+                       "diffusers-ptq[peers]`; optimum-quanto W8A8), eager and compiled, beside the bare kernel's "
+                       "ceiling, and the bundled pipeline's 50-step "
                        "sampling time (JSON + Markdown at --output, default speed.json)")
     bench.add_argument("--speed-repeats", type=int, default=3, help="timed forwards per mode for --speed (median)")
     bench.add_argument("--footprint", action="store_true",
