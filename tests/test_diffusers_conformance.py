@@ -22,7 +22,7 @@ from conftest import make_tiny_transformer, randomize_modulation, reload_bit_exa
 from diffusers import DiTTransformer2DModel
 
 from diffusers_ptq import BaselineConfig, HTGConfig, PTQ4DiTConfig, QDiTConfig, quantize
-from diffusers_ptq.modules import QuantLinear, kernel_summary
+from diffusers_ptq.modules import QuantLinear, kernel_summary, set_kernel
 
 SMALL = dict(num_samples=2, num_inference_steps=4, batch_size=2)
 CONFIGS = {
@@ -155,6 +155,23 @@ def test_torch_compile(quantized, fullgraph):
         torch.testing.assert_close(_forward(compiled, **other), expected, **compiled_tolerance(expected))
     with torch.inference_mode():
         torch.testing.assert_close(_forward(compiled), _forward(model), **compiled_tolerance(expected))
+    torch._dynamo.reset()
+
+
+def test_torch_compile_on_the_float_emulation(quantized):
+    """The measured kernel choice (kernels.py) may run a W8A8 layer on the float emulation (input rounded to its
+    static or per-token grid, dequantized weight): that path compiles without a graph break too and agrees with
+    eager."""
+    name, _, _, model = quantized
+    if name not in ("htg-w8a8", "qdit-w4a8"):
+        pytest.skip("static (HTG W8A8) and per-token (Q-DiT) activations")
+    model = copy.deepcopy(model)
+    set_kernel(model, "emulated")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        expected = _forward(model)
+        torch.testing.assert_close(_forward(compiled), expected, **compiled_tolerance(expected))
     torch._dynamo.reset()
 
 
