@@ -259,7 +259,7 @@ def _prepare_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
 
     A dead column has no off-diagonal entries either, so it is decoupled: it is rounded to nearest and its
     error moves nothing. Returns (damped H, dead mask)."""
-    h = hessian.clone()
+    h = hessian.clone() if hessian.dtype == torch.float64 else hessian.to(torch.float64)  # one working copy
     diag = torch.diagonal(h)
     dead = diag == 0
     diag[dead] = 1.0
@@ -274,8 +274,12 @@ def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
     for _ in range(8):
         damped = h if extra == 0 else h + extra * mean_diag * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
         chol, info = torch.linalg.cholesky_ex(damped)
+        del damped  # (h itself stays for a retry) at most three n × n matrices alive: h, one factor, one inverse
         if info == 0:
-            chol_inv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            inverse = torch.cholesky_inverse(chol)
+            del chol
+            chol_inv, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0:
                 return chol_inv
         extra = 1e-6 if extra == 0 else extra * 10
@@ -304,9 +308,11 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_siz
     shift_g = None if shift is None else _per_group(shift, out_features).to(dtype)
     groups = _column_groups(in_features, group_size, device)
 
-    h, _ = _prepare_hessian(hessian.to(device=device, dtype=torch.float64), damp)
+    h, _ = _prepare_hessian(hessian.to(device=device), damp)  # float64 (wide layers: 8·n² bytes per n × n copy)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(in_features, device=device)
-    u = _inverse_cholesky_upper(h[perm][:, perm]).to(dtype)
+    h = h[perm]
+    h = h[:, perm]
+    u = _inverse_cholesky_upper(h).to(dtype)
     del h
 
     col_group = groups[perm].tolist()
