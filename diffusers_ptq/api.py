@@ -158,7 +158,7 @@ class BlockRun(QuantRun):
     inputs: BlockInputs | None = None
     float_outputs: BlockInputs | None = None
 
-    def calibrate(self, more_stats=None, subscribers=()) -> None:
+    def calibrate(self) -> None:  # the methods' own calls (recalibrate) take no arguments
         t0 = time.time()
         cal, module = self.plan.calibration, self.transformer.get_submodule(self.block)
         recorder = HessianRecorder(self.targets if self.observations.hessians else {})

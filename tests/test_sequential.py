@@ -92,7 +92,7 @@ def test_quantized_inputs_are_what_the_quantized_blocks_feed(tiny_transformer):
     handles = [block1.get_submodule(n).register_forward_pre_hook(record(n)) for n in ("attn1.to_q", "norm1.linear")]
     with torch.no_grad():
         for args, kwargs in calls:
-            block1(quantized0(*args, **kwargs), **{k: v for k, v in kwargs.items()})
+            block1(quantized0(*args, **kwargs), **kwargs)
     for h in handles:
         h.remove()
     for name in ("attn1.to_q", "norm1.linear"):
