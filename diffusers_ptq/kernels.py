@@ -149,6 +149,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     return torch.cat(parts).to(torch.uint8)[:rows]
 
 
+def stored_data(weight) -> torch.Tensor:
+    """The plain tensor holding a quanto weight's codes as stored: int8 [out, in] (8-bit) or the uint8 of its
+    PackedTensor, two 4-bit codes a byte."""
+    return weight._data if weight._data.dtype == torch.int8 else weight._data._data
+
+
 def weight_codes(weight) -> torch.Tensor:
     """The integer codes of a quanto weight as stored: int8 [out, in] (8-bit), uint8 [out, in] (4-bit per channel)
     or uint8 [out·in/group, group] (4-bit in groups)."""
@@ -499,10 +505,8 @@ onednn_linear_op.register_autograd(_onednn_backward, setup_context=_onednn_setup
 
 
 def _onednn_linear(module, weight: OneDNNWeight, x: torch.Tensor) -> torch.Tensor:
-    w = module.weight
-    w_data = w._data if module.weight_qtype.bits == 8 else w._data._data
-    return onednn_linear_op(x, weight.packed, w_data, weight.scales, weight.zeros, weight.shift, module.bias,
-                            None if module.act_dynamic else module.input_scale, weight.full_range,
+    return onednn_linear_op(x, weight.packed, stored_data(module.weight), weight.scales, weight.zeros, weight.shift,
+                            module.bias, None if module.act_dynamic else module.input_scale, weight.full_range,
                             module.weight_qtype.bits)
 
 

@@ -1,9 +1,11 @@
-"""Process memory: hand what the quantizer freed back to the operating system (issue #22)."""
+"""Process memory: hand what the quantizer freed back to the operating system, and the pages of stored weights
+back to the file they were loaded from (issue #22)."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
 import platform
 
 
@@ -24,3 +26,60 @@ def return_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+MADV_DONTNEED = 4  # Linux: drop the pages; a private file mapping reads them from the file again when next touched
+
+
+@functools.cache
+def _madvise():
+    """glibc's madvise, or None (another C library, another OS)."""
+    try:
+        if platform.system() != "Linux":
+            return None
+        madvise = ctypes.CDLL("libc.so.6", use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+def file_mapping(address: int) -> tuple[int, int, str] | None:
+    """(start, end, path) of the private file mapping that holds `address` in this process (/proc/self/maps), or
+    None: anonymous memory (the heap, torch's allocations), a shared mapping, or not Linux."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        start, end = (int(a, 16) for a in fields[0].split("-"))
+        if start <= address < end:
+            private_file = len(fields) == 6 and fields[1].endswith("p") and fields[4] != "0" and fields[5].startswith("/")
+            return (start, end, fields[5]) if private_file else None
+    return None
+
+
+def release_file_pages(tensor) -> int:
+    """Hand back the resident pages of a tensor that lies in a private file mapping (safetensors maps the checkpoint
+    file it loads; a pre-quantized model keeps its stored weights there, so they stay on disk and are read again when
+    something needs them: a save, the backward pass, another kernel). Returns the bytes released: 0 for a tensor in
+    anonymous memory (never touched: dropping those pages would zero them) or on a system without madvise.
+
+    Only whole pages inside the tensor's own bytes are released, and only ones the process has not written (a stored
+    weight is never modified in place): a written page of a private mapping would be dropped with its changes."""
+    madvise = _madvise()
+    if madvise is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return 0
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    mapping = file_mapping(start)
+    if mapping is None or end > mapping[1]:
+        return 0
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first or madvise(first, last - first, MADV_DONTNEED) != 0:
+        return 0
+    return last - first

@@ -31,7 +31,9 @@ from diffusers_ptq.kernels import (
     kernel_problem,
     prepare_kernel,
     run_kernel,
+    stored_data,
 )
+from diffusers_ptq.memory import release_file_pages
 
 if TYPE_CHECKING:
     from diffusers_ptq.rounding import RoundedWeight
@@ -72,7 +74,14 @@ class QuantLinear(QLinear):
             self.kernel = choose_kernel(self)
         if self.frozen and self.weight.device.type != "meta":
             prepare_kernel(self)
+            self.release_stored_pages()
         return self.kernel
+
+    def release_stored_pages(self) -> int:
+        """A weight loaded from a checkpoint lies in safetensors' map of the file: once the kernel has its own form,
+        the stored codes go back to the file, read again only by what needs them (a save, a backward pass, another
+        kernel). Returns the bytes handed back (0 for a weight in memory: quantized here, copied, moved)."""
+        return release_file_pages(stored_data(self.weight)) if self.frozen else 0
 
     def freeze(self):
         super().freeze()

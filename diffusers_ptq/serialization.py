@@ -186,12 +186,36 @@ def _build_quant_linear(template: nn.Module, meta: dict, tensors: dict[str, torc
     module = module.to_empty(device="cpu")
     module.weight_group_size = group
     module.act_dynamic = act_dynamic
-    result = module.load_state_dict(dict(tensors), strict=False)
-    if result.unexpected_keys or not module.frozen:
+    others = {k: v for k, v in tensors.items() if not k.startswith("weight.")}
+    result = module.load_state_dict(others, strict=False)
+    if result.unexpected_keys:
         raise CheckpointError(f"could not rebuild the quantized weight (unexpected {result.unexpected_keys})")
+    module.weight = nn.Parameter(_stored_weight(module, tensors), requires_grad=False)
     module.select_kernel()  # the fastest exact kernel for these bit widths on this machine (never stored)
     module.requires_grad_(False)
     return module
+
+
+def _stored_weight(module: nn.Module, tensors: dict[str, torch.Tensor]):
+    """The quanto weight over the checkpoint's own tensors, not copied: loaded from safetensors, they lie in its map
+    of the file, and `QuantLinear.select_kernel` hands their pages back once the kernel has its own form. (quanto's
+    `load_state_dict` would re-pack a 4-bit weight into new memory on the CPU: its `optimize()`; a move to CUDA still
+    builds quanto's optimized form.)"""
+    from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor
+
+    state = {k: v for k, v in tensors.items() if k.startswith("weight.")}
+    size, stride, missing = module.weight.size(), module.weight.stride(), []
+    if module.weight_qtype.bits == 8:
+        weight = WeightQBytesTensor.load_from_state_dict(state, "weight.", qtype=module.weight_qtype, axis=0, size=size,
+                                                         stride=stride, activation_qtype=module.activation_qtype,
+                                                         missing_keys=missing)
+    else:
+        weight = WeightQBitsTensor.load_from_state_dict(state, "weight.", qtype=module.weight_qtype, axis=0,
+                                                        group_size=module.weight_group_size, size=size, stride=stride,
+                                                        missing_keys=missing)
+    if weight is None:
+        raise CheckpointError(f"could not rebuild the quantized weight (missing {missing})")
+    return weight
 
 
 # --- QuantEmbedding (8-bit embedding tables) ----------------------------------------------------------------------
@@ -470,6 +494,7 @@ def rebuild_quantized_modules(model: nn.Module, metadata: dict, tensors: dict[st
         except (KeyError, TypeError) as error:
             raise CheckpointError(f"{name}: corrupt metadata {meta}: {error!r}") from error
         model.set_submodule(name, module.to(device))
+        return_freed_memory()  # the layer's temporaries (unpacked codes, a measured kernel's trial weights)
     for name, meta in metadata["processors"].items():
         kind = PROCESSOR_KINDS[meta["kind"]]
         own = {k: v.to(device) for k, v in grouped.get(("processors", name), {}).items()}
@@ -481,7 +506,13 @@ def rebuild_quantized_modules(model: nn.Module, metadata: dict, tensors: dict[st
     left = [p for p, _ in model.named_parameters() if _.device.type == "meta"]
     if left:
         raise CheckpointError(f"tensors missing from the checkpoint: {left[:8]}")
-    return_freed_memory()  # the loaded tensors, copied into the modules and their kernels' packed weights
+    # each layer handed its stored codes back as it was built; reading the next layers' tensors mapped some of those
+    # pages in again (Linux's fault-around maps up to 64 KB around a page read from a file), so once more, now
+    from diffusers_ptq.modules import quant_linears
+
+    for _, module in quant_linears(model):
+        module.release_stored_pages()
+    return_freed_memory()
 
 
 def _retie(model: nn.Module, aliases: dict) -> None:
