@@ -133,3 +133,9 @@ def test_footprint_worker_runs_on_the_flux_width_model(monkeypatch):
     fp, w4 = rows
     assert w4["checkpoint_bytes"] < fp["checkpoint_bytes"] and w4["checkpoint_parts"]["scales"] > 0
     assert "| W4A8 |" in footprint_table(rows, "FLUX") and w4["model"] == "flux"
+    # the checkpoint saved and loaded again in a fresh process: its files hold the parts plus their headers
+    for row in rows:
+        load = row["load"]
+        assert row["checkpoint_bytes"] <= load["checkpoint_file_bytes"] <= row["checkpoint_bytes"] + 2**20
+        assert load["imports_rss_bytes"] < load["loaded_rss_bytes"] <= load["load_forward_peak_bytes"]
+    assert "| loading the saved checkpoint" in footprint_table(rows, "FLUX")

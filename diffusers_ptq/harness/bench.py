@@ -492,14 +492,13 @@ def checkpoint_parts(model: torch.nn.Module) -> dict[str, int]:
 
 
 def _footprint_subject(model_name: str):
-    """(model, run one forward, calibration context) of a footprint row: DiT-XL/2 (random weights; every block's
+    """(model, forward inputs, calibration context) of a footprint row: DiT-XL/2 (random weights; every block's
     timestep/class embedder a copy of block 0's, as in converted DiT-XL/2 checkpoints), or a text-to-image model at
     full width from harness/speed.py (MMDIT_SPEED_MODELS: random weights, a few blocks)."""
     if model_name != "dit-xl-2":
         from diffusers_ptq.harness.speed import _speed_subject
 
-        model, inputs, context = _speed_subject(model_name)
-        return model, lambda: model(**inputs), context
+        return _speed_subject(model_name)
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
@@ -507,19 +506,86 @@ def _footprint_subject(model_name: str):
     first = model.transformer_blocks[0].norm1.emb.state_dict()
     for block in model.transformer_blocks[1:]:
         block.norm1.emb.load_state_dict(first)
-    x = torch.randn(2, 4, 32, 32)
-    return model, lambda: model(x, timestep=torch.tensor([500, 500]), class_labels=torch.tensor([1, 1000])), {}
+    inputs = dict(hidden_states=torch.randn(2, 4, 32, 32), timestep=torch.tensor([500, 500]),
+                  class_labels=torch.tensor([1, 1000]))
+    return model, inputs, {}
+
+
+def process_memory() -> dict[str, int | None]:
+    """This process's resident bytes now and at their peak (/proc/self/status on Linux; elsewhere the peak from
+    getrusage and no current figure)."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        return {"rss": int(fields["VmRSS"].split()[0]) * 1024, "peak": int(fields["VmHWM"].split()[0]) * 1024}
+    except (OSError, KeyError):
+        return {"rss": None, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def save_footprint_checkpoint(model, folder: str | os.PathLike, inputs: dict, weight_bits: int | None,
+                              act_bits: int | None) -> int:
+    """Save a footprint row's model as a diffusers checkpoint (float, or pre-quantized: the quantizer attached with
+    a plain config of its bit widths — loading reads the tensors and the metadata, not the config's method) and its
+    forward inputs beside it; returns the checkpoint files' bytes."""
+    from safetensors.torch import save_file
+
+    from diffusers_ptq.config import BaselineConfig
+    from diffusers_ptq.quantizer import DiffusersPTQQuantizer, attach
+
+    folder = Path(folder)
+    if weight_bits is not None:
+        attach(model, DiffusersPTQQuantizer(BaselineConfig(weight_bits=weight_bits, act_bits=act_bits)))
+    model.save_pretrained(folder)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    save_file({k: v.contiguous() for k, v in inputs.items()}, str(folder / "inputs.safetensors"))
+    return size
+
+
+def load_worker(folder: str | os.PathLike, class_name: str) -> dict:
+    """In this (fresh) process: load the checkpoint in `folder` with diffusers' `from_pretrained` (a pre-quantized
+    one is rebuilt without calibrating) and run one forward on the inputs saved beside it; resident memory after the
+    imports, after loading, and the peak over loading and the forward."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    import diffusers_ptq  # noqa: F401 (registers the quantizer)
+
+    folder = Path(folder)
+    inputs = load_file(str(folder / "inputs.safetensors"))
+    row = {"imports_rss_bytes": process_memory()["rss"]}
+    t0 = time.time()
+    model = getattr(diffusers, class_name).from_pretrained(folder)
+    row["load_seconds"] = time.time() - t0
+    row["loaded_rss_bytes"] = process_memory()["rss"]
+    with torch.no_grad():
+        model(**inputs)
+    row["load_forward_peak_bytes"] = process_memory()["peak"]
+    return row
+
+
+def measure_load(model, inputs: dict, weight_bits: int | None, act_bits: int | None) -> dict:
+    """Save the model (`save_footprint_checkpoint`) and load it and run it in a fresh process (`load_worker`):
+    memory and the checkpoint's file bytes."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        files = save_footprint_checkpoint(model, folder, inputs, weight_bits, act_bits)
+        out = subprocess.run([sys.executable, "-m", "diffusers_ptq.harness.bench", "--load-worker", folder,
+                              type(model).__name__], capture_output=True, text=True, check=True)
+    return {"checkpoint_file_bytes": files, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
 def footprint_worker(label: str, model_name: str = "dit-xl-2") -> dict:
     """In this process: the model (`_footprint_subject`) quantized per FOOTPRINT_CONFIGS[label], then one forward;
-    state-dict bytes, checkpoint bytes by part, and the process's peak resident memory."""
-    model, forward, context = _footprint_subject(model_name)
+    state-dict bytes, checkpoint bytes by part, and the process's peak resident memory. Then the model saved and
+    loaded again in a fresh process (`measure_load`)."""
+    model, inputs, context = _footprint_subject(model_name)
     row = {"label": label, "model": model_name,
            "parameters": sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))}
     t0 = time.time()
-    if FOOTPRINT_CONFIGS[label] is not None:
-        config = QuantConfig(**{"num_inference_steps": 2, **FOOTPRINT_CONFIGS[label]}, num_samples=1, batch_size=1)
+    options = FOOTPRINT_CONFIGS[label]
+    if options is not None:
+        config = QuantConfig(**{"num_inference_steps": 2, **options}, num_samples=1, batch_size=1)
         report = quantize_transformer(model, config, context=context, progress=False)
         row["calibration_seconds"] = report.calibration_seconds
     row["quantize_seconds"] = time.time() - t0
@@ -528,9 +594,11 @@ def footprint_worker(label: str, model_name: str = "dit-xl-2") -> dict:
     row["checkpoint_bytes"] = sum(row["checkpoint_parts"].values())
     with torch.no_grad():
         t0 = time.time()
-        forward()
+        model(**inputs)
         row["forward_seconds"] = time.time() - t0
     row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    bits = (None, None) if options is None else (options["weight_bits"], options["act_bits"])
+    row["load"] = measure_load(model, inputs, *bits)
     return row
 
 
@@ -542,6 +610,10 @@ def architecture_footprint(labels: Sequence[str] = tuple(FOOTPRINT_CONFIGS), mod
                               model_name], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
+
+
+def _gb(n: int | None) -> str:
+    return "–" if n is None else f"{n / 1e9:.2f}"
 
 
 def footprint_table(rows: list[dict], title: str = "DiT-XL/2 (random weights)") -> str:
@@ -558,6 +630,18 @@ def footprint_table(rows: list[dict], title: str = "DiT-XL/2 (random weights)") 
         lines += ["", "| checkpoint part (MB) | " + " | ".join(r["label"] for r in rows) + " |",
                   "|---|" + "---|" * len(rows)]
         lines += [f"| {n} | " + " | ".join(f"{r['checkpoint_parts'][n] / 1e6:.1f}" for r in rows) + " |" for n in names]
+    loaded = [r for r in rows if r.get("load")]
+    if loaded:
+        lines += ["", "| loading the saved checkpoint, then one forward (fresh process) | files (MB) | after imports (GB) "
+                  "| after loading (GB) | peak (GB) | peak − imports (GB) | / files | load (s) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in loaded:
+            load = r["load"]
+            files, imports, peak = load["checkpoint_file_bytes"], load["imports_rss_bytes"], load["load_forward_peak_bytes"]
+            over = None if imports is None else peak - imports  # no current figure off Linux (process_memory)
+            cells = [f"{files / 1e6:.0f}", _gb(imports), _gb(load["loaded_rss_bytes"]), _gb(peak), _gb(over),
+                     "–" if over is None else f"{over / files:.2f}", f"{load['load_seconds']:.1f}"]
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -595,3 +679,5 @@ def run_footprint(output: str | os.PathLike, labels: Sequence[str] | None = None
 if __name__ == "__main__":
     if len(sys.argv) in (3, 4) and sys.argv[1] == "--footprint-worker":
         print(json.dumps(footprint_worker(sys.argv[2], *sys.argv[3:])))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--load-worker":
+        print(json.dumps(load_worker(sys.argv[2], sys.argv[3])))
