@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--speed-repeats", type=int, default=3, help="timed forwards per mode for --speed (median)")
     bench.add_argument("--footprint", action="store_true",
                        help="instead: DiT-XL/2's state dict, checkpoint size by part and peak memory per mode (random "
-                       "weights, one process per mode; JSON + Markdown at --output, default footprint.json)")
+                       "weights, one process per mode), and each mode's checkpoint loaded and run in a fresh process; "
+                       "JSON + Markdown at --output, default footprint.json)")
     _sampling_args(bench, seeds=[0])
     bench.set_defaults(func=cmd_bench)
     quant = sub.add_parser("quantize", help="calibrate + quantize a float DiT with a recipe, save the checkpoint")

@@ -109,6 +109,14 @@ def test_release_file_pages_leaves_memory_that_is_not_a_file_alone():
     assert torch.equal(t, torch.arange(1 << 20, dtype=torch.int32))
 
 
+def wide_quantized_model(bits: int, seed: int = 0) -> DiTTransformer2DModel:
+    """A one-block DiT wide enough (hidden 256) that each quantized weight spans whole pages."""
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=64, in_channels=4, out_channels=8,
+                                  num_layers=1, sample_size=4, patch_size=2, num_embeds_ada_norm=1000).eval()
+    return quantize(model, BaselineConfig(weight_bits=bits, num_samples=2, num_inference_steps=2), progress=False)
+
+
 @linux_only
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_loaded_checkpoint_keeps_its_stored_weights_on_disk(bits, tmp_path):
@@ -116,10 +124,7 @@ def test_a_loaded_checkpoint_keeps_its_stored_weights_on_disk(bits, tmp_path):
     handed back once its kernel has its own form, so at most the rest of the file (float tensors, scales, the two
     partial pages at each tensor's ends) stays resident; forward and backward (which reads the codes again) are
     those of the model that was saved, bit for bit."""
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=64, in_channels=4, out_channels=8,
-                                  num_layers=1, sample_size=4, patch_size=2, num_embeds_ada_norm=1000).eval()
-    quantize(model, BaselineConfig(weight_bits=bits, num_samples=2, num_inference_steps=2), progress=False)
+    model = wide_quantized_model(bits)
     model.save_pretrained(tmp_path)
     file = tmp_path / "diffusion_pytorch_model.safetensors"
     reloaded = DiTTransformer2DModel.from_pretrained(tmp_path)
@@ -132,8 +137,7 @@ def test_a_loaded_checkpoint_keeps_its_stored_weights_on_disk(bits, tmp_path):
     assert sum(t.numel() * t.element_size() for t in stored) > 3 * len(stored) * PAGE  # whole pages to hand back
     assert [present_pages(t) for t in stored] == [0] * len(stored)  # all but the partial pages at each end
 
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 4, 4, generator=gen)
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     kwargs = dict(timestep=torch.tensor([999, 20]), class_labels=torch.tensor([3, 1000]))
     grads = []
     for m in (model, reloaded):
@@ -142,3 +146,23 @@ def test_a_loaded_checkpoint_keeps_its_stored_weights_on_disk(bits, tmp_path):
         out.square().sum().backward()
         grads.append((out.detach(), xi.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@linux_only
+@pytest.mark.parametrize("save", ["diffusers", "diffusers_ptq"])
+def test_saving_over_the_loaded_folder_leaves_the_live_model_intact(save, tmp_path):
+    """The loaded model's stored codes are the file's pages: a save into the same folder (diffusers' own or ours)
+    writes a new file, so the live model keeps its codes and still saves the checkpoint it was loaded from."""
+    import diffusers_ptq
+
+    wide_quantized_model(8).save_pretrained(tmp_path)
+    live = DiTTransformer2DModel.from_pretrained(tmp_path)
+    codes = {name: stored_data(m.weight).clone() for name, m in quant_linears(live)}
+    other = wide_quantized_model(8, seed=1)
+    if save == "diffusers":
+        other.save_pretrained(tmp_path)
+    else:
+        diffusers_ptq.save_pretrained(other, tmp_path)
+    assert all(torch.equal(stored_data(m.weight), codes[name]) for name, m in quant_linears(live))
+    name, first = quant_linears(other)[0]
+    assert not torch.equal(stored_data(first.weight), codes[name])  # the file now holds other codes
