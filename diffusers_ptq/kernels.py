@@ -48,7 +48,9 @@ rebuilt when the weight object changes (load, move).
 
 How they behave as torch modules: `"onednn"` is one custom op (`torch.ops.diffusers_ptq.onednn_linear`) with a
 fake (shape) implementation, so `torch.compile` (Inductor, `fullgraph=True` too) traces through it as one opaque
-call, and an autograd formula: the gradient to the input is that of the dequantized weight, grad_x = grad_y · W
+call (for inference with a static scale and one full-range GEMM, the compiled model instead traces the input
+quantization as torch ops around the bare GEMM, `onednn_u8_linear_op`, so Inductor fuses it with the ops producing
+the input: `_onednn_linear_traced`), and an autograd formula: the gradient to the input is that of the dequantized weight, grad_x = grad_y · W
 (the activation rounding is a straight-through estimator, as in quanto), the weights get none (frozen). The
 `"emulated"` kernel is plain torch ops with the same straight-through rounding. Nothing reads tensor version
 counters or keeps per-call caches, so `torch.inference_mode()`, `no_grad` and grad mode give identical outputs.
@@ -504,7 +506,48 @@ def _onednn_backward(ctx, grad):
 onednn_linear_op.register_autograd(_onednn_backward, setup_context=_onednn_setup_context)
 
 
+@torch.library.custom_op("diffusers_ptq::onednn_u8_linear", mutates_args=())
+def onednn_u8_linear_op(u: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor,
+                        w_zeros: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's u8×s8 GEMM alone, on an input already quantized: u = q + 128 (uint8 [M, K]); returns
+    x_scale · w_scales · Σ q·w + bias (float32 [M, N]). The compiled path's opaque call (`_onednn_linear_traced`)."""
+    ONEDNN_STATS["calls"] += 1
+    ONEDNN_STATS["rows"] += u.shape[0]
+    ONEDNN_STATS["channels"] += u.shape[1]
+    return _qlinear(u, float(x_scale), 128, packed, w_scales, w_zeros, bias)
+
+
+@onednn_u8_linear_op.register_fake
+def _(u, x_scale, packed, w_scales, w_zeros, bias):
+    return u.new_empty((u.shape[0], w_scales.shape[0]), dtype=torch.float32)
+
+
+def traced_path(module, weight: OneDNNWeight, x: torch.Tensor) -> bool:
+    """Whether a oneDNN layer takes the traced path: under `torch.compile`, for inference (no gradient to the
+    input), with a static input scale and one full-range GEMM (int32 accumulation, or codes within ±64)."""
+    return (torch.compiler.is_compiling() and weight.full_range and not module.act_dynamic
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def _onednn_linear_traced(module, weight: OneDNNWeight, x: torch.Tensor) -> torch.Tensor:
+    """The oneDNN layer as torch.compile sees it (issue #21): the input quantization and the 4-bit epilogue are
+    plain torch ops — the same ones as `QuantizedInput` and `onednn_linear_op` — so Inductor fuses them into the
+    ops around them (the LayerNorm and modulation producing q/k/v's input, the GELU producing fc2's, the row sums
+    into the same pass); only the integer GEMM is an opaque call (`onednn_u8_linear_op`)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).to(torch.float32)
+    scale = module.input_scale.to(torch.float32)
+    q = torch.clamp(torch.round(x2 / scale), -128, 127)
+    bias = None if module.bias is None else module.bias.to(torch.float32)
+    y = onednn_u8_linear_op((q + 128).to(torch.uint8), scale, weight.packed, weight.scales, weight.zeros, bias)
+    if weight.shift is not None:  # affine 4-bit: − s_x · (Σ_i q_i) · shift_o
+        y = y + (q.sum(dim=-1, keepdim=True) * scale) * weight.shift
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
 def _onednn_linear(module, weight: OneDNNWeight, x: torch.Tensor) -> torch.Tensor:
+    if traced_path(module, weight, x):
+        return _onednn_linear_traced(module, weight, x)
     return onednn_linear_op(x, weight.packed, stored_data(module.weight), weight.scales, weight.zeros, weight.shift,
                             module.bias, None if module.act_dynamic else module.input_scale, weight.full_range,
                             module.weight_qtype.bits)

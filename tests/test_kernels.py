@@ -126,6 +126,40 @@ def test_kernel_equals_integer_reference_random_and_adversarial(layer, kernel):
     assert_matches_integer_reference(module, _adversarial_inputs(module), kernel)
 
 
+@needs_onednn
+@pytest.mark.parametrize("layer", ["w8a8", "w8a8-extreme", "w4a8"])
+def test_compiled_onednn_layer_quantizes_in_traced_ops_around_an_opaque_gemm(layer):
+    """Under torch.compile (inference) a oneDNN layer whose input takes one full-range GEMM quantizes its input and
+    adds the 4-bit epilogue in traced torch ops (so Inductor fuses them with the ops producing the input) around
+    the opaque u8 GEMM: the generated code calls that op, not the whole-layer op, and the result is the integer
+    reference to float rounding — as eager, so the traced rounding is the eager one (x / s, round half to even)."""
+    from torch._inductor.utils import run_and_get_code
+
+    module = LAYERS[layer]()
+    module.kernel = "onednn"
+    if not kernels.prepare_onednn(module).full_range:
+        pytest.skip("8-bit codes beyond ±64 without int32 accumulation: the split path, the whole-layer op")
+    torch.manual_seed(3)
+    x = torch.cat([torch.randn(2, 9, module.in_features) * 2.0, _adversarial_inputs(module)], dim=1)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)
+    with torch.no_grad():
+        y, code = run_and_get_code(compiled, x)
+    code = "\n".join(code)
+    assert "onednn_u8_linear" in code and "onednn_linear.default" not in code
+    ref, bound = integer_reference(module, x)
+    assert float(((y.double() - ref).abs() - float_rounding_bound(module.in_features, bound)).max()) <= 0
+    # a gradient wanted: the whole-layer op and its straight-through backward, as in eager
+    xg = x.clone().requires_grad_(True)
+    compiled(xg).sum().backward()
+    xe = x.clone().requires_grad_(True)
+    module(xe).sum().backward()
+    w = module.dequantized_weight().double()
+    bound = gamma(module.out_features + 4) * (torch.ones(*x.shape[:-1], module.out_features).double() @ w.abs())
+    assert float(((xg.grad.double() - xe.grad.double()).abs() - 2 * bound).max()) <= 0  # each within γ·Σ|terms|
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 @pytest.mark.parametrize("kernel", ["onednn", "emulated"])
 def test_input_gradient_is_that_of_the_dequantized_weight(layer, kernel):
