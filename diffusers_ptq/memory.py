@@ -68,8 +68,9 @@ def release_file_pages(tensor) -> int:
     something needs them: a save, the backward pass, another kernel). Returns the bytes released: 0 for a tensor in
     anonymous memory (never touched: dropping those pages would zero them) or on a system without madvise.
 
-    Only whole pages inside the tensor's own bytes are released, and only ones the process has not written (a stored
-    weight is never modified in place): a written page of a private mapping would be dropped with its changes."""
+    Only whole pages inside the tensor's own bytes are released, and nothing if the process has written any of them
+    (`written_pages`; a stored weight is never modified in place, but a written page of a private mapping would be
+    dropped with its changes)."""
     madvise = _madvise()
     if madvise is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return 0
@@ -80,6 +81,22 @@ def release_file_pages(tensor) -> int:
         return 0
     page = mmap.PAGESIZE
     first, last = -(-start // page) * page, end // page * page
-    if last <= first or madvise(first, last - first, MADV_DONTNEED) != 0:
+    if last <= first or written_pages(first, last) != 0 or madvise(first, last - first, MADV_DONTNEED) != 0:
         return 0
     return last - first
+
+
+def written_pages(first: int, last: int) -> int | None:
+    """How many pages of [first, last) (page-aligned addresses) this process has written: in a private file mapping
+    a written page becomes a private copy, present but no longer a file page (/proc/self/pagemap: bit 63 present,
+    bit 61 file-page or shared). None when pagemap cannot be read (then nothing is released)."""
+    page = mmap.PAGESIZE
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(first // page * 8)
+            entries = pagemap.read((last - first) // page * 8)
+    except OSError:
+        return None
+    if len(entries) != (last - first) // page * 8:
+        return None
+    return sum(1 for f in memoryview(entries).cast("Q") if f >> 63 & 1 and not f >> 61 & 1)

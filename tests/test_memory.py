@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusers_ptq import BaselineConfig, HTGConfig, quantize
 from diffusers_ptq.kernels import stored_data
-from diffusers_ptq.memory import _madvise, file_mapping, release_file_pages, return_freed_memory
+from diffusers_ptq.memory import _madvise, file_mapping, release_file_pages, return_freed_memory, written_pages
 from diffusers_ptq.modules import quant_linears
 
 FAST = dict(num_samples=2, num_inference_steps=2)
@@ -99,6 +99,19 @@ def test_release_file_pages_hands_back_a_loaded_tensor_and_reads_it_again(tmp_pa
     assert released >= a.numel() - 2 * PAGE
     assert resident_bytes(file) <= before - released
     assert torch.equal(a, tensors["a"]) and torch.equal(loaded["b"], tensors["b"])  # read again from the file
+
+
+@linux_only
+def test_release_file_pages_keeps_a_tensor_the_process_has_written(tmp_path):
+    """A page written in place is the process's own copy: released, it would go back to the file's old bytes. Any
+    written page keeps the whole tensor resident, and the write survives."""
+    file = tmp_path / "t.safetensors"
+    save_file({"a": torch.zeros(64, 4096, dtype=torch.int8)}, str(file))
+    a = load_file(str(file))["a"]
+    a[40, :3] = 7
+    assert written_pages(-(-a.data_ptr() // PAGE) * PAGE, (a.data_ptr() + a.numel()) // PAGE * PAGE) >= 1
+    assert release_file_pages(a) == 0
+    assert int(a.sum()) == 21 and int(a[40, :3].sum()) == 21
 
 
 def test_release_file_pages_leaves_memory_that_is_not_a_file_alone():
