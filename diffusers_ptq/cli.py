@@ -88,7 +88,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from diffusers_ptq.harness.speed import run_speed_benchmark
 
         output = "speed.json" if args.output == "results.json" else args.output
-        result = run_speed_benchmark(output, repeats=args.speed_repeats)
+        result = run_speed_benchmark(output, repeats=args.speed_repeats, modes=args.only, freezing=args.freezing,
+                                     sampling=not args.freezing)
         print(Path(output).with_suffix(".md").read_text())
         print(f"written: {output} and {Path(output).with_suffix('.md')} ({result['total_seconds']:.0f} s)")
         return 0
@@ -196,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "text-to-image table, every method × nearest/GPTQ × W4A8/W8A8 (mmdit: SD3, FLUX, PixArt), the same with "
                        "dynamic per-token activations (mmdit-dynamic)")
     bench.add_argument("--only", nargs="+", help="keep rows whose label contains one of these strings (with "
-                       "--footprint: the modes to run, e.g. W4A8-GPTQ-seq; the others' rows of --output are kept)")
+                       "--footprint: the modes to run, e.g. W4A8-GPTQ-seq; the others' rows of --output are kept; with --speed: the "
+                       "modes to run, e.g. W8A8 torchao-int8dyn, beside FP32)")
     bench.add_argument("--grid", help="also write a PNG: one row of samples per method, same noise")
     bench.add_argument("--dit-xl", action="store_true",
                        help="also measure DiT-XL/2's state-dict size and peak memory per mode (random weights)")
@@ -207,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "ceiling, and the bundled pipeline's 50-step "
                        "sampling time (JSON + Markdown at --output, default speed.json)")
     bench.add_argument("--speed-repeats", type=int, default=3, help="timed forwards per mode for --speed (median)")
+    bench.add_argument("--freezing", action="store_true",
+                       help="with --speed: compile every mode with torch._inductor.config.freezing = True (Inductor "
+                       "then lowers W8A8 layers with fused neighbours, docs/kernels.md); no sampling rows")
     bench.add_argument("--footprint", action="store_true",
                        help="instead: DiT-XL/2's state dict, checkpoint size by part and peak memory per mode (random "
                        "weights, one process per mode), and each mode's checkpoint loaded and run in a fresh process; "

@@ -373,6 +373,7 @@ class OneDNNWeight:
     zeros: torch.Tensor  # [N] int64
     shift: torch.Tensor | None  # [1, N] float32: −shift for the rank-1 epilogue of affine 4-bit weights
     full_range: bool
+    input_scale: float | None = None  # the static input scale as a number: a constant to a compiled graph
 
 
 def prepare_onednn(module) -> OneDNNWeight:
@@ -387,7 +388,8 @@ def prepare_onednn(module) -> OneDNNWeight:
     full_range = bool(onednn_full_range_exact(module.in_features) or (int(codes.min()) >= -64 and int(codes.max()) <= 63))
     scales = w._scale.reshape(-1).to(torch.float32).contiguous()
     return OneDNNWeight(torch.ops.onednn.qlinear_prepack(codes.contiguous(), None), scales,
-                        torch.zeros_like(scales, dtype=torch.int64), shift, full_range)
+                        torch.zeros_like(scales, dtype=torch.int64), shift, full_range,
+                        None if module.act_dynamic else float(module.input_scale))
 
 
 SPLIT = 64  # without int32 accumulation: |q| <= 64 goes in one exact GEMM (u = q + 64 <= 128)
@@ -545,8 +547,29 @@ def _onednn_linear_traced(module, weight: OneDNNWeight, x: torch.Tensor) -> torc
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
+def _onednn_linear_frozen(module, weight: OneDNNWeight, x: torch.Tensor) -> torch.Tensor:
+    """The 8-bit oneDNN layer as torch.compile sees it with `torch._inductor.config.freezing = True`: PyTorch 2
+    export's decomposed pattern (quantize the input per tensor to uint8, zero point 128; dequantize it and the
+    per-channel int8 weight; a float linear), which Inductor's x86 quantization passes lower to oneDNN's u8×s8
+    `qlinear_pointwise` on a weight it prepacks at freeze time, fusing the input quantization into the producing
+    ops and the consumers' into the GEMM as post-ops (fc1's GELU and a uint8 output for fc2). The same integer GEMM
+    as eager; the input rounding is x · (1/s) there, not x / s (a code may differ by one at a tie)."""
+    from torch.ao.quantization.fx import _decomposed  # noqa: F401 (registers the quantized_decomposed ops)
+
+    ops = torch.ops.quantized_decomposed
+    s = weight.input_scale
+    u = ops.quantize_per_tensor.default(x.to(torch.float32), s, 128, 0, 255, torch.uint8)
+    xd = ops.dequantize_per_tensor.default(u, s, 128, 0, 255, torch.uint8)
+    wd = ops.dequantize_per_channel.default(stored_data(module.weight), weight.scales, weight.zeros, 0, -128, 127,
+                                            torch.int8)
+    bias = None if module.bias is None else module.bias.to(torch.float32)
+    return F.linear(xd, wd, bias).to(x.dtype)
+
+
 def _onednn_linear(module, weight: OneDNNWeight, x: torch.Tensor) -> torch.Tensor:
     if traced_path(module, weight, x):
+        if weight.shift is None and torch._inductor.config.freezing:
+            return _onednn_linear_frozen(module, weight, x)
         return _onednn_linear_traced(module, weight, x)
     return onednn_linear_op(x, weight.packed, stored_data(module.weight), weight.scales, weight.zeros, weight.shift,
                             module.bias, None if module.act_dynamic else module.input_scale, weight.full_range,

@@ -18,6 +18,7 @@ import copy
 
 import pytest
 import torch
+import torch._inductor.config  # noqa: F401 (torch._inductor.config.patch below)
 from conftest import make_tiny_transformer, randomize_modulation, reload_bit_exact, tiny_inputs
 from diffusers import DiTTransformer2DModel
 
@@ -155,6 +156,21 @@ def test_torch_compile(quantized, fullgraph):
         torch.testing.assert_close(_forward(compiled, **other), expected, **compiled_tolerance(expected))
     with torch.inference_mode():
         torch.testing.assert_close(_forward(compiled), _forward(model), **compiled_tolerance(expected))
+    torch._dynamo.reset()
+
+
+def test_torch_compile_with_freezing(quantized):
+    """With `torch._inductor.config.freezing` (weights constant to Inductor), W8A8 layers are lowered by Inductor's
+    own x86 quantization passes and W4A8 ones keep the traced path (kernels.py): both agree with eager."""
+    name, _, _, model = quantized
+    if name not in ("ptq4dit-w8a8", "htg-w4a8-attention"):
+        pytest.skip("one W8A8 and one W4A8 config (with quantized attention)")
+    model = copy.deepcopy(model)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+        expected = _forward(model)
+        torch.testing.assert_close(_forward(torch.compile(model, fullgraph=True)), expected,
+                                   **compiled_tolerance(expected))
     torch._dynamo.reset()
 
 

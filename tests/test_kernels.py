@@ -28,11 +28,13 @@ def _codes(module: QuantLinear):
     return codes, w._scale.reshape(n, groups).double(), w._shift.reshape(n, groups).double()
 
 
-def integer_reference(module: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def integer_reference(module: QuantLinear, x: torch.Tensor, reciprocal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """y = s_x Σ_g (scale_og Σ_{i∈g} q_i·code_oi − shift_og Σ_{i∈g} q_i) + bias_o: int64 accumulators per group
-    times the scales in float64; and a bound on the size of the terms."""
+    times the scales in float64; and a bound on the size of the terms. q = round(x / s), or round(x · (1/s)) with
+    `reciprocal` (PyTorch 2 export's quantize_per_tensor)."""
     s = module.input_scale.double()
-    q = torch.clamp(torch.round(x.float() / module.input_scale.float()), -128, 127).long().reshape(-1, x.shape[-1])
+    scaled = x.float() * (1.0 / float(module.input_scale)) if reciprocal else x.float() / module.input_scale.float()
+    q = torch.clamp(torch.round(scaled), -128, 127).long().reshape(-1, x.shape[-1])
     codes, scale, shift = _codes(module)
     groups = scale.shape[1]
     gsize = module.in_features // groups
@@ -157,6 +159,36 @@ def test_compiled_onednn_layer_quantizes_in_traced_ops_around_an_opaque_gemm(lay
     w = module.dequantized_weight().double()
     bound = gamma(module.out_features + 4) * (torch.ones(*x.shape[:-1], module.out_features).double() @ w.abs())
     assert float(((xg.grad.double() - xe.grad.double()).abs() - 2 * bound).max()) <= 0  # each within γ·Σ|terms|
+    torch._dynamo.reset()
+
+
+@needs_onednn
+@pytest.mark.parametrize("layer", ["w8a8", "w8a8-extreme", "w4a8"])
+def test_compiled_with_freezing_inductor_lowers_the_w8a8_layer_itself(layer):
+    """With `torch._inductor.config.freezing`, an 8-bit layer is compiled as PyTorch 2 export's decomposed pattern,
+    which Inductor's x86 quantization passes lower to oneDNN's qlinear on a weight they prepack: the generated code
+    calls that op and neither of ours, and the result is the integer reference for the codes x · (1/s) rounds to,
+    to float rounding. A 4-bit layer (affine weights) keeps the traced path."""
+    from torch._inductor.utils import run_and_get_code
+
+    module = LAYERS[layer]()
+    module.kernel = "onednn"
+    if not kernels.prepare_onednn(module).full_range:
+        pytest.skip("8-bit codes beyond ±64 without int32 accumulation: the split path, the whole-layer op")
+    torch.manual_seed(4)
+    x = torch.cat([torch.randn(2, 9, module.in_features) * 2.0, _adversarial_inputs(module)], dim=1)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+        y, code = run_and_get_code(torch.compile(module, fullgraph=True), x)
+    code = "\n".join(code)
+    four_bit = module.weight_qtype.bits == 4
+    if four_bit:
+        assert "onednn_u8_linear" in code
+    else:
+        assert "qlinear_pointwise" in code and "onednn_u8_linear" not in code
+    assert "onednn_linear.default" not in code
+    ref, bound = integer_reference(module, x, reciprocal=not four_bit)
+    assert float(((y.double() - ref).abs() - float_rounding_bound(module.in_features, bound)).max()) <= 0
     torch._dynamo.reset()
 
 

@@ -256,6 +256,11 @@ def forward_worker(label: str, repeats: int = 3, compiled: bool = True, model_na
 
     model, inputs, context = _speed_subject(model_name)
     row = {"label": label, "model": model_name, "threads": torch.get_num_threads(), "load_before": os.getloadavg()}
+    if os.environ.get(FREEZING_ENV):  # `bench --speed --freezing`: every mode compiled with Inductor's freezing
+        from torch._inductor import config as inductor_config
+
+        inductor_config.freezing = True
+        row["freezing"] = True
     t0 = time.time()
     if label in PEER_MODES:
         PEER_MODES[label](model, inputs)
@@ -348,6 +353,9 @@ def ceiling_worker(linear_calls: list[dict], repeats: int = 5) -> dict:
             "int8_linear_seconds": int_total if have_onednn else None}
 
 
+FREEZING_ENV = "DIFFUSERS_PTQ_SPEED_FREEZING"
+
+
 def _run_worker(*args: str) -> dict:
     out = subprocess.run([sys.executable, "-m", "diffusers_ptq.harness.speed", *args], capture_output=True, text=True)
     if out.returncode:
@@ -387,18 +395,30 @@ def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, l
             for label, pipe in pipes.items()]
 
 
-def run_speed_benchmark(output: str | os.PathLike, repeats: int = 3, modes=None, sampling: bool = True) -> dict:
+def run_speed_benchmark(output: str | os.PathLike, repeats: int = 3, modes=None, sampling: bool = True,
+                        freezing: bool = False) -> dict:
     """`bench --speed`: `modes` (default: every SPEED_MODES entry and the installed peers) each in its own process,
-    the bare-kernel ceiling, the bundled pipeline's sampling time; JSON + Markdown at `output`."""
+    the bare-kernel ceiling, the bundled pipeline's sampling time; JSON + Markdown at `output`. `freezing`: every
+    mode's compiled forward with `torch._inductor.config.freezing = True` (weights constant to Inductor: its x86
+    quantization passes then lower our W8A8 layers and fuse their neighbours, kernels.py), peers included."""
     from diffusers_ptq import kernels
     from diffusers_ptq.harness.utils import machine_info
 
+    if freezing:
+        os.environ[FREEZING_ENV] = "1"  # read by the worker processes
+    else:
+        os.environ.pop(FREEZING_ENV, None)
     t0 = time.time()
     result = {"machine": {**machine_info(), **kernels.machine_kernel_info(),
                           "all_int8_flags": sorted(f for f in kernels.cpu_flags()
                                                    if "vnni" in f or f.startswith(("amx", "avx512")))},
-              "load_at_start": os.getloadavg(), "repeats": repeats, "batch": 2, "tokens": 256}
-    modes = [*SPEED_MODES, *available_peers()] if modes is None else list(modes)
+              "load_at_start": os.getloadavg(), "repeats": repeats, "batch": 2, "tokens": 256, "freezing": freezing}
+    if modes is not None:  # the FP32 row is every ratio's reference
+        unknown = [m for m in modes if m not in SPEED_MODES and m not in PEER_MODES]
+        if unknown:
+            raise ValueError(f"unknown speed mode(s) {unknown}; the modes: {[*SPEED_MODES, *PEER_MODES]}")
+        modes = ["FP32", *(m for m in modes if m != "FP32")]
+    modes = [*SPEED_MODES, *available_peers()] if modes is None else modes
     forward = [_run_worker("--forward", label, str(repeats)) for label in modes]
     fp = next(r for r in forward if r["label"] == "FP32")
     ceiling = _run_worker("--ceiling", json.dumps(fp["linear_calls"]))
@@ -437,7 +457,8 @@ def speed_markdown(result: dict) -> str:
              f"{result['load_at_start'][0]:.2f}, at end {result['load_at_end'][0]:.2f}. Each mode in its own process "
              f"(its peak memory), its forward timed {result['repeats']} times after one warm-up, interleaved with "
              "a float DiT-XL/2's forward in the same process: forward = median, speedup = median of the per-round "
-             "ratios.", "",
+             "ratios." + (" Compiled with `torch._inductor.config.freezing = True` (every mode, peers too)."
+                          if result.get("freezing") else ""), "",
              "| mode | kernels (layers) | forward (s) | speedup vs FP32 | compiled (s) | compiled vs eager | compiled "
              "vs FP32 eager | of the ceiling | quantize/residual/epilogue share | peak RSS (GB) | resident after (GB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
