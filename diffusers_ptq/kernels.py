@@ -50,8 +50,10 @@ How they behave as torch modules: `"onednn"` is one custom op (`torch.ops.diffus
 fake (shape) implementation, so `torch.compile` (Inductor, `fullgraph=True` too) traces through it as one opaque
 call (for inference with a static scale and one full-range GEMM, the compiled model instead traces the input
 quantization as torch ops around the bare GEMM, `onednn_u8_linear_op`, so Inductor fuses it with the ops producing
-the input: `_onednn_linear_traced`), and an autograd formula: the gradient to the input is that of the dequantized weight, grad_x = grad_y · W
-(the activation rounding is a straight-through estimator, as in quanto), the weights get none (frozen). The
+the input: `_onednn_linear_traced`; with Inductor's freezing, 8-bit layers as PyTorch 2 export's quantize /
+dequantize pattern that Inductor lowers itself: `_onednn_linear_frozen`), and an autograd formula: the gradient to
+the input is that of the dequantized weight, grad_x = grad_y · W (the activation rounding is a straight-through
+estimator, as in quanto), the weights get none (frozen). The
 `"emulated"` kernel is plain torch ops with the same straight-through rounding. Nothing reads tensor version
 counters or keeps per-call caches, so `torch.inference_mode()`, `no_grad` and grad mode give identical outputs.
 """

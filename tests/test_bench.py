@@ -139,3 +139,11 @@ def test_footprint_worker_runs_on_the_flux_width_model(monkeypatch):
         assert row["checkpoint_bytes"] <= load["checkpoint_file_bytes"] <= row["checkpoint_bytes"] + 2**20
         assert load["imports_rss_bytes"] < load["loaded_rss_bytes"] <= load["load_forward_peak_bytes"]
     assert "| loading the saved checkpoint" in footprint_table(rows, "FLUX")
+
+
+def test_speed_benchmark_refuses_an_unknown_mode_before_running_anything(tmp_path):
+    from diffusers_ptq.harness.speed import run_speed_benchmark
+
+    with pytest.raises(ValueError, match=r"unknown speed mode\(s\) \['W9A9'\]"):
+        run_speed_benchmark(tmp_path / "speed.json", modes=["W8A8", "W9A9"])
+    assert not (tmp_path / "speed.json").exists()

@@ -128,6 +128,19 @@ def test_kernel_equals_integer_reference_random_and_adversarial(layer, kernel):
     assert_matches_integer_reference(module, _adversarial_inputs(module), kernel)
 
 
+def _full_range_onednn_layer(layer: str, seed: int):
+    """(a LAYERS layer on oneDNN, random and adversarial inputs), skipping where the layer needs the split path
+    (the compiled paths take one full-range GEMM only); resets Dynamo."""
+    module = LAYERS[layer]()
+    module.kernel = "onednn"
+    if not kernels.prepare_onednn(module).full_range:
+        pytest.skip("8-bit codes beyond ±64 without int32 accumulation: the split path, the whole-layer op")
+    torch.manual_seed(seed)
+    x = torch.cat([torch.randn(2, 9, module.in_features) * 2.0, _adversarial_inputs(module)], dim=1)
+    torch._dynamo.reset()
+    return module, x
+
+
 @needs_onednn
 @pytest.mark.parametrize("layer", ["w8a8", "w8a8-extreme", "w4a8"])
 def test_compiled_onednn_layer_quantizes_in_traced_ops_around_an_opaque_gemm(layer):
@@ -137,13 +150,7 @@ def test_compiled_onednn_layer_quantizes_in_traced_ops_around_an_opaque_gemm(lay
     reference to float rounding — as eager, so the traced rounding is the eager one (x / s, round half to even)."""
     from torch._inductor.utils import run_and_get_code
 
-    module = LAYERS[layer]()
-    module.kernel = "onednn"
-    if not kernels.prepare_onednn(module).full_range:
-        pytest.skip("8-bit codes beyond ±64 without int32 accumulation: the split path, the whole-layer op")
-    torch.manual_seed(3)
-    x = torch.cat([torch.randn(2, 9, module.in_features) * 2.0, _adversarial_inputs(module)], dim=1)
-    torch._dynamo.reset()
+    module, x = _full_range_onednn_layer(layer, seed=3)
     compiled = torch.compile(module, fullgraph=True)
     with torch.no_grad():
         y, code = run_and_get_code(compiled, x)
@@ -171,13 +178,7 @@ def test_compiled_with_freezing_inductor_lowers_the_w8a8_layer_itself(layer):
     to float rounding. A 4-bit layer (affine weights) keeps the traced path."""
     from torch._inductor.utils import run_and_get_code
 
-    module = LAYERS[layer]()
-    module.kernel = "onednn"
-    if not kernels.prepare_onednn(module).full_range:
-        pytest.skip("8-bit codes beyond ±64 without int32 accumulation: the split path, the whole-layer op")
-    torch.manual_seed(4)
-    x = torch.cat([torch.randn(2, 9, module.in_features) * 2.0, _adversarial_inputs(module)], dim=1)
-    torch._dynamo.reset()
+    module, x = _full_range_onednn_layer(layer, seed=4)
     with torch._inductor.config.patch(freezing=True), torch.no_grad():
         y, code = run_and_get_code(torch.compile(module, fullgraph=True), x)
     code = "\n".join(code)

@@ -245,6 +245,9 @@ def modulation_multiply_worker(repeats: int = 5) -> dict:
             "all": times}
 
 
+FREEZING_ENV = "DIFFUSERS_PTQ_SPEED_FREEZING"  # set by run_speed_benchmark(freezing=True) for its worker processes
+
+
 def forward_worker(label: str, repeats: int = 3, compiled: bool = True, model_name: str = "dit-xl-2") -> dict:
     """In this process: DiT-XL/2 (or `model_name` of MMDIT_SPEED_MODELS; random weights) in mode `label`; its peak
     memory; then its forward timed `repeats` times, interleaved with the same model under `torch.compile`
@@ -351,9 +354,6 @@ def ceiling_worker(linear_calls: list[dict], repeats: int = 5) -> dict:
             rows.append(row)
     return {"shapes": rows, "fp32_forward_seconds": forward, "fp32_linear_seconds": fp_total,
             "int8_linear_seconds": int_total if have_onednn else None}
-
-
-FREEZING_ENV = "DIFFUSERS_PTQ_SPEED_FREEZING"
 
 
 def _run_worker(*args: str) -> dict:
