@@ -41,7 +41,7 @@ from diffusers_ptq.harness.evaluation import (
     write_json,
 )
 from diffusers_ptq.harness.speed import DIT_XL_2_256
-from diffusers_ptq.harness.utils import machine_info, save_grid
+from diffusers_ptq.harness.utils import machine_info, process_memory, save_grid
 from diffusers_ptq.models import adapter_for
 from diffusers_ptq.models.dit import balanced_labels
 
@@ -509,17 +509,6 @@ def _footprint_subject(model_name: str):
     inputs = dict(hidden_states=torch.randn(2, 4, 32, 32), timestep=torch.tensor([500, 500]),
                   class_labels=torch.tensor([1, 1000]))
     return model, inputs, {}
-
-
-def process_memory() -> dict[str, int | None]:
-    """This process's resident bytes now and at their peak (/proc/self/status on Linux; elsewhere the peak from
-    getrusage and no current figure)."""
-    try:
-        with open("/proc/self/status") as status:
-            fields = dict(line.split(":", 1) for line in status if ":" in line)
-        return {"rss": int(fields["VmRSS"].split()[0]) * 1024, "peak": int(fields["VmHWM"].split()[0]) * 1024}
-    except (OSError, KeyError):
-        return {"rss": None, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def save_footprint_checkpoint(model, folder: str | os.PathLike, inputs: dict, weight_bits: int | None,

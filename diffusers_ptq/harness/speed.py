@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from diffusers_ptq.harness.utils import process_memory
+from diffusers_ptq.memory import return_freed_memory
 from diffusers_ptq.modules import kernel_summary, set_kernel
 
 # DiT-XL/2 at 256 px (its released config), the speed and footprint benchmarks' subject
@@ -97,18 +99,10 @@ def to_seven_bit_codes(model: torch.nn.Module) -> None:
 
 
 def _rss_bytes() -> int:
-    """Resident memory now, after handing freed heap pages back to the OS (glibc keeps them otherwise)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """Resident memory now, after handing freed heap pages back to the OS (glibc keeps them otherwise); 0 where the
+    current figure cannot be read (utils.process_memory)."""
+    return_freed_memory()
+    return process_memory()["rss"] or 0
 
 
 def _dit_xl_inputs():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import resource
 import subprocess
 from pathlib import Path
 
@@ -37,3 +38,14 @@ def machine_info() -> dict:
     except (OSError, subprocess.CalledProcessError):
         info["cpu_model"] = platform.processor()
     return info
+
+
+def process_memory() -> dict[str, int | None]:
+    """This process's resident bytes now and at their peak (/proc/self/status on Linux; elsewhere the peak from
+    getrusage and no current figure)."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        return {"rss": int(fields["VmRSS"].split()[0]) * 1024, "peak": int(fields["VmHWM"].split()[0]) * 1024}
+    except (OSError, KeyError):
+        return {"rss": None, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
