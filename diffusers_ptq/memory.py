@@ -75,28 +75,40 @@ def release_file_pages(tensor) -> int:
     if madvise is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return 0
     start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
     mapping = file_mapping(start)
-    if mapping is None or end > mapping[1]:
+    if mapping is None or start + tensor.numel() * tensor.element_size() > mapping[1]:
         return 0
-    page = mmap.PAGESIZE
-    first, last = -(-start // page) * page, end // page * page
-    if last <= first or written_pages(first, last) != 0 or madvise(first, last - first, MADV_DONTNEED) != 0:
+    first, last = whole_pages(tensor)
+    if last <= first or written_pages(tensor) != 0 or madvise(first, last - first, MADV_DONTNEED) != 0:
         return 0
     return last - first
 
 
-def written_pages(first: int, last: int) -> int | None:
-    """How many pages of [first, last) (page-aligned addresses) this process has written: in a private file mapping
-    a written page becomes a private copy, present but no longer a file page (/proc/self/pagemap: bit 63 present,
-    bit 61 file-page or shared). None when pagemap cannot be read (then nothing is released)."""
+def written_pages(tensor) -> int | None:
+    """How many of the whole pages inside a tensor's bytes this process has written (`page_flags`: present, not a
+    file page), or None where pagemap cannot be read."""
+    flags = page_flags(*whole_pages(tensor))
+    return None if flags is None else sum(1 for f in flags if f >> 63 & 1 and not f >> 61 & 1)
+
+
+def whole_pages(tensor) -> tuple[int, int]:
+    """[first, last): the page-aligned addresses of the whole pages inside a CPU tensor's bytes (empty when it spans
+    none: first >= last)."""
     page = mmap.PAGESIZE
+    start = tensor.data_ptr()
+    return -(-start // page) * page, (start + tensor.numel() * tensor.element_size()) // page * page
+
+
+def page_flags(first: int, last: int) -> memoryview | None:
+    """/proc/self/pagemap's 64-bit entry of each page in [first, last) (page-aligned addresses), or None where it
+    cannot be read. Bit 63: the page is in this process's memory; bit 61: it is a file page (or shared) — in a
+    private file mapping, a page the process has written is its own copy, present without bit 61."""
+    page = mmap.PAGESIZE
+    count = max(0, last - first) // page
     try:
         with open("/proc/self/pagemap", "rb") as pagemap:
             pagemap.seek(first // page * 8)
-            entries = pagemap.read((last - first) // page * 8)
+            entries = pagemap.read(count * 8)
     except OSError:
         return None
-    if len(entries) != (last - first) // page * 8:
-        return None
-    return sum(1 for f in memoryview(entries).cast("Q") if f >> 63 & 1 and not f >> 61 & 1)
+    return memoryview(entries).cast("Q") if len(entries) == count * 8 else None
