@@ -493,7 +493,8 @@ def rebuild_quantized_modules(model: nn.Module, metadata: dict, tensors: dict[st
             raise CheckpointError(f"{name}: {error}" if not str(error).startswith(name) else str(error)) from None
         except (KeyError, TypeError) as error:
             raise CheckpointError(f"{name}: corrupt metadata {meta}: {error!r}") from error
-        model.set_submodule(name, module.to(device))
+        # built on the CPU, its kernel prepared there: moved (and prepared again) only for another device
+        model.set_submodule(name, module if device == torch.device("cpu") else module.to(device))
         return_freed_memory()  # the layer's temporaries (unpacked codes, a measured kernel's trial weights)
     for name, meta in metadata["processors"].items():
         kind = PROCESSOR_KINDS[meta["kind"]]
