@@ -167,10 +167,13 @@ def test_torch_compile_with_freezing(quantized):
         pytest.skip("one W8A8 and one W4A8 config (with quantized attention)")
     model = copy.deepcopy(model)
     torch._dynamo.reset()
-    with torch._inductor.config.patch(freezing=True), torch.no_grad():
-        expected = _forward(model)
-        torch.testing.assert_close(_forward(torch.compile(model, fullgraph=True)), expected,
-                                   **compiled_tolerance(expected))
+    with torch._inductor.config.patch(freezing=True):
+        compiled = torch.compile(model, fullgraph=True)
+        with torch.no_grad():
+            expected = _forward(model)
+            torch.testing.assert_close(_forward(compiled), expected, **compiled_tolerance(expected))
+        with torch.inference_mode():
+            torch.testing.assert_close(_forward(compiled), expected, **compiled_tolerance(expected))
     torch._dynamo.reset()
 
 
