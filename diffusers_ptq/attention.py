@@ -4,6 +4,12 @@
 symmetric int8 with static per-tensor scales; the softmax probabilities P ∈ [0, 1] to unsigned 8 bits
 (scale 1/255). While `observing`, it runs in float and records the per-channel absmax of Q, K and V, from which
 `freeze()` sets the scales (under a distributed launch, from the absmax reduced with MAX over processes).
+
+Once frozen, for inference, the two matmuls multiply the integer codes (`attention_on_codes`): on `torch._int_mm`
+where it is exact and faster than float here (`kernels.attention_matmul`, measured once per process), else float32
+matmuls on the same integers, which give the same results while every sum stays below 2^24. With a gradient wanted
+(LoRA training) the straight-through float emulation runs instead (`fake_quantize_symmetric`), equal to the codes'
+path up to float rounding.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import contextlib
 import torch
 
 from diffusers_ptq import distributed
-from diffusers_ptq.kernels import fake_quantize_symmetric, round_clamp
+from diffusers_ptq.kernels import attention_matmul, fake_quantize_symmetric, round_clamp
 from diffusers_ptq.models import adapter_for
 
 
@@ -22,6 +28,42 @@ def fake_quantize_probabilities(p: torch.Tensor, bits: int = 8) -> torch.Tensor:
     gradient."""
     levels = 2**bits - 1
     return round_clamp(p * levels, 0, levels) / levels  # p·levels lies in [0, levels]: the clamp changes nothing
+
+
+def symmetric_codes(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """round(x / scale) clamped to the signed `bits` grid: the integers `fake_quantize_symmetric` multiplies by
+    `scale` (same ops), as float."""
+    return torch.clamp(torch.round(x / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+PROBABILITY_OFFSET = 128  # probability codes p ∈ [0, 255] enter the int8 matmul as p − 128
+
+
+def attention_on_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: dict, softmax_scale: float,
+                       bits: int = 8, integer: bool = True) -> torch.Tensor:
+    """softmax(QKᵀ · softmax_scale) V on quantized inputs, the matmuls on integers. q, k, v: float [B, H, T, D];
+    returns float32 [B, H, T, D].
+
+    Q, K, V are rounded to their codes (static scales `scales["q" | "k" | "v"]`); S = codes(Q)·codes(K)ᵀ is an
+    integer matrix, P = softmax(s_q·s_k·softmax_scale · S) is rounded to the unsigned grid p = round(P·L),
+    L = 2^bits − 1, and the output is (s_v / L) · Σ_t p_t·codes(V)_t. The second product is taken as
+    Σ_t (p_t − 128)·v_t + 128·Σ_t v_t, so both take int8 operands: `torch._int_mm` (int32 accumulation) when
+    `integer`, else float32 matmuls of the same integers — exact while |sums| < 2^24 (D·2^14 for S; T·L·128 for
+    the output: T ≤ 513 tokens at 8 bits), float-rounded beyond. One head at a time: its S stays in cache."""
+    b, h, t, d = q.shape
+    dtype, mm = (torch.int8, torch._int_mm) if integer else (torch.float32, torch.mm)
+    qc = symmetric_codes(q, scales["q"], bits).reshape(b * h, t, d).to(dtype)
+    kt = symmetric_codes(k, scales["k"], bits).reshape(b * h, t, d).transpose(1, 2).contiguous().to(dtype)
+    vc = symmetric_codes(v, scales["v"], bits).reshape(b * h, t, d).contiguous().to(dtype)
+    v_sums = vc.sum(dim=1, keepdim=True, dtype=torch.int32 if integer else torch.float32) * PROBABILITY_OFFSET
+    levels = 2**bits - 1
+    logit_scale = scales["q"] * scales["k"] * softmax_scale
+    heads = []
+    for i in range(b * h):
+        probs = torch.softmax(mm(qc[i], kt[i]).float() * logit_scale, dim=-1)
+        p = torch.round(probs * levels) - PROBABILITY_OFFSET  # probs·L lies in [0, L]: no clamp needed
+        heads.append(mm(p.to(dtype), vc[i]) + v_sums[i])
+    return torch.stack(heads).float().view(b, h, t, d) * (scales["v"] / levels)
 
 
 class QuantAttnProcessor:
@@ -70,18 +112,23 @@ class QuantAttnProcessor:
             raise NotImplementedError("QuantAttnProcessor does not support this Attention configuration")
         batch, tokens, _ = hidden_states.shape
         qkv = {"q": attn.to_q(hidden_states), "k": attn.to_k(hidden_states), "v": attn.to_v(hidden_states)}
-        for name, x in qkv.items():
-            if self.observing:
-                if self.recording:
-                    self._observe(name, x)
-            else:
-                qkv[name] = fake_quantize_symmetric(x, self.scales[name].to(x), self.bits)
         head_dim = qkv["q"].shape[-1] // attn.heads
         q, k, v = (x.view(batch, tokens, attn.heads, head_dim).transpose(1, 2) for x in qkv.values())
-        probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)
-        if not self.observing:
-            probs = fake_quantize_probabilities(probs, self.bits)
-        out = (probs @ v).transpose(1, 2).reshape(batch, tokens, attn.heads * head_dim)
+        if self.observing:
+            if self.recording:
+                for name, x in qkv.items():
+                    self._observe(name, x)
+            probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)
+            out = probs @ v
+        elif torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):  # straight-through emulation
+            q, k, v = (fake_quantize_symmetric(x, self.scales[name].to(x), self.bits) for name, x in zip("qkv", (q, k, v)))
+            probs = fake_quantize_probabilities(torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1), self.bits)
+            out = probs @ v
+        else:
+            scales = {name: s.to(q.device, torch.float32) for name, s in self.scales.items()}
+            integer = self.bits <= 8 and attention_matmul(q.device.type) == "int_mm"
+            out = attention_on_codes(q, k, v, scales, attn.scale, self.bits, integer).to(q.dtype)
+        out = out.transpose(1, 2).reshape(batch, tokens, attn.heads * head_dim)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
