@@ -43,6 +43,8 @@ SPEED_MODES = {
     "W8A8": dict(weight_bits=8, act_bits=8),
     "W8A8-w7": dict(weight_bits=8, act_bits=8),  # then the weight codes restricted to ±63 (`seven_bit_weight`)
     "W4A8": dict(weight_bits=4, act_bits=8),
+    "W8A8-attn": dict(weight_bits=8, act_bits=8, quantize_attention=True),  # QKᵀ and PV on int8 codes too
+    "W4A8-attn": dict(weight_bits=4, act_bits=8, quantize_attention=True),
     "W8A16": dict(weight_bits=8, act_bits=None),
     "W4A16": dict(weight_bits=4, act_bits=None),
 }
@@ -249,6 +251,7 @@ def forward_worker(label: str, repeats: int = 3, compiled: bool = True, model_na
     per-round ratios."""
     from diffusers_ptq import kernels
     from diffusers_ptq.api import quantize_transformer
+    from diffusers_ptq.attention import QuantAttnProcessor
     from diffusers_ptq.config import QuantConfig
 
     model, inputs, context = _speed_subject(model_name)
@@ -269,6 +272,9 @@ def forward_worker(label: str, repeats: int = 3, compiled: bool = True, model_na
     row["quantize_seconds"] = time.time() - t0
     row["kernels"] = {f"{label.split('-')[0]} (peer)": len(_peer_targets(model))} if label in PEER_MODES \
         else kernel_summary(model)
+    attention = sum(isinstance(getattr(m, "processor", None), QuantAttnProcessor) for m in model.modules())
+    if attention:
+        row["kernels"][f"attention {kernels.attention_matmul('cpu')}"] = attention
     shapes: dict[tuple, int] = {}
 
     def record(module, args):
