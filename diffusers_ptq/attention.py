@@ -6,7 +6,7 @@ symmetric int8 with static per-tensor scales; the softmax probabilities P ∈ [0
 `freeze()` sets the scales (under a distributed launch, from the absmax reduced with MAX over processes).
 
 Once frozen, for inference, the two matmuls multiply the integer codes (`attention_on_codes`): on `torch._int_mm`
-where it is exact and faster than float here (`kernels.attention_matmul`, measured once per process), else float32
+where it is exact and faster than float here (`attention_matmul`, measured once per process and shape), else float32
 matmuls on the same integers, which give the same results while every sum stays below 2^24. With a gradient wanted
 (LoRA training) the straight-through float emulation runs instead (`fake_quantize_symmetric`), equal to the codes'
 path up to float rounding.
@@ -15,11 +15,13 @@ path up to float rounding.
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 
 import torch
 
-from diffusers_ptq import distributed
-from diffusers_ptq.kernels import attention_matmul, fake_quantize_symmetric, round_clamp
+from diffusers_ptq import distributed, kernels
+from diffusers_ptq.kernels import fake_quantize_symmetric, round_clamp
 from diffusers_ptq.models import adapter_for
 
 
@@ -46,24 +48,84 @@ def attention_on_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales
 
     Q, K, V are rounded to their codes (static scales `scales["q" | "k" | "v"]`); S = codes(Q)·codes(K)ᵀ is an
     integer matrix, P = softmax(s_q·s_k·softmax_scale · S) is rounded to the unsigned grid p = round(P·L),
-    L = 2^bits − 1, and the output is (s_v / L) · Σ_t p_t·codes(V)_t. The second product is taken as
-    Σ_t (p_t − 128)·v_t + 128·Σ_t v_t, so both take int8 operands: `torch._int_mm` (int32 accumulation) when
-    `integer`, else float32 matmuls of the same integers — exact while |sums| < 2^24 (D·2^14 for S; T·L·128 for
-    the output: T ≤ 513 tokens at 8 bits), float-rounded beyond. One head at a time: its S stays in cache."""
+    L = 2^bits − 1, and the output is (s_v / L) · Σ_t p_t·codes(V)_t, the second product taken as
+    Σ_t (p_t − 128)·v_t + 128·Σ_t v_t so that both have int8 operands. `integer`: on `torch._int_mm` (int32
+    accumulation) — eagerly one head at a time (its S stays in cache), under torch.compile batched
+    (`kernels.int8_bmm`, with the softmax and rounding fused between the two calls); else batched float32 matmuls
+    of the same integers, exact while |sums| < 2^24 (D·2^14 for S; T·L·128 for the output: T ≤ 513 tokens at
+    8 bits), float-rounded beyond."""
     b, h, t, d = q.shape
-    dtype, mm = (torch.int8, torch._int_mm) if integer else (torch.float32, torch.mm)
+    dtype = torch.int8 if integer else torch.float32
     qc = symmetric_codes(q, scales["q"], bits).reshape(b * h, t, d).to(dtype)
     kt = symmetric_codes(k, scales["k"], bits).reshape(b * h, t, d).transpose(1, 2).contiguous().to(dtype)
     vc = symmetric_codes(v, scales["v"], bits).reshape(b * h, t, d).contiguous().to(dtype)
     v_sums = vc.sum(dim=1, keepdim=True, dtype=torch.int32 if integer else torch.float32) * PROBABILITY_OFFSET
     levels = 2**bits - 1
     logit_scale = scales["q"] * scales["k"] * softmax_scale
-    heads = []
-    for i in range(b * h):
-        probs = torch.softmax(mm(qc[i], kt[i]).float() * logit_scale, dim=-1)
-        p = torch.round(probs * levels) - PROBABILITY_OFFSET  # probs·L lies in [0, L]: no clamp needed
-        heads.append(mm(p.to(dtype), vc[i]) + v_sums[i])
-    return torch.stack(heads).float().view(b, h, t, d) * (scales["v"] / levels)
+
+    def probability_codes(logits: torch.Tensor) -> torch.Tensor:  # p − 128, p = round(P·L) ∈ [0, L]: no clamp needed
+        probs = torch.softmax(logits.float() * logit_scale, dim=-1)
+        return (torch.round(probs * levels) - PROBABILITY_OFFSET).to(dtype)
+
+    if not integer:
+        out = torch.bmm(probability_codes(torch.bmm(qc, kt)), vc) + v_sums
+    elif torch.compiler.is_compiling():
+        out = (kernels.int8_bmm(probability_codes(kernels.int8_bmm(qc, kt)), vc) + v_sums).float()
+    else:
+        out = torch.stack([torch._int_mm(probability_codes(torch._int_mm(qc[i], kt[i])), vc[i]) + v_sums[i]
+                           for i in range(b * h)]).float()
+    return out.view(b, h, t, d) * (scales["v"] / levels)
+
+
+# (device type, B·H, T, D) -> {"choice": matmul, and where measured, "int_mm" / "float": best seconds}
+MEASURED_ATTENTION: dict[tuple, dict] = {}
+
+
+def _best_seconds(fn, device: torch.device, repeats: int = 3) -> float:
+    """Best of `repeats` timed calls after one warm-up."""
+    best = float("inf")
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@functools.cache
+def _measured_matmul(device_type: str, heads: int, tokens: int, dim: int) -> str:
+    key = (device_type, heads, tokens, dim)
+    if not kernels.int_mm_exact(device_type) or kernels.KERNEL_CHOICE != "measured":
+        MEASURED_ATTENTION[key] = {"choice": "int_mm" if kernels.int_mm_exact(device_type) else "float"}
+        return MEASURED_ATTENTION[key]["choice"]
+    device = torch.device(device_type)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, tokens, dim, generator=gen).to(device) for _ in range(3))
+    scales = {name: torch.tensor(4.0 / 127, device=device) for name in "qkv"}
+    with torch.no_grad():
+        times = {name: _best_seconds(functools.partial(attention_on_codes, q, k, v, scales, dim**-0.5,
+                                                       integer=name == "int_mm"), device)
+                 for name in ("int_mm", "float")}
+    MEASURED_ATTENTION[key] = {**times, "choice": min(times, key=times.get)}
+    return MEASURED_ATTENTION[key]["choice"]
+
+
+@torch.compiler.assume_constant_result
+def _matmul_for(key: str) -> str:
+    device_type, heads, tokens, dim = key.split()
+    return _measured_matmul(device_type, int(heads), int(tokens), int(dim))
+
+
+def attention_matmul(device: torch.device, heads: int, tokens: int, dim: int) -> str:
+    """The matmuls of `heads` (batch × heads) attention heads of `tokens` × `dim` on `device`: "int_mm" where
+    `torch._int_mm` is exact here (`kernels.int_mm_exact`) and `attention_on_codes` runs faster on it than on
+    float32 at this shape (eager, measured once per process and shape), else "float" (the same results while the
+    sums stay below 2^24). A constant to torch.compile."""
+    return _matmul_for(f"{torch.device(device).type} {heads} {tokens} {dim}")
 
 
 class QuantAttnProcessor:
@@ -126,7 +188,7 @@ class QuantAttnProcessor:
             out = probs @ v
         else:
             scales = {name: s.to(q.device, torch.float32) for name, s in self.scales.items()}
-            integer = self.bits <= 8 and attention_matmul(q.device.type) == "int_mm"
+            integer = self.bits <= 8 and attention_matmul(q.device, batch * attn.heads, tokens, head_dim) == "int_mm"
             out = attention_on_codes(q, k, v, scales, attn.scale, self.bits, integer).to(q.dtype)
         out = out.transpose(1, 2).reshape(batch, tokens, attn.heads * head_dim)
         out = attn.to_out[0](out)

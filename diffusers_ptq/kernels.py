@@ -313,7 +313,7 @@ def machine_kernel_info() -> dict:
     return {"onednn_available": onednn_available(), "vnni_flags": sorted(f for f in VNNI_FLAGS if f in cpu_flags()),
             "onednn_full_range_exact": {k: onednn_full_range_exact(k) for k in (64, 1152, 4608)},
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "attention_matmul": attention_matmul("cpu"), "attention_matmul_seconds": ATTENTION_MATMUL_TIMES.get("cpu")}
+            "int_mm_exact": int_mm_exact("cpu")}
 
 
 # ------------------------------------------------------------------------------------------------ quanto, emulated
@@ -664,25 +664,26 @@ def choose_kernel(module) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ attention matmuls
-# The quantized attention's QKᵀ and PV (attention.py) multiply integer codes. `torch._int_mm` (int8 × int8 ->
-# int32) is exact where it accumulates in int32; the float fallback multiplies the same integer values in float32,
-# exact while every sum stays below 2^24. Which one a device uses is measured once per process and device type:
-# exactness on adversarial codes, then speed on an attention-sized product (issue #21, point 2).
+# Quantized attention's QKᵀ and PV (attention.py) multiply integer codes: on `torch._int_mm` (int8 × int8 -> int32)
+# where it accumulates in int32 here (measured, not assumed), else in float32 on the same integers (issue #21,
+# point 2).
 
-ATTENTION_PROBE_SHAPES = ((256, 72, 256), (256, 256, 72))  # DiT-XL/2's QKᵀ and PV of one head
+INT_MM_PROBE_SHAPES = ((256, 72, 256), (256, 256, 72), (32, 1024, 32))  # DiT-XL/2's QKᵀ and PV of one head; long K
 
 
-def _int_mm_exact(device: torch.device) -> bool:
-    """`torch._int_mm` runs here and equals the int64 product on the largest codes (all −128, +127 against −128:
-    sums of K·2^14, the int16 pair sums that saturate without int32 accumulation) and on random ones."""
+@functools.cache
+def int_mm_exact(device_type: str) -> bool:
+    """Whether `torch._int_mm` runs on this device type and equals the int64 product on the largest codes (all
+    −128; +127 against −128: sums of K·2^14, pair sums that saturate int16 without int32 accumulation) and on
+    random ones. Once per process."""
     gen = torch.Generator().manual_seed(0)
-    for m, k, n in ATTENTION_PROBE_SHAPES + ((32, 1024, 32),):
+    for m, k, n in INT_MM_PROBE_SHAPES:
         cases = [(torch.full((m, k), -128), torch.full((k, n), -128)),
                  (torch.full((m, k), 127), torch.full((k, n), -128)),
                  (torch.randint(-128, 128, (m, k), generator=gen), torch.randint(-128, 128, (k, n), generator=gen))]
         for a, b in cases:
             try:
-                got = torch._int_mm(a.to(device, torch.int8), b.to(device, torch.int8))
+                got = torch._int_mm(a.to(device_type, torch.int8), b.to(device_type, torch.int8))
             except (RuntimeError, NotImplementedError):
                 return False
             if not torch.equal(got.cpu().long(), a.long() @ b.long()):
@@ -690,44 +691,16 @@ def _int_mm_exact(device: torch.device) -> bool:
     return True
 
 
-def _time_matmul(mm: Callable, a: torch.Tensor, b: torch.Tensor, repeats: int = 5) -> float:
-    """Best of `repeats` rounds of 32 products (one attention layer's heads), after one warm-up round."""
-    best = float("inf")
-    for i in range(repeats + 1):
-        if a.device.type == "cuda":
-            torch.cuda.synchronize(a.device)
-        t0 = time.perf_counter()
-        for _ in range(32):
-            mm(a, b)
-        if a.device.type == "cuda":
-            torch.cuda.synchronize(a.device)
-        if i:
-            best = min(best, time.perf_counter() - t0)
-    return best
+@torch.library.custom_op("diffusers_ptq::int8_bmm", mutates_args=())
+def int8_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched int8 matmul, int32 result: `torch._int_mm` on each of the batch's matrices (a [B, M, K], b [B, K, N]).
+    One opaque call to torch.compile (unrolling the loop into the graph costs minutes of compile time)."""
+    out = a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32)
+    for i in range(a.shape[0]):
+        torch._int_mm(a[i], b[i], out=out[i])
+    return out
 
 
-@functools.cache
-def _attention_matmul(device_type: str) -> str:
-    device = torch.device(device_type)
-    if not _int_mm_exact(device):
-        return "float"
-    gen = torch.Generator().manual_seed(0)
-    integer = float_ = 0.0
-    for m, k, n in ATTENTION_PROBE_SHAPES:
-        a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8).to(device)
-        b = torch.randint(-128, 128, (k, n), generator=gen, dtype=torch.int8).to(device)
-        with torch.no_grad():
-            integer += _time_matmul(torch._int_mm, a, b)
-            float_ += _time_matmul(torch.mm, a.float(), b.float())
-    ATTENTION_MATMUL_TIMES[device_type] = {"int_mm": integer, "float": float_}
-    return "int_mm" if integer < float_ else "float"
-
-
-ATTENTION_MATMUL_TIMES: dict[str, dict[str, float]] = {}  # device type -> seconds of the probe's products
-
-
-@torch.compiler.assume_constant_result
-def attention_matmul(device_type: str) -> str:
-    """The attention matmuls' kernel on this device type: "int_mm" where `torch._int_mm` is exact here and faster
-    than float32 on the same codes (measured once per process), else "float". A constant to torch.compile."""
-    return _attention_matmul(device_type)
+@int8_bmm.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32)

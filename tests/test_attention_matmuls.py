@@ -9,9 +9,15 @@ import torch
 from conftest import gamma, tiny_inputs
 
 from diffusers_ptq import kernels
-from diffusers_ptq.attention import PROBABILITY_OFFSET, attention_on_codes, install_quant_attention
+from diffusers_ptq.attention import (
+    MEASURED_ATTENTION,
+    PROBABILITY_OFFSET,
+    attention_matmul,
+    attention_on_codes,
+    install_quant_attention,
+)
 
-INT_MM_EXACT = kernels._int_mm_exact(torch.device("cpu"))
+INT_MM_EXACT = kernels.int_mm_exact("cpu")
 needs_int_mm = pytest.mark.skipif(not INT_MM_EXACT, reason="torch._int_mm is not exact on this CPU")
 
 
@@ -64,12 +70,13 @@ def test_beyond_float_exactness_the_integer_path_stays_exact():
 
 
 def test_the_choice_is_measured_and_recorded():
-    choice = kernels.attention_matmul("cpu")
-    times = kernels.ATTENTION_MATMUL_TIMES.get("cpu")
+    choice = attention_matmul(torch.device("cpu"), 4, 64, 32)
+    record = MEASURED_ATTENTION[("cpu", 4, 64, 32)]
+    assert record["choice"] == choice
     if not INT_MM_EXACT:
         assert choice == "float"
-    else:
-        assert choice == min(times, key=times.get)
+    elif kernels.KERNEL_CHOICE == "measured":
+        assert choice == min(("int_mm", "float"), key=record.get)
 
 
 def test_the_model_output_does_not_depend_on_the_matmul(tiny_transformer, monkeypatch):
@@ -82,6 +89,45 @@ def test_the_model_output_does_not_depend_on_the_matmul(tiny_transformer, monkey
             p.freeze()
         outputs = {}
         for choice in (["int_mm"] if INT_MM_EXACT else []) + ["float"]:
-            monkeypatch.setattr("diffusers_ptq.attention.attention_matmul", lambda _device, c=choice: c)
+            monkeypatch.setattr("diffusers_ptq.attention.attention_matmul", lambda *_shape, c=choice: c)
             outputs[choice] = tiny_transformer(**inputs).sample
     assert all(torch.equal(out, outputs["float"]) for out in outputs.values())
+
+
+@needs_int_mm
+def test_int8_bmm_is_exact():
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randint(-128, 128, (3, 40, 72), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (3, 72, 24), generator=gen, dtype=torch.int8)
+    assert torch.equal(kernels.int8_bmm(a, b).long(), a.long() @ b.long())
+
+
+def flip_bound(q, k, v, scales, softmax_scale, eps):
+    """Per output element, the most a compiled softmax can move it: probabilities whose code round(P·255) could
+    differ under a relative error `eps` of P (P·255 within eps·P·255 of a rounding boundary) each move the output
+    by at most one code step times |v| (s_v / 255 · |code(v)|); from float64 probabilities."""
+    b, h, t, d = q.shape
+    qc, kc, vc = (torch.clamp(torch.round(x / scales[n]), -128, 127).double().reshape(b * h, t, d)
+                  for n, x in zip("qkv", (q, k, v)))
+    scaled = torch.softmax(qc @ kc.transpose(1, 2) * float(scales["q"] * scales["k"] * softmax_scale), -1) * 255
+    ambiguous = ((scaled - torch.floor(scaled) - 0.5).abs() <= eps * scaled + 1e-9).double()
+    return (ambiguous @ vc.abs()).view(b, h, t, d) * float(scales["v"]) / 255
+
+
+@needs_int_mm
+def test_compiled_attention_calls_the_batched_op_once_per_matmul():
+    """Under torch.compile the heads are not unrolled into the graph (that cost minutes of compile time on
+    DiT-XL/2): two opaque `int8_bmm` calls; the output equals the int64 computation except where Inductor's own
+    softmax (a vectorized exp within 1 ulp, a sum of T terms, a division: relative error within γ_(T+64) for
+    logits spanning less than 50) moves a probability code across a rounding boundary."""
+    from torch._inductor.utils import run_and_get_code
+
+    q, k, v, scales = _inputs(2, 3, 64, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(lambda q, k, v: attention_on_codes(q, k, v, scales, 32**-0.5), fullgraph=True)
+        out, (code,) = run_and_get_code(compiled, q, k, v)
+        reference = int64_attention(q, k, v, scales, 32**-0.5)
+    assert code.count("torch.ops.diffusers_ptq.int8_bmm.default(") == 2 and "_int_mm" not in code
+    bound = flip_bound(q, k, v, scales, 32**-0.5, gamma(64 + 64)) + gamma(4) * reference.abs()
+    assert ((out - reference).abs() <= bound).all()
