@@ -147,3 +147,20 @@ def test_speed_benchmark_refuses_an_unknown_mode_before_running_anything(tmp_pat
     with pytest.raises(ValueError, match=r"unknown speed mode\(s\) \['W9A9'\]"):
         run_speed_benchmark(tmp_path / "speed.json", modes=["W8A8", "W9A9"])
     assert not (tmp_path / "speed.json").exists()
+
+
+def test_speed_attention_rows(monkeypatch):
+    """bench --speed's attention core timings (issue #21 point 2: attention's share of the forward) and their table,
+    on the shrunken DiT-XL/2: a dry run, not a measurement."""
+    from diffusers_ptq import kernels
+    from diffusers_ptq.harness.speed import ATTENTION_VARIANTS, attention_markdown, attention_times
+
+    monkeypatch.setenv("DIFFUSERS_PTQ_SPEED_TINY", "1")
+    a = attention_times(repeats=1)
+    assert (a["batch"], a["heads"], a["tokens"], a["dim"], a["layers"]) == (2, 2, 256, 32, 1)
+    expected = set(ATTENTION_VARIANTS) if kernels.int_mm_exact("cpu") else {"sdpa_fp32", "sdpa_fp32_compiled",
+                                                                             "codes_float_matmuls"}
+    assert set(a["seconds"]) == expected and all(s > 0 for s in a["seconds"].values())
+    text = attention_markdown(a, 1.0)
+    assert text.count("\n| ") == len(expected) + 1 and "`int8_bmm` (all heads), compiled" in text or \
+        not kernels.int_mm_exact("cpu")

@@ -321,6 +321,35 @@ def forward_worker(label: str, repeats: int = 3, compiled: bool = True, model_na
     return row
 
 
+def attention_times(repeats: int = 5) -> dict:
+    """One DiT-XL/2 attention's core — softmax(QKᵀ)V of every head, without the q/k/v/out projections (Linears,
+    timed in the ceiling) — at the forward's shape, each variant's fastest of `repeats` interleaved rounds: FP32
+    SDPA eager and compiled; the quantized attention on its codes (`attention.attention_on_codes`: Q/K/V and P
+    rounded, QKᵀ and PV on integers) with float32 matmuls, on `torch._int_mm` one head at a time (eager) and
+    compiled (the heads batched through `kernels.int8_bmm`); the int_mm rows only where it is exact here."""
+    from diffusers_ptq import kernels
+    from diffusers_ptq.attention import attention_on_codes
+
+    config = _dit_xl_model().config
+    batch, tokens = _dit_xl_inputs()["hidden_states"].shape[0], (config.sample_size // config.patch_size) ** 2
+    heads, dim = config.num_attention_heads, config.attention_head_dim
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, tokens, dim, generator=gen) for _ in range(3))
+    scales = {name: torch.tensor(4.0 / 127) for name in "qkv"}
+    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v)
+    on_codes = functools.partial(attention_on_codes, q, k, v, scales, dim**-0.5)
+    fns = {"sdpa_fp32": sdpa, "sdpa_fp32_compiled": torch.compile(sdpa),
+           "codes_float_matmuls": functools.partial(on_codes, integer=False)}
+    if kernels.int_mm_exact("cpu"):
+        fns["codes_int_mm"] = functools.partial(on_codes, integer=True)
+        fns["codes_int8_bmm_compiled"] = torch.compile(functools.partial(on_codes, integer=True))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        times = _paired(fns, repeats)
+    return {"batch": batch, "heads": heads, "tokens": tokens, "dim": dim, "layers": config.num_layers,
+            "repeats": repeats, "seconds": {name: min(t) for name, t in times.items()}}
+
+
 def ceiling_worker(linear_calls: list[dict], repeats: int = 5) -> dict:
     """Bare GEMMs on the forward's Linear shapes: float F.linear vs oneDNN's u8×s8 GEMM on a quantized input; and,
     in the same process, the float forward itself (so its non-Linear time is measured on the same CPU state)."""
@@ -355,7 +384,7 @@ def ceiling_worker(linear_calls: list[dict], repeats: int = 5) -> dict:
                 int_total += row["int8_seconds"]
             rows.append(row)
     return {"shapes": rows, "fp32_forward_seconds": forward, "fp32_linear_seconds": fp_total,
-            "int8_linear_seconds": int_total if have_onednn else None}
+            "int8_linear_seconds": int_total if have_onednn else None, "attention": attention_times(repeats)}
 
 
 def _run_worker(*args: str) -> dict:
@@ -490,6 +519,8 @@ def speed_markdown(result: dict) -> str:
         for s in c["shapes"]:
             lines.append(f"| {s['m']}×{s['k']}→{s['n']} | {s['count']} | {s['fp32_seconds'] * 1e3:.2f} | "
                          f"{s['int8_seconds'] * 1e3:.2f} | {s['fp32_seconds'] / s['int8_seconds']:.2f}× |")
+    if c.get("attention"):
+        lines += ["", attention_markdown(c["attention"], c["fp32_forward_seconds"])]
     for r in result["forward"]:
         st = r.get("onednn_stats_per_forward") or {}
         if st.get("calls"):
@@ -505,6 +536,30 @@ def speed_markdown(result: dict) -> str:
             kern = ", ".join(f"{k} {v}" for k, v in r.get("kernels", {}).items()) or "float"
             lines.append(f"| {r['label']} | {kern} | {r['seconds']:.2f} | {r['speedup']:.2f}× |")
     return "\n".join(lines) + "\n"
+
+
+ATTENTION_VARIANTS = {
+    "sdpa_fp32": "FP32 SDPA, eager (what a float or Linear-only quantized model runs)",
+    "sdpa_fp32_compiled": "FP32 SDPA, compiled",
+    "codes_float_matmuls": "quantized, on codes: float32 matmuls, eager",
+    "codes_int_mm": "quantized, on codes: `torch._int_mm` per head, eager",
+    "codes_int8_bmm_compiled": "quantized, on codes: `int8_bmm` (all heads), compiled",
+}
+
+
+def attention_markdown(attention: dict, fp32_forward_seconds: float) -> str:
+    """The attention_times table: per layer, over the model's layers, and that as a share of the FP32 forward timed
+    in the same process."""
+    a = attention
+    lines = [f"Attention core per layer (softmax(QKᵀ)V, {a['batch']} × {a['heads']} heads × {a['tokens']} tokens × "
+             f"{a['dim']}; the projections are Linears, above), fastest of {a['repeats']} interleaved "
+             f"rounds, and over the model's {a['layers']} layers as a share of the FP32 forward "
+             f"({fp32_forward_seconds:.2f} s, same process):", "",
+             "| attention | per layer (ms) | all layers (ms) | of the FP32 forward |", "|---|---|---|---|"]
+    for name, seconds in a["seconds"].items():
+        lines.append(f"| {ATTENTION_VARIANTS.get(name, name)} | {seconds * 1e3:.2f} | {seconds * a['layers'] * 1e3:.0f} | "
+                     f"{seconds * a['layers'] / fp32_forward_seconds:.1%} |")
+    return "\n".join(lines)
 
 
 def w8a8_range_quality(num_samples: int = 200, seed: int = 0, output: str | os.PathLike | None = None) -> dict:
