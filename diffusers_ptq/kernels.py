@@ -50,7 +50,7 @@ How they behave as torch modules: `"onednn"` is one custom op (`torch.ops.diffus
 fake (shape) implementation, so `torch.compile` (Inductor, `fullgraph=True` too) traces through it as one opaque
 call (for inference with a static scale and one full-range GEMM, the compiled model instead traces the input
 quantization as torch ops around the bare GEMM, `onednn_u8_linear_op`, so Inductor fuses it with the ops producing
-the input: `_onednn_linear_traced`; with Inductor's freezing, 8-bit layers as PyTorch 2 export's quantize /
+the input: `_onednn_linear_traced`; with Inductor's freezing, 8-bit and per-channel 4-bit layers as PyTorch 2 export's quantize /
 dequantize pattern that Inductor lowers itself: `_onednn_linear_frozen`), and an autograd formula: the gradient to
 the input is that of the dequantized weight, grad_x = grad_y · W (the activation rounding is a straight-through
 estimator, as in quanto), the weights get none (frozen). The
@@ -551,27 +551,37 @@ def _onednn_linear_traced(module, weight: OneDNNWeight, x: torch.Tensor) -> torc
 
 
 def _onednn_linear_frozen(module, weight: OneDNNWeight, x: torch.Tensor) -> torch.Tensor:
-    """The 8-bit oneDNN layer as torch.compile sees it with `torch._inductor.config.freezing = True`: PyTorch 2
-    export's decomposed pattern (quantize the input per tensor to uint8, zero point 128; dequantize it and the
-    per-channel int8 weight; a float linear), which Inductor's x86 quantization passes lower to oneDNN's u8×s8
+    """The oneDNN layer as torch.compile sees it with `torch._inductor.config.freezing = True`: PyTorch 2 export's
+    decomposed pattern (quantize the input per tensor to uint8, zero point 128; dequantize it and the per-channel
+    int8 weight; a float linear), which Inductor's x86 quantization passes lower to oneDNN's u8×s8
     `qlinear_pointwise` on a weight it prepacks at freeze time, fusing the input quantization into the producing
     ops and the consumers' into the GEMM as post-ops (fc1's GELU and a uint8 output for fc2). The same integer GEMM
-    as eager; the input rounding is x · (1/s) there, not x / s (a code may differ by one at a tie)."""
+    as eager; the input rounding is x · (1/s) there, not x / s (a code may differ by one at a tie).
+
+    Affine 4-bit weights (w = c·scale − shift, c ∈ [0, 15]): the codes enter as int8 with zero point 0 (unpacked
+    in the graph from the stored bytes: a constant Inductor folds at freeze time) and the shift as the rank-1
+    epilogue − shift_o · Σ_i x̂_i over the dequantized input x̂ = s·q, as in eager (there s·Σq: the same up to the
+    rounding of a K-term float sum)."""
     from torch.ao.quantization.fx import _decomposed  # noqa: F401 (registers the quantized_decomposed ops)
 
     ops = torch.ops.quantized_decomposed
     s = weight.input_scale
     u = ops.quantize_per_tensor.default(x.to(torch.float32), s, 128, 0, 255, torch.uint8)
     xd = ops.dequantize_per_tensor.default(u, s, 128, 0, 255, torch.uint8)
-    wd = ops.dequantize_per_channel.default(stored_data(module.weight), weight.scales, weight.zeros, 0, -128, 127,
-                                            torch.int8)
+    codes = stored_data(module.weight)
+    if weight.shift is not None:
+        codes = unpack_bits(codes, module.weight_qtype.bits, module.out_features).to(torch.int8)
+    wd = ops.dequantize_per_channel.default(codes, weight.scales, weight.zeros, 0, -128, 127, torch.int8)
     bias = None if module.bias is None else module.bias.to(torch.float32)
-    return F.linear(xd, wd, bias).to(x.dtype)
+    y = F.linear(xd, wd, bias)
+    if weight.shift is not None:  # w_shift holds −shift, [1, N]
+        y = y + xd.sum(dim=-1, keepdim=True) * weight.shift
+    return y.to(x.dtype)
 
 
 def _onednn_linear(module, weight: OneDNNWeight, x: torch.Tensor) -> torch.Tensor:
     if traced_path(module, weight, x):
-        if weight.shift is None and torch._inductor.config.freezing:
+        if torch._inductor.config.freezing:
             return _onednn_linear_frozen(module, weight, x)
         return _onednn_linear_traced(module, weight, x)
     return onednn_linear_op(x, weight.packed, stored_data(module.weight), weight.scales, weight.zeros, weight.shift,

@@ -22,8 +22,8 @@ import torch._inductor.config  # noqa: F401 (torch._inductor.config.patch below)
 from conftest import make_tiny_transformer, randomize_modulation, reload_bit_exact, tiny_inputs
 from diffusers import DiTTransformer2DModel
 
-from diffusers_ptq import BaselineConfig, HTGConfig, PTQ4DiTConfig, QDiTConfig, quantize
-from diffusers_ptq.modules import QuantLinear, kernel_summary, set_kernel
+from diffusers_ptq import BaselineConfig, HTGConfig, PTQ4DiTConfig, QDiTConfig, kernels, quantize
+from diffusers_ptq.modules import QuantLinear, kernel_summary, quant_linears, set_kernel
 
 SMALL = dict(num_samples=2, num_inference_steps=4, batch_size=2)
 CONFIGS = {
@@ -160,11 +160,15 @@ def test_torch_compile(quantized, fullgraph):
 
 
 def test_torch_compile_with_freezing(quantized):
-    """With `torch._inductor.config.freezing` (weights constant to Inductor), W8A8 layers are lowered by Inductor's
-    own x86 quantization passes and W4A8 ones keep the traced path (kernels.py): both agree with eager."""
+    """With `torch._inductor.config.freezing` (weights constant to Inductor), the oneDNN layers — W8A8, and W4A8
+    with its shift epilogue — are lowered by Inductor's own x86 quantization passes (kernels.py): both agree with
+    eager."""
     name, _, _, model = quantized
     if name not in ("ptq4dit-w8a8", "htg-w4a8-attention"):
         pytest.skip("one W8A8 and one W4A8 config (with quantized attention)")
+    bits = 4 if "w4" in name else 8
+    if kernels.onednn_available():  # the path under test runs: oneDNN layers of this bit width
+        assert any(m.kernel == "onednn" and m.weight_qtype.bits == bits for _, m in quant_linears(model))
     model = copy.deepcopy(model)
     torch._dynamo.reset()
     with torch._inductor.config.patch(freezing=True):

@@ -171,25 +171,27 @@ def test_compiled_onednn_layer_quantizes_in_traced_ops_around_an_opaque_gemm(lay
 
 @needs_onednn
 @pytest.mark.parametrize("layer", ["w8a8", "w8a8-extreme", "w4a8"])
-def test_compiled_with_freezing_inductor_lowers_the_w8a8_layer_itself(layer):
-    """With `torch._inductor.config.freezing`, an 8-bit layer is compiled as PyTorch 2 export's decomposed pattern,
-    which Inductor's x86 quantization passes lower to oneDNN's qlinear on a weight they prepack: the generated code
-    calls that op and neither of ours, and the result is the integer reference for the codes x · (1/s) rounds to,
-    to float rounding. A 4-bit layer (affine weights) keeps the traced path."""
+def test_compiled_with_freezing_inductor_lowers_the_layer_itself(layer):
+    """With `torch._inductor.config.freezing`, a oneDNN layer is compiled as PyTorch 2 export's decomposed pattern,
+    which Inductor's x86 quantization passes lower to oneDNN's qlinear on a weight they prepack (a 4-bit layer: its
+    codes as int8, the affine shift as a rank-1 epilogue): the generated code calls that op and neither of ours,
+    and the result is the integer reference for the codes x · (1/s) rounds to, to float rounding (4-bit: plus the
+    epilogue's K-term float sum of the dequantized input, γ_K · Σ|s·q| · |shift|)."""
     from torch._inductor.utils import run_and_get_code
 
     module, x = _full_range_onednn_layer(layer, seed=4)
     with torch._inductor.config.patch(freezing=True), torch.no_grad():
         y, code = run_and_get_code(torch.compile(module, fullgraph=True), x)
     code = "\n".join(code)
-    four_bit = module.weight_qtype.bits == 4
-    if four_bit:
-        assert "onednn_u8_linear" in code
-    else:
-        assert "qlinear_pointwise" in code and "onednn_u8_linear" not in code
-    assert "onednn_linear.default" not in code
-    ref, bound = integer_reference(module, x, reciprocal=not four_bit)
-    assert float(((y.double() - ref).abs() - float_rounding_bound(module.in_features, bound)).max()) <= 0
+    assert "qlinear_pointwise" in code and "onednn_u8_linear" not in code and "onednn_linear.default" not in code
+    ref, bound = integer_reference(module, x, reciprocal=True)
+    bound = float_rounding_bound(module.in_features, bound)
+    if module.weight_qtype.bits == 4:  # the epilogue's sum over the dequantized input, then its product
+        s = float(module.input_scale)
+        q = torch.clamp(torch.round(x.double().reshape(-1, module.in_features) * (1 / s)), -128, 127)
+        shift = module.weight._shift.reshape(1, -1).double().abs()
+        bound = bound + gamma(module.in_features + 2) * ((q.abs() * s).sum(-1, keepdim=True) * shift).reshape(ref.shape)
+    assert float(((y.double() - ref).abs() - bound).max()) <= 0
     torch._dynamo.reset()
 
 
