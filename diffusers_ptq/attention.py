@@ -99,17 +99,24 @@ def _best_seconds(fn, device: torch.device, repeats: int = 3) -> float:
 @functools.cache
 def _measured_matmul(device_type: str, heads: int, tokens: int, dim: int) -> str:
     key = (device_type, heads, tokens, dim)
-    if not kernels.int_mm_exact(device_type) or kernels.KERNEL_CHOICE != "measured":
-        MEASURED_ATTENTION[key] = {"choice": "int_mm" if kernels.int_mm_exact(device_type) else "float"}
-        return MEASURED_ATTENTION[key]["choice"]
     device = torch.device(device_type)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, tokens, dim, generator=gen).to(device) for _ in range(3))
     scales = {name: torch.tensor(4.0 / 127, device=device) for name in "qkv"}
+    run = {name: functools.partial(attention_on_codes, q, k, v, scales, dim**-0.5, integer=name == "int_mm")
+           for name in ("int_mm", "float")}
+    usable = kernels.int_mm_exact(device_type)
+    if usable:  # exact where it runs; but a device may refuse some shapes (CUDA's _int_mm wants multiples of 8)
+        try:
+            with torch.no_grad():
+                run["int_mm"]()
+        except (RuntimeError, NotImplementedError):
+            usable = False
+    if not usable or kernels.KERNEL_CHOICE != "measured":
+        MEASURED_ATTENTION[key] = {"choice": "int_mm" if usable else "float"}
+        return MEASURED_ATTENTION[key]["choice"]
     with torch.no_grad():
-        times = {name: _best_seconds(functools.partial(attention_on_codes, q, k, v, scales, dim**-0.5,
-                                                       integer=name == "int_mm"), device)
-                 for name in ("int_mm", "float")}
+        times = {name: _best_seconds(fn, device) for name, fn in run.items()}
     MEASURED_ATTENTION[key] = {**times, "choice": min(times, key=times.get)}
     return MEASURED_ATTENTION[key]["choice"]
 
@@ -122,9 +129,9 @@ def _matmul_for(key: str) -> str:
 
 def attention_matmul(device: torch.device, heads: int, tokens: int, dim: int) -> str:
     """The matmuls of `heads` (batch × heads) attention heads of `tokens` × `dim` on `device`: "int_mm" where
-    `torch._int_mm` is exact here (`kernels.int_mm_exact`) and `attention_on_codes` runs faster on it than on
-    float32 at this shape (eager, measured once per process and shape), else "float" (the same results while the
-    sums stay below 2^24). A constant to torch.compile."""
+    `torch._int_mm` is exact here (`kernels.int_mm_exact`), accepts this shape, and `attention_on_codes` runs
+    faster on it than on float32 at this shape (eager, measured once per process and shape), else "float" (the same
+    results while the sums stay below 2^24). A constant to torch.compile."""
     return _matmul_for(f"{torch.device(device).type} {heads} {tokens} {dim}")
 
 

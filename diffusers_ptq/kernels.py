@@ -555,8 +555,8 @@ def _onednn_linear_frozen(module, weight: OneDNNWeight, x: torch.Tensor) -> torc
     decomposed pattern (quantize the input per tensor to uint8, zero point 128; dequantize it and the per-channel
     int8 weight; a float linear), which Inductor's x86 quantization passes lower to oneDNN's u8×s8
     `qlinear_pointwise` on a weight it prepacks at freeze time, fusing the input quantization into the producing
-    ops and the consumers' into the GEMM as post-ops (fc1's GELU and a uint8 output for fc2). The same integer GEMM
-    as eager; the input rounding is x · (1/s) there, not x / s (a code may differ by one at a tie).
+    ops and, for 8-bit layers, the consumers' into the GEMM as post-ops (fc1's GELU and a uint8 output for fc2). The
+    same integer GEMM as eager; the input rounding is x · (1/s) there, not x / s (a code may differ by one at a tie).
 
     Affine 4-bit weights (w = c·scale − shift, c ∈ [0, 15]): the codes enter as int8 with zero point 0 (unpacked
     in the graph from the stored bytes: a constant Inductor folds at freeze time) and the shift as eager's rank-1

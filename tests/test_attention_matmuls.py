@@ -79,6 +79,21 @@ def test_the_choice_is_measured_and_recorded():
         assert choice == min(("int_mm", "float"), key=record.get)
 
 
+@needs_int_mm
+def test_a_shape_int_mm_refuses_takes_the_float_matmuls(monkeypatch):
+    """`_int_mm` exact by the probe but refusing a shape (CUDA's wants multiples of 8): that shape takes float32."""
+    real = torch._int_mm
+
+    def picky(a, b, *args, **kwargs):
+        if a.shape[-1] % 8 or b.shape[-1] % 8:
+            raise RuntimeError("self.size(1) needs to be greater than 16 and a multiple of 8")
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_int_mm", picky)
+    assert attention_matmul(torch.device("cpu"), 2, 20, 12) == "float"  # D = 12: QKᵀ's K dimension refused
+    assert MEASURED_ATTENTION[("cpu", 2, 20, 12)] == {"choice": "float"}
+
+
 def test_the_model_output_does_not_depend_on_the_matmul(tiny_transformer, monkeypatch):
     """A frozen quantized attention runs the same integers on either kernel: the same output, bit for bit."""
     processors = install_quant_attention(tiny_transformer)
