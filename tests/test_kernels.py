@@ -205,8 +205,11 @@ def test_compiled_with_freezing_every_onednn_layer_of_a_model_is_lowered(bits):
     quantize(model, BaselineConfig(weight_bits=bits, act_bits=8, num_samples=2, num_inference_steps=2,
                                    batch_size=2))
     set_kernel(model, "onednn")
+    layers = [m for _, m in quant_linears(model)]
+    if not all(kernels._prepared(m, kernels.KERNELS["onednn"]).full_range for m in layers):
+        pytest.skip("8-bit layers take the split path here (no int32 accumulation): no traced or frozen pattern")
     calls = []
-    hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for _, m in quant_linears(model)]
+    hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in layers]
     with torch.no_grad():
         model(**tiny_inputs())
     for h in hooks:
