@@ -397,7 +397,9 @@ def _run_worker(*args: str) -> dict:
 def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, labels=tuple(range(10)),
                    repeats: int = 3) -> list[dict]:
     """Bundled pipeline, 50 DDIM steps, one sample per label (batch 2×10 with CFG): FP, W8A8, W8A8 emulated, W8A8
-    with ±63 weight codes, W4A8; `repeats` interleaved rounds (median; speedup = median of per-round ratios)."""
+    with ±63 weight codes, W4A8, and FP, W8A8, W4A8 with the transformer under `torch.compile` (Inductor, default
+    mode; compiled during the warm-up round); `repeats` interleaved rounds (median; speedup = median of per-round
+    ratios to the eager FP32 pipeline)."""
     from diffusers_ptq.api import quantize_transformer
     from diffusers_ptq.config import QuantConfig
     from diffusers_ptq.harness.bundled import load_pipeline
@@ -414,8 +416,15 @@ def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, l
             set_kernel(pipe.transformer, kernel)
         return pipe
 
+    def compiled(pipe):
+        pipe.transformer = torch.compile(pipe.transformer)
+        return pipe
+
     pipes = {"FP32": load_pipeline("bundled"), "W8A8": quantized(8), "W8A8 (emulated)": quantized(8, kernel="emulated"),
-             "W8A8-w7": quantized(8, seven_bit=True), "W4A8": quantized(4)}
+             "W8A8-w7": quantized(8, seven_bit=True), "W4A8": quantized(4),
+             "FP32 compiled": compiled(load_pipeline("bundled")), "W8A8 compiled": compiled(quantized(8)),
+             "W4A8 compiled": compiled(quantized(4))}
+    torch._dynamo.reset()
     times = _paired({label: functools.partial(generate_images, pipe, list(labels),
                                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                               batch_size=len(labels), progress=False)
