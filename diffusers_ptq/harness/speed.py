@@ -540,7 +540,8 @@ def speed_markdown(result: dict) -> str:
     if "sampling" in result:
         lines += ["", "Bundled pipeline (dit-mnist, 6 blocks, hidden 192), 50 DDIM steps, 10 samples (batch 20 with "
                   "CFG); every model in one process, timed in interleaved rounds (median; speedup = median of the "
-                  "per-round ratios to FP32):", "", "| model | kernels (layers) | sampling (s) | speedup vs FP32 |", "|---|---|---|---|"]
+                  "per-round ratios to the eager FP32 pipeline; \"compiled\": the transformer under torch.compile):",
+                  "", "| model | kernels (layers) | sampling (s) | speedup vs FP32 eager |", "|---|---|---|---|"]
         for r in result["sampling"]:
             kern = ", ".join(f"{k} {v}" for k, v in r.get("kernels", {}).items()) or "float"
             lines.append(f"| {r['label']} | {kern} | {r['seconds']:.2f} | {r['speedup']:.2f}× |")
