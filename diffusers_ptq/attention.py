@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 
 import torch
 
@@ -81,21 +80,6 @@ def attention_on_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales
 MEASURED_ATTENTION: dict[tuple, dict] = {}
 
 
-def _best_seconds(fn, device: torch.device, repeats: int = 3) -> float:
-    """Best of `repeats` timed calls after one warm-up."""
-    best = float("inf")
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            best = min(best, time.perf_counter() - t0)
-    return best
-
-
 @functools.cache
 def _measured_matmul(device_type: str, heads: int, tokens: int, dim: int) -> str:
     key = (device_type, heads, tokens, dim)
@@ -116,7 +100,7 @@ def _measured_matmul(device_type: str, heads: int, tokens: int, dim: int) -> str
         MEASURED_ATTENTION[key] = {"choice": "int_mm" if usable else "float"}
         return MEASURED_ATTENTION[key]["choice"]
     with torch.no_grad():
-        times = {name: _best_seconds(fn, device) for name, fn in run.items()}
+        times = {name: kernels.best_seconds(fn, device=device) for name, fn in run.items()}
     MEASURED_ATTENTION[key] = {**times, "choice": min(times, key=times.get)}
     return MEASURED_ATTENTION[key]["choice"]
 

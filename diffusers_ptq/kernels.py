@@ -632,17 +632,25 @@ def _shape_key(module, names: tuple[str, ...]) -> tuple:
             getattr(module, "weight_group_size", None))
 
 
+def best_seconds(fn, repeats: int = 3, device: torch.device | None = None) -> float:
+    """Best of `repeats` timed calls of `fn` after one warm-up call (synchronizing a CUDA `device` around each)."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda *_: None)
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def time_kernel(kernel: Kernel, module, x: torch.Tensor, repeats: int = 3) -> float:
     """Best of `repeats` timed calls of `kernel` on `module` (prepared once, one warm-up call first)."""
     state = kernel.prepare(module)
     with torch.no_grad():
-        kernel.run(module, state, x)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            kernel.run(module, state, x)
-            best = min(best, time.perf_counter() - t0)
-    return best
+        return best_seconds(lambda: kernel.run(module, state, x), repeats)
 
 
 def measured_kernel(module, candidates: list[Kernel]) -> str:
