@@ -27,7 +27,7 @@ from diffusers_ptq.memory import return_freed_memory
 from diffusers_ptq.methods import Observations, baselines
 from diffusers_ptq.models import ModelAdapter, adapter_for
 from diffusers_ptq.modules import quantize_linear
-from diffusers_ptq.rounding import HessianRecorder, RoundedWeight
+from diffusers_ptq.rounding import HessianRecorder, RoundedWeight, nearest_round
 from diffusers_ptq.scheme import Plan, QuantScheme
 from diffusers_ptq.sequential import BlockInputRecorder, BlockInputs, onload, replay
 from diffusers_ptq.serialization import identical_copies, tie_copies
@@ -191,8 +191,8 @@ def rewrite_linears(transformer: nn.Module, config: QuantScheme, input_scales: d
                     rounded: dict[str, RoundedWeight] | None = None,
                     group_sizes: dict[str, int | None] | None = None, release: bool = False) -> None:
     """Replace each named Linear by a frozen QuantLinear (the only place modules are swapped); `rounded` holds the
-    weights that a rounding method rounded, the others are rounded to nearest. `group_sizes`: each
-    4-bit layer's group size (default: `layer_group_sizes(transformer, config, input_scales)`).
+    weights that a rounding method rounded, the others are rounded to nearest (on the scheme's 4-bit grid,
+    `weight_zero_point`). `group_sizes`: each 4-bit layer's group size (default: `layer_group_sizes(transformer, config, input_scales)`).
 
     release: as soon as a layer's packed form exists, drop its float weight (the replaced Linear keeps `weight =
     None`: any other reference to it sees an empty layer) and its `rounded` entry, so that packing needs one layer's
@@ -201,8 +201,11 @@ def rewrite_linears(transformer: nn.Module, config: QuantScheme, input_scales: d
         group_sizes = layer_group_sizes(transformer, config, list(input_scales))
     for name, scale in input_scales.items():
         linear = transformer.get_submodule(name)
+        weight = (rounded or {}).get(name)
+        if weight is None and config.weight_bits == 4 and config.weight_zero_point != "float":  # not quanto's grid
+            weight = nearest_round(linear.weight.detach(), 4, group_sizes.get(name), config.weight_zero_point)
         quantized = quantize_linear(linear, config.weight_bits, scale, group_sizes.get(name),
-                                    rounded=(rounded or {}).get(name), act_dynamic=config.act_dynamic)
+                                    rounded=weight, act_dynamic=config.act_dynamic)
         move_group_biases(linear, quantized)
         transformer.set_submodule(name, quantized)
         if release:

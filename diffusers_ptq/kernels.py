@@ -175,6 +175,19 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, neg_shift: torch.
     return w if neg_shift is None else w + neg_shift
 
 
+def integer_zero_points(scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor | None:
+    """The integer zero points z [rows, 1] (int8) of an affine 4-bit weight whose every shift is exactly scale · z
+    with an integer z ∈ [0, 15] (in float32, where such a product is exact: the grid of `rounding.quant_grid` with
+    zero_point "integer"), or None when one is not. Then w = scale·code − shift = scale·(code − z) exactly, and an
+    int8 GEMM on code − z needs no float shift term."""
+    s, t = scale.reshape(-1, 1).to(torch.float32), shift.reshape(-1, 1).to(torch.float32)
+    z = torch.round(t / torch.where(s == 0, torch.ones_like(s), s))
+    z = torch.where(s == 0, torch.zeros_like(z), z)
+    if not (bool(((z >= 0) & (z <= 15)).all()) and torch.equal(s * z, t)):
+        return None
+    return z.to(torch.int8)
+
+
 def dequantize_weight(weight) -> torch.Tensor:
     """The float weight [out, in] a quanto weight stands for: scale · code (8-bit) or scale · code − shift (4-bit)."""
     codes = weight_codes(weight)
@@ -368,15 +381,23 @@ def _onednn_check(module) -> str | None:
 
 @dataclass
 class OneDNNWeight:
-    """The weight as oneDNN wants it: int8 codes prepacked once, per-channel scales, the 4-bit shift term, and
-    whether one full-range GEMM is exact for it here."""
+    """The weight as oneDNN wants it: int8 codes prepacked once, per-channel scales, the 4-bit shift, and
+    whether one full-range GEMM is exact for it here. An affine 4-bit weight with integer zero points
+    (`integer_zero_points`) is prepacked as code − z and needs no shift term; otherwise `shift` is added after the
+    GEMM as a rank-1 epilogue (`epilogue`)."""
 
     packed: torch.Tensor  # opaque oneDNN tensor (in memory only)
     scales: torch.Tensor  # [N] float32
     zeros: torch.Tensor  # [N] int64
-    shift: torch.Tensor | None  # [1, N] float32: −shift for the rank-1 epilogue of affine 4-bit weights
+    shift: torch.Tensor | None  # [1, N] float32: −shift of affine 4-bit weights (the epilogue's, the gradient's)
     full_range: bool
     input_scale: float | None = None  # the static input scale as a number: a constant to a compiled graph
+    zero: torch.Tensor | None = None  # [N, 1] int8: integer zero points folded into the packed codes (code − z)
+
+    @property
+    def epilogue(self) -> bool:
+        """Whether the shift is added after the GEMM (affine 4-bit weights without integer zero points)."""
+        return self.shift is not None and self.zero is None
 
 
 def prepare_onednn(module) -> OneDNNWeight:
@@ -386,13 +407,16 @@ def prepare_onednn(module) -> OneDNNWeight:
     w = module.weight
     codes = weight_codes(w).to(torch.int8)  # 4-bit: codes 0..15 (per output channel: [out, in])
     shift = None if module.weight_qtype.bits == 8 else (-w._shift.reshape(1, -1)).to(torch.float32).contiguous()
+    zero = None if shift is None else integer_zero_points(w._scale, w._shift)
+    if zero is not None:
+        codes = codes - zero  # in [-15, 15]
     # one full-range GEMM is exact when int16 pair sums cannot saturate: int32 accumulation (VNNI/AMX, measured),
     # or weight codes within [-64, 63] (2·255·64 <= 32768: all 4-bit codes, 7-bit 8-bit codes)
     full_range = bool(onednn_full_range_exact(module.in_features) or (int(codes.min()) >= -64 and int(codes.max()) <= 63))
     scales = w._scale.reshape(-1).to(torch.float32).contiguous()
     return OneDNNWeight(torch.ops.onednn.qlinear_prepack(codes.contiguous(), None), scales,
                         torch.zeros_like(scales, dtype=torch.int64), shift, full_range,
-                        None if module.act_dynamic else float(module.input_scale))
+                        None if module.act_dynamic else float(module.input_scale), zero)
 
 
 SPLIT = 64  # without int32 accumulation: |q| <= 64 goes in one exact GEMM (u = q + 64 <= 128)
@@ -447,10 +471,12 @@ class QuantizedInput:
 @torch.library.custom_op("diffusers_ptq::onednn_linear", mutates_args=())
 def onednn_linear_op(x: torch.Tensor, packed: torch.Tensor, w_data: torch.Tensor, w_scales: torch.Tensor,
                      w_zeros: torch.Tensor, w_shift: torch.Tensor | None, bias: torch.Tensor | None,
-                     input_scale: torch.Tensor | None, full_range: bool, bits: int) -> torch.Tensor:
+                     input_scale: torch.Tensor | None, full_range: bool, bits: int,
+                     shift_folded: bool = False) -> torch.Tensor:
     """y = x·Wᵀ + b on oneDNN's exact u8×s8 GEMM. x float [..., K]; packed: the prepacked int8 codes; w_data: the
     stored codes (int8 [N, K], or quanto's packed 4-bit [⌈N/2⌉, K]); w_scales [N]; w_shift: [1, N] −shift of affine
-    4-bit weights, or None; input_scale: the static per-tensor scale, or None for dynamic per-token scales."""
+    4-bit weights, or None; shift_folded: the shift is in the packed codes (code − z, integer zero points), so there
+    is no epilogue; input_scale: the static per-tensor scale, or None for dynamic per-token scales."""
     if x.device.type != "cpu":
         raise KernelError(f"the oneDNN kernel runs on CPU tensors, got an input on {x.device}")
     n, k = w_scales.shape[0], x.shape[-1]
@@ -479,7 +505,7 @@ def onednn_linear_op(x: torch.Tensor, packed: torch.Tensor, w_data: torch.Tensor
     if qx.cols is not None:  # input channels with activations beyond ±64 steps: their remainder in float
         w_cols = w_data.index_select(1, qx.cols).float().mul_(w_scales.unsqueeze(1))
         y.addmm_(qx.col_resid, w_cols.T, alpha=scale)
-    if w_shift is not None:  # affine 4-bit: − s_x · (Σ_i q_i) · shift_o
+    if w_shift is not None and not shift_folded:  # affine 4-bit: − s_x · (Σ_i q_i) · shift_o
         y.addmm_(qx.q.sum(dim=-1, keepdim=True), w_shift, alpha=scale)  # row sums: integers, exact below 2^24
     if dynamic:  # y_t = s_t · (integer GEMM)_t + bias
         y.mul_(token_scale)
@@ -489,12 +515,12 @@ def onednn_linear_op(x: torch.Tensor, packed: torch.Tensor, w_data: torch.Tensor
 
 
 @onednn_linear_op.register_fake
-def _(x, packed, w_data, w_scales, w_zeros, w_shift, bias, input_scale, full_range, bits):
+def _(x, packed, w_data, w_scales, w_zeros, w_shift, bias, input_scale, full_range, bits, shift_folded=False):
     return x.new_empty((*x.shape[:-1], w_scales.shape[0]))
 
 
 def _onednn_setup_context(ctx, inputs, output):
-    _, _, w_data, w_scales, _, w_shift, _, _, _, bits = inputs
+    _, _, w_data, w_scales, _, w_shift, _, _, _, bits = inputs[:10]
     ctx.save_for_backward(w_data, w_scales, w_shift)
     ctx.bits = bits
 
@@ -505,7 +531,7 @@ def _onednn_backward(ctx, grad):
     n = w_scales.shape[0]
     codes = w_data if ctx.bits == 8 else unpack_bits(w_data, ctx.bits, n)
     weight = dequantize_codes(codes, w_scales.reshape(n, 1), None if w_shift is None else w_shift.reshape(n, 1))
-    return grad @ weight.to(grad.dtype), None, None, None, None, None, None, None, None, None
+    return grad @ weight.to(grad.dtype), None, None, None, None, None, None, None, None, None, None
 
 
 onednn_linear_op.register_autograd(_onednn_backward, setup_context=_onednn_setup_context)
@@ -545,7 +571,7 @@ def _onednn_linear_traced(module, weight: OneDNNWeight, x: torch.Tensor) -> torc
     q = torch.clamp(torch.round(x2 / scale), -128, 127)
     bias = None if module.bias is None else module.bias.to(torch.float32)
     y = onednn_u8_linear_op((q + 128).to(torch.uint8), scale, weight.packed, weight.scales, weight.zeros, bias)
-    if weight.shift is not None:  # affine 4-bit: − s_x · (Σ_i q_i) · shift_o
+    if weight.epilogue:  # affine 4-bit: − s_x · (Σ_i q_i) · shift_o
         y = y + (q.sum(dim=-1, keepdim=True) * scale) * weight.shift
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
@@ -573,10 +599,12 @@ def _onednn_linear_frozen(module, weight: OneDNNWeight, x: torch.Tensor) -> torc
     codes = stored_data(module.weight)
     if weight.shift is not None:
         codes = unpack_bits(codes, module.weight_qtype.bits, module.out_features).to(torch.int8)
+        if weight.zero is not None:  # integer zero points: code − z, no epilogue
+            codes = codes - weight.zero
     wd = ops.dequantize_per_channel.default(codes, weight.scales, weight.zeros, 0, -128, 127, torch.int8)
     bias = None if module.bias is None else module.bias.to(torch.float32)
     y = F.linear(xd, wd, bias)
-    if weight.shift is not None:  # w_shift holds −shift, [1, N]
+    if weight.epilogue:  # w_shift holds −shift, [1, N]
         q_sums = u.to(torch.float32).sum(dim=-1, keepdim=True) - 128 * x.shape[-1]
         y = y + (q_sums * s) * weight.shift
     return y.to(x.dtype)
@@ -589,7 +617,7 @@ def _onednn_linear(module, weight: OneDNNWeight, x: torch.Tensor) -> torch.Tenso
         return _onednn_linear_traced(module, weight, x)
     return onednn_linear_op(x, weight.packed, stored_data(module.weight), weight.scales, weight.zeros, weight.shift,
                             module.bias, None if module.act_dynamic else module.input_scale, weight.full_range,
-                            module.weight_qtype.bits)
+                            module.weight_qtype.bits, weight.zero is not None)
 
 
 register_kernel(Kernel("onednn", _onednn_linear, prepare=prepare_onednn, check=_onednn_check, priority=30,

@@ -90,13 +90,14 @@ class LearnedRounding(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, bits: int, group_size: int | None = None,
-                 input_scale: torch.Tensor | float | None = None, init: RoundedWeight | None = None):
+                 input_scale: torch.Tensor | float | None = None, init: RoundedWeight | None = None,
+                 zero_point: str = "float"):
         super().__init__()
         weight = linear.weight.detach().float()
         out_features, in_features = weight.shape
         self.bits, self.group_size = bits, group_size
         self.bias = None if linear.bias is None else linear.bias.detach()
-        scale, shift = quant_grid(weight, bits, group_size)
+        scale, shift = quant_grid(weight, bits, group_size, zero_point)
         self.scale, self.shift = scale, shift  # quanto layout, for `rounded()`
         cols = _column_groups(in_features, group_size, weight.device)
         s = _per_group(scale, out_features)[:, cols]
@@ -281,8 +282,8 @@ def reconstruct_unit(root: nn.Module, unit: str, linears: dict[str, RoundedWeigh
                      target: dict[str, torch.Tensor], *, bits: int, group_size: int | None, input_scales: dict,
                      iters: int = 500, lr: float = 1e-2, batch_size: int = 32, lam: float = 0.01,
                      warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0), seed: int = 0,
-                     context=None, outputs: tuple[str, ...] = LINEAR_OUTPUT,
-                     progress: bool = True) -> tuple[dict[str, RoundedWeight], dict[str, torch.Tensor]]:
+                     context=None, outputs: tuple[str, ...] = LINEAR_OUTPUT, progress: bool = True,
+                     zero_point: str = "float") -> tuple[dict[str, RoundedWeight], dict[str, torch.Tensor]]:
     """Learn the rounding of `linears` (names under `root`; values: initial codes or None for nearest) inside
     the submodule `unit` of `root`, so that unit(inputs) matches `target` ({output name: rows}, as run_unit).
 
@@ -294,7 +295,7 @@ def reconstruct_unit(root: nn.Module, unit: str, linears: dict[str, RoundedWeigh
     from tqdm.auto import tqdm
 
     originals = {name: root.get_submodule(name) for name in linears}
-    learned = {name: LearnedRounding(lin, bits, group_size, input_scales.get(name), linears[name])
+    learned = {name: LearnedRounding(lin, bits, group_size, input_scales.get(name), linears[name], zero_point)
                for name, lin in originals.items()}
     flags = {p: p.requires_grad for p in root.get_submodule(unit).parameters()}
     try:
@@ -333,11 +334,11 @@ def reconstruct_weights(transformer: nn.Module, linears: dict[str, nn.Linear], i
                         group_size: int | None, iters: int = 500, lr: float = 1e-2, batch: int = 32,
                         samples: int = 256, calibration, scheduler_config: dict | None = None,
                         context: dict | None = None, init: dict[str, RoundedWeight] | None = None,
-                        progress: bool = True) -> dict[str, RoundedWeight]:
+                        progress: bool = True, zero_point: str = "float") -> dict[str, RoundedWeight]:
     """BRECQ-style reconstruction of every Linear in `linears` ({name: float Linear}, already smoothed): `bits`,
     `group_size`, `iters` Adam steps per unit at learning rate `lr` on minibatches of `batch` rows out of
     `samples` cached rows of one run of the calibration sampler (`calibration`: scheme.CalibrationSettings; its
-    seed seeds everything). `input_scales`: {name: static int8 scale or None}. `init`: optional starting
+    seed seeds everything), on the 4-bit grid of `zero_point` (rounding.quant_grid). `input_scales`: {name: static int8 scale or None}. `init`: optional starting
     codes per name (default round-to-nearest). Returns {name: RoundedWeight} for `modules.quantize_linear`.
     Under a distributed launch every process runs the same (unsharded) reconstruction and the main process's
     result is broadcast, so all processes hold the same codes even where GPU training steps are not bit-reproducible.
@@ -353,7 +354,7 @@ def reconstruct_weights(transformer: nn.Module, linears: dict[str, nn.Linear], i
     units.update({name: linears[name] for name in outside})
     timestep_context = getattr(transformer, CONTEXT_ATTRIBUTE, None)
     seed = calibration.seed
-    common = dict(bits=bits, group_size=group_size, input_scales=input_scales,
+    common = dict(bits=bits, group_size=group_size, input_scales=input_scales, zero_point=zero_point,
                   iters=iters, lr=lr, batch_size=batch, context=timestep_context, progress=progress)
     init = init or {}
     result: dict[str, RoundedWeight] = {}

@@ -31,7 +31,7 @@ from diffusers_ptq import distributed
 from diffusers_ptq.observe import Observer
 
 __all__ = ["HessianRecorder", "RoundedWeight", "scale_hessian", "shift_hessian", "quant_grid", "nearest_round", "gptq_round",
-           "gptq_quantize_weights", "broadcast_rounded"]
+           "gptq_quantize_weights", "broadcast_rounded", "ZERO_POINTS"]
 
 
 # --------------------------------------------------------------------------------------------- Hessians
@@ -186,18 +186,33 @@ def _check_format(weight: torch.Tensor, bits: int, group_size: int | None) -> No
             raise ValueError(f"group_size {group_size} must divide in_features={weight.shape[1]}")
 
 
-def quant_grid(weight: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+ZERO_POINTS = ("float", "integer")
+
+
+def quant_grid(weight: torch.Tensor, bits: int, group_size: int | None = None,
+               zero_point: str = "float") -> tuple[torch.Tensor, torch.Tensor | None]:
     """quanto's (scale, shift) for a weight, with its formulas and in its layout and dtype.
 
     8 bits: scale = max|row| / 127, no shift. 4 bits: over each row (or group of group_size inputs),
-    scale = (max - min) / 15 and shift = -min.
+    scale = (max - min) / 15 and, with `zero_point` "float" (quanto's own grid), shift = -min. With "integer" the
+    range is widened to hold 0 (min' = min(min, 0), max' = max(max, 0)), scale = (max' - min') / 15 and shift =
+    scale · z with the integer zero point z = round(-min' / scale) ∈ [0, 15]: w = scale · (code - z), so an int8
+    GEMM takes code - z ∈ [-15, 15] as it is, with no float shift term (kernels.integer_zero_points). Same
+    format either way; the grid moves by at most half a step.
     """
     _check_format(weight, bits, group_size)
+    if zero_point not in ZERO_POINTS:
+        raise ValueError(f"zero_point must be one of {list(ZERO_POINTS)}, got {zero_point!r}")
     if bits == 8:
         return weight.abs().amax(dim=1, keepdim=True) / 127, None
     rows = weight.reshape(-1, group_size) if group_size else weight
     lo, hi = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
-    return (hi - lo) / 15, -lo
+    if zero_point == "float":
+        return (hi - lo) / 15, -lo
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scale = (hi - lo) / 15
+    z = torch.where(scale > 0, torch.round(-lo / torch.where(scale > 0, scale, 1)), 0).clamp(0, 15)
+    return scale, scale * z
 
 
 def _per_group(t: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -236,9 +251,10 @@ def _rounded(codes: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | Non
     return RoundedWeight(weight=weight, data=data, scale=scale, shift=shift, bits=bits, group_size=group_size)
 
 
-def nearest_round(weight: torch.Tensor, bits: int, group_size: int | None = None) -> RoundedWeight:
-    """Round to nearest on quanto's grid (what quanto's own freeze stores)."""
-    scale, shift = quant_grid(weight, bits, group_size)
+def nearest_round(weight: torch.Tensor, bits: int, group_size: int | None = None,
+                  zero_point: str = "float") -> RoundedWeight:
+    """Round to nearest on quanto's grid (with zero_point "float": what quanto's own freeze stores)."""
+    scale, shift = quant_grid(weight, bits, group_size, zero_point)
     out_features = weight.shape[0]
     cols = _column_groups(weight.shape[1], group_size, weight.device)
     s = _per_group(scale, out_features)[:, cols]
@@ -289,21 +305,22 @@ def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
                damp: float = 0.01, act_order: bool = True, block_size: int = 128,
-               dtype: torch.dtype = torch.float32) -> RoundedWeight:
+               dtype: torch.dtype = torch.float32, zero_point: str = "float") -> RoundedWeight:
     """GPTQ rounding of weight [out, in] with the input Hessian [in, in] onto quanto's grid.
 
     Columns are rounded one at a time (in order of decreasing H_jj with act_order) and each one's error is
     spread over the columns not yet rounded, through the Cholesky factor of the inverse (damped) Hessian,
     lazily in blocks of block_size columns. The grid of each row / group is fixed beforehand from the
     original weight in the original column order (GPTQ's "static groups"), so act_order keeps quanto's format.
-    `dtype` is the working precision of the updates (the Hessian is factorized in float64).
+    `dtype` is the working precision of the updates (the Hessian is factorized in float64); `zero_point`: the
+    4-bit grid's (`quant_grid`).
     """
     _check_format(weight, bits, group_size)
     out_features, in_features = weight.shape
     if hessian.shape != (in_features, in_features):
         raise ValueError(f"Hessian of shape {tuple(hessian.shape)} for a weight of shape {tuple(weight.shape)}")
     device = weight.device
-    scale, shift = quant_grid(weight, bits, group_size)
+    scale, shift = quant_grid(weight, bits, group_size, zero_point)
     scale_g = _per_group(scale, out_features).to(dtype)
     shift_g = None if shift is None else _per_group(shift, out_features).to(dtype)
     groups = _column_groups(in_features, group_size, device)
@@ -341,7 +358,8 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_siz
 
 def gptq_quantize_weights(linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor], weight_bits: int,
                           group_size: int | None = None, damp: float = 0.01, act_order: bool = True,
-                          progress: bool = True, block_size: int = 128) -> dict[str, RoundedWeight]:
+                          progress: bool = True, block_size: int = 128,
+                          zero_point: str = "float") -> dict[str, RoundedWeight]:
     """GPTQ for every Linear: {name: RoundedWeight} to hand to `modules.quantize_linear(..., rounded=...)`.
 
     The Linears must already hold their final (smoothed) float weights, and the Hessians must be those of
@@ -358,9 +376,9 @@ def gptq_quantize_weights(linears: dict[str, nn.Linear], hessians: dict[str, tor
     for i, (name, linear) in enumerate(tqdm(linears.items(), desc="GPTQ", disable=not progress or rank != 0)):
         if i % world == rank:
             out[name] = gptq_round(linear.weight.detach(), hessians[name], weight_bits, group_size, damp=damp,
-                                   act_order=act_order, block_size=block_size)
+                                   act_order=act_order, block_size=block_size, zero_point=zero_point)
         else:  # same shapes and grid; the codes come from the owner below
-            out[name] = nearest_round(linear.weight.detach(), weight_bits, group_size)
+            out[name] = nearest_round(linear.weight.detach(), weight_bits, group_size, zero_point)
     if world > 1:
         for i, name in enumerate(linears):
             out[name] = broadcast_rounded(out[name], src=i % world)

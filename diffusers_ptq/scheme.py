@@ -21,7 +21,9 @@ class QuantScheme:
     or static per-tensor scales from act_range ("minmax" | "percentile" | "mse", percentile); quantize_attention
     (QKᵀ and PV on int8 inputs); include / exclude: fnmatch patterns on Linear names (include None: the model
     family's default, ModelAdapter.default_include); embedder_bits 8 | None: the conditioning embedders'
-    Linears and tables (ModelAdapter.embedders) stored as 8-bit weights, or left float. Validated by QuantConfig."""
+    Linears and tables (ModelAdapter.embedders) stored as 8-bit weights, or left float; weight_zero_point "float" |
+    "integer": the 4-bit grid (rounding.quant_grid: quanto's float shift, or integer zero points that an int8 GEMM
+    takes without a shift term). Validated by QuantConfig."""
 
     weight_bits: int = 8
     act_bits: int | None = 8
@@ -34,6 +36,7 @@ class QuantScheme:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     embedder_bits: int | None = None
+    weight_zero_point: str = "float"
 
     @property
     def static_activations(self) -> bool:

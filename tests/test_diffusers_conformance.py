@@ -32,6 +32,9 @@ CONFIGS = {
     "htg-w8a8": lambda: HTGConfig(weight_bits=8, act_bits=8, num_groups=2, **SMALL),
     "htg-w4a8-attention": lambda: HTGConfig(weight_bits=4, act_bits=8, num_groups=2, quantize_attention=True,
                                             **SMALL),
+    "htg-w4a8-integer-zero-point-gptq": lambda: HTGConfig(weight_bits=4, act_bits=8, num_groups=2,
+                                                          weight_rounding="gptq", weight_zero_point="integer",
+                                                          **SMALL),
     "qdit-w4a8": lambda: QDiTConfig(bits_per_weight=6, **SMALL),  # the tiny model's layers need > 4.5 bits
     "baseline-w4a16": lambda: BaselineConfig(weight_bits=4, act_bits=None, **SMALL),
 }

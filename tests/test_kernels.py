@@ -11,7 +11,7 @@ from diffusers_ptq.api import quantize_transformer
 from diffusers_ptq.config import QuantConfig
 from diffusers_ptq.kernels import KernelError, QuantizedInput, available_kernels, choose_kernel, kernel_problem
 from diffusers_ptq.modules import QuantLinear, quantize_linear, set_kernel
-from diffusers_ptq.rounding import RoundedWeight
+from diffusers_ptq.rounding import RoundedWeight, nearest_round
 
 HAS_ONEDNN = kernels.onednn_available()
 needs_onednn = pytest.mark.skipif(not HAS_ONEDNN, reason="torch.ops.onednn.qlinear_pointwise unavailable (non-x86)")
@@ -110,6 +110,9 @@ LAYERS = {
     "w8a8": lambda: quantize_linear(_linear(), 8, 0.02),
     "w8a8-extreme": _extreme_int8,
     "w4a8": lambda: quantize_linear(_linear(), 4, 0.02),
+    # integer zero points: oneDNN multiplies code − z, no shift term (rounding.quant_grid, kernels.integer_zero_points)
+    "w4a8-zi": lambda: quantize_linear(_linear(), 4, 0.02, rounded=nearest_round(_linear().weight.detach(), 4, None,
+                                                                                  "integer")),
     "w4a8-g32": lambda: quantize_linear(_linear(), 4, 0.02, group_size=32),
 }
 ALL_KERNELS = ["onednn", "emulated", "quanto"]
@@ -142,7 +145,7 @@ def _full_range_onednn_layer(layer: str, seed: int):
 
 
 @needs_onednn
-@pytest.mark.parametrize("layer", ["w8a8", "w8a8-extreme", "w4a8"])
+@pytest.mark.parametrize("layer", ["w8a8", "w8a8-extreme", "w4a8", "w4a8-zi"])
 def test_compiled_onednn_layer_quantizes_in_traced_ops_around_an_opaque_gemm(layer):
     """Under torch.compile (inference) a oneDNN layer whose input takes one full-range GEMM quantizes its input and
     adds the 4-bit epilogue in traced torch ops (so Inductor fuses them with the ops producing the input) around
@@ -170,7 +173,7 @@ def test_compiled_onednn_layer_quantizes_in_traced_ops_around_an_opaque_gemm(lay
 
 
 @needs_onednn
-@pytest.mark.parametrize("layer", ["w8a8", "w8a8-extreme", "w4a8"])
+@pytest.mark.parametrize("layer", ["w8a8", "w8a8-extreme", "w4a8", "w4a8-zi"])
 def test_compiled_with_freezing_inductor_lowers_the_layer_itself(layer):
     """With `torch._inductor.config.freezing`, a oneDNN layer is compiled as PyTorch 2 export's decomposed pattern,
     which Inductor's x86 quantization passes lower to oneDNN's qlinear on a weight they prepack (a 4-bit layer: its
@@ -190,8 +193,8 @@ def test_compiled_with_freezing_inductor_lowers_the_layer_itself(layer):
 
 
 @needs_onednn
-@pytest.mark.parametrize("bits", [8, 4])
-def test_compiled_with_freezing_every_onednn_layer_of_a_model_is_lowered(bits):
+@pytest.mark.parametrize("bits,zero_point", [(8, "float"), (4, "float"), (4, "integer")])
+def test_compiled_with_freezing_every_onednn_layer_of_a_model_is_lowered(bits, zero_point):
     """In a whole model compiled with freezing, every oneDNN layer becomes Inductor's qlinear — q, k and v, which
     share one quantized input, too — and no weight is dequantized at run time (a float GEMM on a weight
     dequantized per call is what a missed pattern leaves: measured 1.7× slower on DiT-XL/2 W4A8)."""
@@ -203,7 +206,7 @@ def test_compiled_with_freezing_every_onednn_layer_of_a_model_is_lowered(bits):
 
     model = make_tiny_transformer()
     quantize(model, BaselineConfig(weight_bits=bits, act_bits=8, num_samples=2, num_inference_steps=2,
-                                   batch_size=2))
+                                   batch_size=2, weight_zero_point=zero_point))
     set_kernel(model, "onednn")
     layers = [m for _, m in quant_linears(model)]
     if not all(kernels._prepared(m, kernels.KERNELS["onednn"]).full_range for m in layers):

@@ -35,7 +35,7 @@ class GPTQ(Method):
 
     def round_candidate(self, run, name: str, weight: torch.Tensor, group_size: int | None):
         return gptq_round(weight, run.hessians[name], run.plan.scheme.weight_bits, group_size, damp=self.damp,
-                          act_order=self.act_order)
+                          act_order=self.act_order, zero_point=run.plan.scheme.weight_zero_point)
 
     def round(self, run, names: list[str]) -> dict:
         out = {}
@@ -43,5 +43,6 @@ class GPTQ(Method):
             group = [n for n in names if run.group_sizes[n] == size]
             out.update(gptq_quantize_weights({n: run.targets[n] for n in group}, run.hessians,
                                              run.plan.scheme.weight_bits, size, damp=self.damp,
-                                             act_order=self.act_order, progress=run.progress))
+                                             act_order=self.act_order, progress=run.progress,
+                                             zero_point=run.plan.scheme.weight_zero_point))
         return out

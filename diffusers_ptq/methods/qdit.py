@@ -73,10 +73,11 @@ def average_bits(shapes: dict[str, tuple[int, int]], choice: dict[str, GroupSize
 @torch.no_grad()
 def proxy_errors(weight: torch.Tensor, hessian: torch.Tensor | None, candidates: Iterable[GroupSize],
                  proxy: str = "output", rounding: str = "nearest", *, damp: float = 0.01, act_order: bool = True,
-                 keep_rounded: bool = False) -> tuple[dict[GroupSize, float], dict]:
+                 keep_rounded: bool = False, zero_point: str = "float") -> tuple[dict[GroupSize, float], dict]:
     """({group size: proxy error}, {group size: RoundedWeight} when keep_rounded) for one weight [out, in].
 
-    rounding: "nearest" or "gptq" (ΔW is then GPTQ's, from the same Hessian: the search sees what will be stored).
+    rounding: "nearest" or "gptq" (ΔW is then GPTQ's, from the same Hessian: the search sees what will be stored),
+    on the 4-bit grid of `zero_point` (rounding.quant_grid).
     """
     from diffusers_ptq.rounding import gptq_round, nearest_round
 
@@ -94,9 +95,9 @@ def proxy_errors(weight: torch.Tensor, hessian: torch.Tensor | None, candidates:
     errors, kept = {}, {}
     for g in candidate_sizes(w.shape[1], candidates):
         if rounding == "gptq":
-            rounded = gptq_round(w, hessian, 4, g, damp=damp, act_order=act_order)
+            rounded = gptq_round(w, hessian, 4, g, damp=damp, act_order=act_order, zero_point=zero_point)
         else:
-            rounded = nearest_round(w, 4, g)
+            rounded = nearest_round(w, 4, g, zero_point)
         delta = (rounded.weight.float() - w).double()
         if proxy == "weight":
             err = float(delta.pow(2).sum())
@@ -363,6 +364,7 @@ class GroupSearch(Method):
         from diffusers_ptq.rounding import nearest_round
 
         names, model = list(run.targets), run.transformer
+        zero_point = run.plan.scheme.weight_zero_point
         rounding = run.plan.method("rounding")
         keep = rounding is not None and rounding.rounds_candidates
         shapes = {n: (run.targets[n].out_features, run.targets[n].in_features) for n in names}
@@ -370,7 +372,7 @@ class GroupSearch(Method):
         if self.search_proxy == "model":
             def rounded_fn(name, weight, g):
                 if not keep:
-                    return nearest_round(weight, 4, g)
+                    return nearest_round(weight, 4, g, zero_point)
                 kept.setdefault(name, {})[g] = rounding.round_candidate(run, name, weight, g)
                 return kept[name][g]
 
@@ -384,7 +386,7 @@ class GroupSearch(Method):
             for name in names:
                 errors[name], kept[name] = proxy_errors(run.targets[name].weight, run.hessians.get(name),
                                                         self.group_sizes, self.search_proxy, kind, keep_rounded=keep,
-                                                        **options)
+                                                        zero_point=zero_point, **options)
         result = search_group_sizes(errors, shapes, self.bits_per_weight)
         if keep:
             run.rounded.update({n: kept[n][g] for n, g in result.group_sizes.items()})

@@ -45,4 +45,4 @@ class Reconstruct(Method):
             run.transformer, {n: run.targets[n] for n in names}, run.input_scales, bits=scheme.weight_bits,
             group_size=scheme.weight_group_size, iters=self.iters, lr=self.lr, batch=self.batch,
             samples=self.samples, calibration=calibration, scheduler_config=run.scheduler_config,
-            context=run.context, progress=run.progress)
+            context=run.context, progress=run.progress, zero_point=scheme.weight_zero_point)
