@@ -43,6 +43,7 @@ SPEED_MODES = {
     "W8A8": dict(weight_bits=8, act_bits=8),
     "W8A8-w7": dict(weight_bits=8, act_bits=8),  # then the weight codes restricted to ±63 (`seven_bit_weight`)
     "W4A8": dict(weight_bits=4, act_bits=8),
+    "W4A8-zi": dict(weight_bits=4, act_bits=8, weight_zero_point="integer"),  # integer zero points: no shift term
     "W8A8-attn": dict(weight_bits=8, act_bits=8, quantize_attention=True),  # QKᵀ and PV on int8 codes too
     "W4A8-attn": dict(weight_bits=4, act_bits=8, quantize_attention=True),
     "W8A16": dict(weight_bits=8, act_bits=None),
@@ -397,7 +398,7 @@ def _run_worker(*args: str) -> dict:
 def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, labels=tuple(range(10)),
                    repeats: int = 3) -> list[dict]:
     """Bundled pipeline, 50 DDIM steps, one sample per label (batch 2×10 with CFG): FP, W8A8, W8A8 emulated, W8A8
-    with ±63 weight codes, W4A8, and FP, W8A8, W4A8 with the transformer under `torch.compile` (Inductor, default
+    with ±63 weight codes, W4A8, and FP, W8A8, W4A8, W4A8 with integer zero points with the transformer under `torch.compile` (Inductor, default
     mode; compiled during the warm-up round); `repeats` interleaved rounds (median; speedup = median of per-round
     ratios to the eager FP32 pipeline)."""
     from diffusers_ptq.api import quantize_transformer
@@ -405,9 +406,10 @@ def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, l
     from diffusers_ptq.harness.bundled import load_pipeline
     from diffusers_ptq.harness.evaluation import generate_images
 
-    def quantized(bits: int, seven_bit: bool = False, kernel: str | None = None):
+    def quantized(bits: int, seven_bit: bool = False, kernel: str | None = None, zero_point: str = "float"):
         pipe = load_pipeline("bundled")
-        quantize_transformer(pipe.transformer, QuantConfig(weight_bits=bits, act_bits=8, num_samples=10),
+        quantize_transformer(pipe.transformer, QuantConfig(weight_bits=bits, act_bits=8, num_samples=10,
+                                                           weight_zero_point=zero_point),
                              id2label={i: str(i) for i in range(10)}, scheduler_config=pipe.scheduler.config,
                              progress=False)
         if seven_bit:
@@ -423,7 +425,8 @@ def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, l
     pipes = {"FP32": load_pipeline("bundled"), "W8A8": quantized(8), "W8A8 (emulated)": quantized(8, kernel="emulated"),
              "W8A8-w7": quantized(8, seven_bit=True), "W4A8": quantized(4),
              "FP32 compiled": compiled(load_pipeline("bundled")), "W8A8 compiled": compiled(quantized(8)),
-             "W4A8 compiled": compiled(quantized(4))}
+             "W4A8 compiled": compiled(quantized(4)),
+             "W4A8-zi compiled": compiled(quantized(4, zero_point="integer"))}
     torch._dynamo.reset()
     times = _paired({label: functools.partial(generate_images, pipe, list(labels),
                                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
