@@ -286,3 +286,35 @@ def test_quant_grid_is_the_original_weights_grid():
     torch.testing.assert_close(scale, (groups.amax(1, keepdim=True) - groups.amin(1, keepdim=True)) / 15)
     with pytest.raises(ValueError):
         quant_grid(w, 8, 16)
+
+
+def test_gptq_factorizes_with_at_most_two_float64_hessian_copies_alive():
+    """Memory of GPTQ on wide layers (issue #22): the float64 n × n matrices alive at once while the Hessian is
+    factorized — 1.9 GB each at FLUX's 15,360 inputs — counted by a dispatch mode holding weak references to every
+    n × n float64 result: at most two (one step's input and output), with the same codes as always."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    n = 48
+
+    class LiveSquares(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.refs, self.peak = [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.refs += [weakref.ref(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor)
+                          and t.dtype == torch.float64 and tuple(t.shape) == (n, n)]
+            self.peak = max(self.peak, sum(r() is not None for r in self.refs))
+            return out
+
+    x = _correlated_inputs(400, n)
+    w = _layer(16, n).weight.detach()
+    with LiveSquares() as live:
+        rounded = gptq_round(w, x.T @ x / len(x), 4)
+    assert 1 <= live.peak <= 2
+    codes = _reference_gptq(w, x.T @ x / len(x), 4, None, damp=0.01, act_order=True)
+    assert torch.equal(rounded.data.long(), codes.long())
