@@ -83,7 +83,9 @@ class Kernel:
     run(module, state, x) -> y, with state = prepare(module) (built once per weight, kept in memory, never saved);
     check(module) -> why it cannot run the module exactly here, or None; priority: the automatic choice takes the
     highest-priority kernel that can run a layer; devices: the device types on which the automatic choice may take
-    it (None: any) — a kernel may run elsewhere when forced (`set_kernel`)."""
+    it (None: any) — a kernel may run elsewhere when forced (`set_kernel`); state_bytes(module): the memory its
+    prepared state holds beside the stored weight (what KERNEL_CHOICE "memory" minimizes); automatic: False for a
+    kernel that only the "memory" choice or `set_kernel` takes."""
 
     name: str
     run: Callable
@@ -91,6 +93,8 @@ class Kernel:
     check: Callable = lambda module: None
     priority: int = 0
     devices: tuple[str, ...] | None = None
+    state_bytes: Callable = lambda module: 0
+    automatic: bool = True
 
 
 KERNELS: dict[str, Kernel] = {}
@@ -356,8 +360,16 @@ def _emulated_linear(module, weight: torch.Tensor, x: torch.Tensor) -> torch.Ten
 
 
 register_kernel(Kernel("quanto", _quanto_linear, check=_quanto_check, priority=20, devices=("cuda",)))
+def _float_weight_bytes(module) -> int:
+    return module.in_features * module.out_features * 4  # the dequantized float32 weight
+
+
 register_kernel(Kernel("emulated", _emulated_linear, prepare=lambda module: dequantize_weight(module.weight).detach(),
-                       priority=0))
+                       priority=0, state_bytes=_float_weight_bytes))
+# the same arithmetic with nothing kept: the weight dequantized at every call from the stored codes (which a loaded
+# checkpoint keeps in its file map), so a layer costs its stored size; slower by the dequantization (issue #22)
+register_kernel(Kernel("emulated-per-call", lambda module, _state, x: _emulated_linear(
+    module, dequantize_weight(module.weight), x), priority=-10, automatic=False))
 
 
 # ------------------------------------------------------------------------------------------------ oneDNN
@@ -621,7 +633,7 @@ def _onednn_linear(module, weight: OneDNNWeight, x: torch.Tensor) -> torch.Tenso
 
 
 register_kernel(Kernel("onednn", _onednn_linear, prepare=prepare_onednn, check=_onednn_check, priority=30,
-                       devices=("cpu",)))
+                       devices=("cpu",), state_bytes=lambda module: module.in_features * module.out_features))
 
 
 # ------------------------------------------------------------------------------------------------ choice
@@ -647,7 +659,11 @@ def available_kernels(module) -> list[str]:
 # How the automatic choice picks among the exact kernels a layer may use on the CPU (issue #21, point 5):
 # "measured" times each on the layer (once per process and layer shape) and takes the fastest, so that a small
 # layer, where the integer GEMM's fixed costs outweigh its speed, runs the float emulation (exact too) and no
-# quantized model is slower than the kernels allow; "priority" takes the registry's highest priority (oneDNN).
+# quantized model is slower than the kernels allow; "priority" takes the registry's highest priority (oneDNN);
+# "memory" (any device) the kernel whose prepared state is smallest (`Kernel.state_bytes`), then the highest
+# priority: on the CPU the weight dequantized per call, so that a loaded checkpoint runs in about its files' memory
+# at float speed (issue #22).
+KERNEL_CHOICES = ("measured", "priority", "memory")
 KERNEL_CHOICE = os.environ.get("DIFFUSERS_PTQ_KERNEL_CHOICE", "measured")
 MEASURE_ROWS = 256  # input rows of the timed calls (DiT-XL/2's batch of 2 × 256 tokens is 512; the bundled model's 320)
 MEASURED: dict[tuple, dict[str, float]] = {}  # layer shape key -> {kernel: best seconds}, per process
@@ -699,14 +715,21 @@ def choose_kernel(module) -> str:
     """The fastest exact kernel for a frozen quantized Linear on its device, among the registered kernels whose
     `devices` include the layer's device type and whose check passes: on the CPU the faster of them on this layer
     (`measured_kernel`, with KERNEL_CHOICE = "measured", the default), else the highest priority (on CUDA: quanto;
-    on an x86 CPU, W8A8 and per-channel W4A8: oneDNN; elsewhere the float emulation)."""
+    on an x86 CPU, W8A8 and per-channel W4A8: oneDNN; elsewhere the float emulation); with KERNEL_CHOICE = "memory"
+    the one holding the least beside the stored weight (on the CPU: "emulated-per-call")."""
+    if KERNEL_CHOICE not in KERNEL_CHOICES:
+        raise ValueError(f"kernel choice {KERNEL_CHOICE!r} (DIFFUSERS_PTQ_KERNEL_CHOICE) is not one of "
+                         f"{list(KERNEL_CHOICES)}")
     device = module.weight.device
     if device.type == "meta" or not getattr(module, "frozen", False):
         return default_kernel(device)
     candidates = [k for k in sorted(KERNELS.values(), key=lambda k: -k.priority)
-                  if (k.devices is None or device.type in k.devices) and k.check(module) is None]
+                  if (k.devices is None or device.type in k.devices) and (k.automatic or KERNEL_CHOICE == "memory")
+                  and k.check(module) is None]
     if not candidates:
         raise KernelError(f"no registered kernel can run {module!r} on {device}")
+    if KERNEL_CHOICE == "memory":
+        return min(candidates, key=lambda k: k.state_bytes(module)).name  # ties: the higher priority (sorted)
     if KERNEL_CHOICE == "measured" and device.type == "cpu" and len(candidates) > 1:
         return measured_kernel(module, candidates)
     return candidates[0].name

@@ -139,6 +139,9 @@ def test_footprint_worker_runs_on_the_flux_width_model(monkeypatch):
         assert row["checkpoint_bytes"] <= load["checkpoint_file_bytes"] <= row["checkpoint_bytes"] + 2**20
         assert load["imports_rss_bytes"] < load["loaded_rss_bytes"] <= load["load_forward_peak_bytes"]
     assert "| loading the saved checkpoint" in footprint_table(rows, "FLUX")
+    # the quantized checkpoint loaded a second time with the kernels chosen for memory (KERNEL_CHOICE "memory")
+    assert "memory_kernels" not in fp["load"] and w4["load"]["memory_kernels"]["forward_seconds"] > 0
+    assert "| W4A8 (memory kernels) |" in footprint_table(rows, "FLUX")
 
 
 def test_speed_benchmark_refuses_an_unknown_mode_before_running_anything(tmp_path):

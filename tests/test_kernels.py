@@ -115,7 +115,7 @@ LAYERS = {
                                                                                   "integer")),
     "w4a8-g32": lambda: quantize_linear(_linear(), 4, 0.02, group_size=32),
 }
-ALL_KERNELS = ["onednn", "emulated", "quanto"]
+ALL_KERNELS = ["onednn", "emulated", "emulated-per-call", "quanto"]
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
@@ -228,7 +228,7 @@ def test_compiled_with_freezing_every_onednn_layer_of_a_model_is_lowered(bits, z
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
-@pytest.mark.parametrize("kernel", ["onednn", "emulated"])
+@pytest.mark.parametrize("kernel", ["onednn", "emulated", "emulated-per-call"])
 def test_input_gradient_is_that_of_the_dequantized_weight(layer, kernel):
     """Straight-through backward: grad_x = grad_y · W with W the dequantized weight (computed directly here), the
     same whichever kernel ran the forward; the stored weight gets no gradient."""
@@ -474,3 +474,25 @@ def test_measured_choice_times_real_calls_and_leaves_the_statistics_alone(monkey
     (times,) = kernels.MEASURED.values()
     assert set(times) == {"onednn", "emulated"} and all(0 < t < 10 for t in times.values())
     assert layer.kernel == min(times, key=times.get) and kernels.ONEDNN_STATS == before
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_memory_choice_keeps_nothing_beside_the_stored_weight(layer, monkeypatch):
+    """KERNEL_CHOICE "memory" (issue #22): on the CPU every layer takes "emulated-per-call", whose prepared state
+    is empty — the weight is dequantized at each call — and whose output is the cached emulation's bit for bit; the
+    automatic choices never take it."""
+    monkeypatch.setattr(kernels, "KERNEL_CHOICE", "memory")
+    module = LAYERS[layer]()
+    assert module.kernel == "emulated-per-call" and module.__dict__["_kernel_state"][2] is None
+    torch.manual_seed(5)
+    x = torch.randn(3, 7, module.in_features)
+    with torch.no_grad():
+        y = module(x)
+        module.kernel = "emulated"
+        assert torch.equal(y, module(x))
+    for choice in ("measured", "priority"):
+        monkeypatch.setattr(kernels, "KERNEL_CHOICE", choice)
+        assert choose_kernel(module) != "emulated-per-call"
+    monkeypatch.setattr(kernels, "KERNEL_CHOICE", "smallest")
+    with pytest.raises(ValueError, match="DIFFUSERS_PTQ_KERNEL_CHOICE"):
+        choose_kernel(module)

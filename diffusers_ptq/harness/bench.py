@@ -533,7 +533,8 @@ def save_footprint_checkpoint(model, folder: str | os.PathLike, inputs: dict, we
 def load_worker(folder: str | os.PathLike, class_name: str) -> dict:
     """In this (fresh) process: load the checkpoint in `folder` with diffusers' `from_pretrained` (a pre-quantized
     one is rebuilt without calibrating) and run one forward on the inputs saved beside it; resident memory after the
-    imports, after loading, and the peak over loading and the forward."""
+    imports, after loading, and the peak over loading and the forward; then the time of a second forward. The kernel
+    choice is the environment's (DIFFUSERS_PTQ_KERNEL_CHOICE, kernels.KERNEL_CHOICE)."""
     import diffusers
     from safetensors.torch import load_file
 
@@ -548,20 +549,31 @@ def load_worker(folder: str | os.PathLike, class_name: str) -> dict:
     row["loaded_rss_bytes"] = process_memory()["rss"]
     with torch.no_grad():
         model(**inputs)
-    row["load_forward_peak_bytes"] = process_memory()["peak"]
+        row["load_forward_peak_bytes"] = process_memory()["peak"]
+        t0 = time.time()
+        model(**inputs)
+        row["forward_seconds"] = time.time() - t0
     return row
 
 
 def measure_load(model, inputs: dict, weight_bits: int | None, act_bits: int | None) -> dict:
     """Save the model (`save_footprint_checkpoint`) and load it and run it in a fresh process (`load_worker`):
-    memory and the checkpoint's file bytes."""
+    memory and the checkpoint's file bytes; a quantized checkpoint a second time with the kernels chosen for memory
+    (KERNEL_CHOICE "memory": `memory_kernels`)."""
     import tempfile
+
+    def load(folder, choice=None):
+        env = {**os.environ, "DIFFUSERS_PTQ_KERNEL_CHOICE": choice} if choice else None
+        out = subprocess.run([sys.executable, "-m", "diffusers_ptq.harness.bench", "--load-worker", folder,
+                              type(model).__name__], capture_output=True, text=True, check=True, env=env)
+        return json.loads(out.stdout.strip().splitlines()[-1])
 
     with tempfile.TemporaryDirectory() as folder:
         files = save_footprint_checkpoint(model, folder, inputs, weight_bits, act_bits)
-        out = subprocess.run([sys.executable, "-m", "diffusers_ptq.harness.bench", "--load-worker", folder,
-                              type(model).__name__], capture_output=True, text=True, check=True)
-    return {"checkpoint_file_bytes": files, **json.loads(out.stdout.strip().splitlines()[-1])}
+        row = {"checkpoint_file_bytes": files, **load(folder)}
+        if weight_bits is not None:
+            row["memory_kernels"] = load(folder, "memory")
+    return row
 
 
 def footprint_worker(label: str, model_name: str = "dit-xl-2") -> dict:
@@ -622,15 +634,21 @@ def footprint_table(rows: list[dict], title: str = "DiT-XL/2 (random weights)") 
     loaded = [r for r in rows if r.get("load")]
     if loaded:
         lines += ["", "| loading the saved checkpoint, then one forward (fresh process) | files (MB) | after imports (GB) "
-                  "| after loading (GB) | peak (GB) | peak − imports (GB) | / files | load (s) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| after loading (GB) | peak (GB) | peak − imports (GB) | / files | load (s) | next forward (s) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in loaded:
-            load = r["load"]
-            files, imports, peak = load["checkpoint_file_bytes"], load["imports_rss_bytes"], load["load_forward_peak_bytes"]
-            over = None if imports is None else peak - imports  # no current figure off Linux (process_memory)
-            cells = [f"{files / 1e6:.0f}", _gb(imports), _gb(load["loaded_rss_bytes"]), _gb(peak), _gb(over),
-                     "–" if over is None else f"{over / files:.2f}", f"{load['load_seconds']:.1f}"]
-            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+            files = r["load"]["checkpoint_file_bytes"]
+            runs = [(r["label"], r["load"])]
+            if r["load"].get("memory_kernels"):  # the same files, the kernels chosen for memory
+                runs.append((f"{r['label']} (memory kernels)", r["load"]["memory_kernels"]))
+            for label, load in runs:
+                imports, peak = load["imports_rss_bytes"], load["load_forward_peak_bytes"]
+                over = None if imports is None else peak - imports  # no current figure off Linux (process_memory)
+                forward = load.get("forward_seconds")
+                cells = [f"{files / 1e6:.0f}", _gb(imports), _gb(load["loaded_rss_bytes"]), _gb(peak), _gb(over),
+                         "–" if over is None else f"{over / files:.2f}", f"{load['load_seconds']:.1f}",
+                         "–" if forward is None else f"{forward:.2f}"]
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
