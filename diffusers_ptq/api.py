@@ -192,7 +192,8 @@ def rewrite_linears(transformer: nn.Module, config: QuantScheme, input_scales: d
                     group_sizes: dict[str, int | None] | None = None, release: bool = False) -> None:
     """Replace each named Linear by a frozen QuantLinear (the only place modules are swapped); `rounded` holds the
     weights that a rounding method rounded, the others are rounded to nearest (on the scheme's 4-bit grid,
-    `weight_zero_point`). `group_sizes`: each 4-bit layer's group size (default: `layer_group_sizes(transformer, config, input_scales)`).
+    `weight_zero_point`). `group_sizes`: each 4-bit layer's group size (default: `layer_group_sizes(transformer,
+    config, input_scales)`).
 
     release: as soon as a layer's packed form exists, drop its float weight (the replaced Linear keeps `weight =
     None`: any other reference to it sees an empty layer) and its `rounded` entry, so that packing needs one layer's

@@ -359,17 +359,20 @@ def _emulated_linear(module, weight: torch.Tensor, x: torch.Tensor) -> torch.Ten
     return F.linear(x, weight, bias=module.bias)
 
 
-register_kernel(Kernel("quanto", _quanto_linear, check=_quanto_check, priority=20, devices=("cuda",)))
+def _emulated_per_call(module, _state, x: torch.Tensor) -> torch.Tensor:
+    """`_emulated_linear` with nothing kept: the weight dequantized at every call from the stored codes (which a
+    loaded checkpoint keeps in its file map), so a layer costs its stored size; slower by the dequantization."""
+    return _emulated_linear(module, dequantize_weight(module.weight), x)
+
+
 def _float_weight_bytes(module) -> int:
     return module.in_features * module.out_features * 4  # the dequantized float32 weight
 
 
+register_kernel(Kernel("quanto", _quanto_linear, check=_quanto_check, priority=20, devices=("cuda",)))
 register_kernel(Kernel("emulated", _emulated_linear, prepare=lambda module: dequantize_weight(module.weight).detach(),
                        priority=0, state_bytes=_float_weight_bytes))
-# the same arithmetic with nothing kept: the weight dequantized at every call from the stored codes (which a loaded
-# checkpoint keeps in its file map), so a layer costs its stored size; slower by the dequantization (issue #22)
-register_kernel(Kernel("emulated-per-call", lambda module, _state, x: _emulated_linear(
-    module, dequantize_weight(module.weight), x), priority=-10, automatic=False))
+register_kernel(Kernel("emulated-per-call", _emulated_per_call, priority=-10, automatic=False))  # issue #22
 
 
 # ------------------------------------------------------------------------------------------------ oneDNN

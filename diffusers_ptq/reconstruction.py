@@ -338,8 +338,8 @@ def reconstruct_weights(transformer: nn.Module, linears: dict[str, nn.Linear], i
     """BRECQ-style reconstruction of every Linear in `linears` ({name: float Linear}, already smoothed): `bits`,
     `group_size`, `iters` Adam steps per unit at learning rate `lr` on minibatches of `batch` rows out of
     `samples` cached rows of one run of the calibration sampler (`calibration`: scheme.CalibrationSettings; its
-    seed seeds everything), on the 4-bit grid of `zero_point` (rounding.quant_grid). `input_scales`: {name: static int8 scale or None}. `init`: optional starting
-    codes per name (default round-to-nearest). Returns {name: RoundedWeight} for `modules.quantize_linear`.
+    seed seeds everything), on the 4-bit grid of `zero_point` (rounding.quant_grid). `input_scales`: {name: static
+    int8 scale or None}. `init`: optional starting codes per name (default round-to-nearest). Returns {name: RoundedWeight} for `modules.quantize_linear`.
     Under a distributed launch every process runs the same (unsharded) reconstruction and the main process's
     result is broadcast, so all processes hold the same codes even where GPU training steps are not bit-reproducible.
     """

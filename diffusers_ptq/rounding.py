@@ -197,7 +197,8 @@ def quant_grid(weight: torch.Tensor, bits: int, group_size: int | None = None,
     scale = (max - min) / 15 and, with `zero_point` "float" (quanto's own grid), shift = -min. With "integer" the
     range is widened to hold 0 (min' = min(min, 0), max' = max(max, 0)), scale = (max' - min') / 15 and shift =
     scale · z with the integer zero point z = round(-min' / scale) ∈ [0, 15]: w = scale · (code - z), so an int8
-    GEMM takes code - z ∈ [-15, 15] as it is, with no float shift term (kernels.integer_zero_points). Same
+    GEMM takes code - z ∈ [-15, 15] as it is, with no float shift term (kernels.integer_zero_points; for a
+    float32 weight scale · z is exact, a bfloat16 one may round it, and the kernel then keeps the term). Same
     format either way; the grid moves by at most half a step.
     """
     _check_format(weight, bits, group_size)

@@ -398,8 +398,8 @@ def _run_worker(*args: str) -> dict:
 def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, labels=tuple(range(10)),
                    repeats: int = 3) -> list[dict]:
     """Bundled pipeline, 50 DDIM steps, one sample per label (batch 2×10 with CFG): FP, W8A8, W8A8 emulated, W8A8
-    with ±63 weight codes, W4A8, and FP, W8A8, W4A8, W4A8 with integer zero points with the transformer under `torch.compile` (Inductor, default
-    mode; compiled during the warm-up round); `repeats` interleaved rounds (median; speedup = median of per-round
+    with ±63 weight codes, W4A8, and FP, W8A8, W4A8, W4A8 with integer zero points with the transformer under
+    `torch.compile` (Inductor, default mode; compiled during the warm-up round); `repeats` interleaved rounds (median; speedup = median of per-round
     ratios to the eager FP32 pipeline)."""
     from diffusers_ptq.api import quantize_transformer
     from diffusers_ptq.config import QuantConfig
