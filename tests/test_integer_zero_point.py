@@ -33,7 +33,9 @@ def test_integer_grid_has_integer_zero_points_and_half_step_rounding(group_size)
     rounded = nearest_round(w, 4, group_size, "integer")
     groups = w.reshape(-1, group_size or w.shape[1])
     s = scale.expand_as(groups)
-    # every weight, range ends included, is within half a step of the grid (plus the float rounding of s·c − s·z)
+    # every weight, range ends included, is within half a step of the grid, plus float rounding: the value s·c − s·z
+    # (|s·c|, |s·z| ≤ 15·s) is rounded three times, and the code chosen from fl((w + s·z) / s) may sit one step off a
+    # tie by the same few roundings — γ_3 · 32·s covers both (32 > 15 + 15 + 1)
     err = (rounded.weight.reshape_as(groups) - groups).abs()
     assert float((err - (0.5 + 32 * gamma(3)) * s).max()) <= 0
     assert torch.equal(rounded.weight[2], torch.zeros_like(w[2]))  # a zero row stays exactly zero
