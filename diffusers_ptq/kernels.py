@@ -123,14 +123,15 @@ def round_clamp(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """clamp(round(t), lo, hi), with a straight-through gradient when t requires grad (the same values either way)."""
     if t.requires_grad:
         return _RoundClampSTE.apply(t, lo, hi)
-    return torch.clamp(torch.round(t), lo, hi)
+    return torch.round(t).clamp_(lo, hi)  # in place on round's fresh result: one input-sized temporary fewer
 
 
 def fake_quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Round x/scale to the signed `bits` grid and back (quanto's rounding and clamp: [-2^(b-1), 2^(b-1)-1]).
     Differentiable with a straight-through estimator (`round_clamp`)."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return round_clamp(x / scale, qmin, qmax) * scale
+    q = round_clamp(x / scale, qmin, qmax)
+    return q * scale if q.requires_grad else q.mul_(scale)  # in place where no gradient needs q (same values)
 
 
 def per_token_scale(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
@@ -197,6 +198,28 @@ def dequantize_weight(weight) -> torch.Tensor:
     codes = weight_codes(weight)
     neg_shift = -weight._shift if codes.dtype == torch.uint8 else None
     return dequantize_codes(codes, weight._scale, neg_shift).reshape(weight.shape)
+
+
+def dequantized_slices(weight, out_features: int, in_features: int, rows: int):
+    """The float weight [out, in] a quanto weight stands for (`dequantize_weight`), as consecutive slices of at most
+    `rows` output channels, each computed from that slice's codes, scales and shifts alone (a generator: one slice
+    exists at a time). 4-bit codes are read from the packed bytes directly: code rows [0, h) sit in a byte's low
+    bits and [h, R) in its high bits (`unpack_bits`), so the slices run through the low half, then the high half."""
+    data = weight._data
+    if data.dtype == torch.int8:
+        for a in range(0, out_features, rows):
+            yield dequantize_codes(data[a:a + rows], weight._scale[a:a + rows])
+        return
+    packed, bits, total = data._data, data.bits, data.shape[0]
+    per_channel, half = total // out_features, packed.shape[0]  # code rows per output channel (groups), rows a half
+    if half % per_channel:  # an odd channel count in groups: one channel's groups straddle the two halves
+        yield dequantize_weight(weight)
+        return
+    for part, (start, stop) in enumerate(((0, half), (half, total))):
+        for a in range(start, stop, rows * per_channel):
+            b = min(a + rows * per_channel, stop)
+            codes = (packed[a - start:b - start] >> (bits * part)) & (2**bits - 1)
+            yield dequantize_codes(codes, weight._scale[a:b], -weight._shift[a:b]).reshape(-1, in_features)
 
 
 def _prepared(module, kernel: Kernel):
@@ -350,19 +373,36 @@ def _quanto_linear(module, _state, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.qweight, bias=module.bias)
 
 
+def _emulated_input(module, x: torch.Tensor) -> torch.Tensor:
+    if module.activation_qtype is None:
+        return x
+    if module.act_dynamic:
+        return fake_quantize_per_token(x, module.activation_qtype.bits)
+    return fake_quantize_symmetric(x, module.input_scale.to(x.dtype), module.activation_qtype.bits)
+
+
 def _emulated_linear(module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if module.activation_qtype is not None:
-        if module.act_dynamic:
-            x = fake_quantize_per_token(x, module.activation_qtype.bits)
-        else:
-            x = fake_quantize_symmetric(x, module.input_scale.to(x.dtype), module.activation_qtype.bits)
-    return F.linear(x, weight, bias=module.bias)
+    return F.linear(_emulated_input(module, x), weight, bias=module.bias)
+
+
+# The per-call kernel dequantizes a weight in slices of output channels of at most this many float32 bytes, one
+# F.linear each, so that what a call allocates stays a few MB whatever the layer's size (issue #22: large transient
+# blocks are what fragments the heap; a whole FLUX-width weight is 189 MB).
+PER_CALL_SLICE_BYTES = 4 << 20
 
 
 def _emulated_per_call(module, _state, x: torch.Tensor) -> torch.Tensor:
     """`_emulated_linear` with nothing kept: the weight dequantized at every call from the stored codes (which a
-    loaded checkpoint keeps in its file map), so a layer costs its stored size; slower by the dequantization."""
-    return _emulated_linear(module, dequantize_weight(module.weight), x)
+    loaded checkpoint keeps in its file map), slice by slice of output channels (`dequantized_slices`), so a layer
+    costs its stored size; slower by the dequantization."""
+    x = _emulated_input(module, x)
+    rows = max(1, PER_CALL_SLICE_BYTES // (4 * module.in_features))
+    outputs, start = [], 0
+    for weight in dequantized_slices(module.weight, module.out_features, module.in_features, rows):
+        bias = None if module.bias is None else module.bias[start:start + weight.shape[0]]
+        outputs.append(F.linear(x, weight, bias=bias))
+        start += weight.shape[0]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
 def _float_weight_bytes(module) -> int:

@@ -498,6 +498,33 @@ def test_memory_choice_keeps_nothing_beside_the_stored_weight(layer, monkeypatch
         choose_kernel(module)
 
 
+SLICED_LAYERS = {**LAYERS,
+                 # an odd channel count: 4-bit codes' high half one row shorter; in groups a channel straddles halves
+                 "w4a8-odd": lambda: quantize_linear(_linear(out_f=47), 4, 0.02),
+                 "w4a8-g32-odd": lambda: quantize_linear(_linear(out_f=47), 4, 0.02, group_size=32)}
+
+
+@pytest.mark.parametrize("layer", sorted(SLICED_LAYERS))
+def test_per_call_kernel_in_slices_equals_the_whole_weight(layer, monkeypatch):
+    """The per-call kernel (issue #22) dequantizes 5 output channels at a time: the slices are `dequantize_weight`'s
+    rows bit for bit (read from the packed bytes directly, against its unpacking of the whole tensor), and the layer
+    equals the integer reference to float rounding, forward and input gradient."""
+    module = SLICED_LAYERS[layer]()
+    slices = list(kernels.dequantized_slices(module.weight, module.out_features, module.in_features, 5))
+    assert torch.equal(torch.cat(slices), kernels.dequantize_weight(module.weight))
+    assert max(len(w) for w in slices) == (module.out_features if layer == "w4a8-g32-odd" else 5)  # that one whole
+    monkeypatch.setattr(kernels, "PER_CALL_SLICE_BYTES", 5 * 4 * module.in_features)
+    torch.manual_seed(6)
+    assert_matches_integer_reference(module, torch.randn(2, 9, module.in_features), "emulated-per-call")
+    assert_matches_integer_reference(module, _adversarial_inputs(module), "emulated-per-call")
+    x = torch.randn(2, 5, module.in_features, requires_grad=True)
+    grad_y = torch.randn(2, 5, module.out_features)
+    module(x).backward(grad_y)
+    w = module.dequantized_weight().double()
+    bound = gamma(module.out_features + 4) * (grad_y.double().abs() @ w.abs())  # as the whole-weight gradient test
+    assert float(((x.grad.double() - grad_y.double() @ w).abs() - bound).max()) <= 0
+
+
 def test_a_model_on_memory_kernels_compiles_and_trains_like_the_emulation(monkeypatch):
     """A whole W4A8 model under KERNEL_CHOICE "memory": every layer on "emulated-per-call", torch.compile
     (fullgraph) gives the eager output to float reassociation, and the input gradient flows (LoRA)."""
