@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -142,6 +143,14 @@ def test_footprint_worker_runs_on_the_flux_width_model(monkeypatch):
     # the quantized checkpoint loaded a second time with the kernels chosen for memory (KERNEL_CHOICE "memory")
     assert "memory_kernels" not in fp["load"] and w4["load"]["memory_kernels"]["forward_seconds"] > 0
     assert "| W4A8 (memory kernels) |" in footprint_table(rows, "FLUX")
+    # and with glibc's mmap threshold fixed at 1 MiB: each load's settings reach its fresh process
+    load = w4["load"]
+    assert set(load["memory_kernels"]["kernels"]) == set(load["memory_kernels_mmap"]["kernels"]) == {
+        "emulated-per-call"} and "emulated-per-call" not in load["kernels"]
+    assert load["memory_kernels_mmap"]["malloc_mmap_threshold"] == "1048576"
+    assert load["memory_kernels"]["malloc_mmap_threshold"] == os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    assert load["memory_kernels_mmap"]["forward_seconds"] > 0
+    assert "| W4A8 (memory kernels, MALLOC_MMAP_THRESHOLD_=1 MiB) |" in footprint_table(rows, "FLUX")
 
 
 def test_speed_benchmark_refuses_an_unknown_mode_before_running_anything(tmp_path):

@@ -534,11 +534,13 @@ def load_worker(folder: str | os.PathLike, class_name: str) -> dict:
     """In this (fresh) process: load the checkpoint in `folder` with diffusers' `from_pretrained` (a pre-quantized
     one is rebuilt without calibrating) and run one forward on the inputs saved beside it; resident memory after the
     imports, after loading, and the peak over loading and the forward; then the time of a second forward. The kernel
-    choice is the environment's (DIFFUSERS_PTQ_KERNEL_CHOICE, kernels.KERNEL_CHOICE)."""
+    choice is the environment's (DIFFUSERS_PTQ_KERNEL_CHOICE, kernels.KERNEL_CHOICE): the kernels the layers took
+    are recorded, and glibc's MALLOC_MMAP_THRESHOLD_ as this process saw it."""
     import diffusers
     from safetensors.torch import load_file
 
     import diffusers_ptq  # noqa: F401 (registers the quantizer)
+    from diffusers_ptq.modules import kernel_summary
 
     folder = Path(folder)
     inputs = load_file(str(folder / "inputs.safetensors"))
@@ -547,6 +549,8 @@ def load_worker(folder: str | os.PathLike, class_name: str) -> dict:
     model = getattr(diffusers, class_name).from_pretrained(folder)
     row["load_seconds"] = time.time() - t0
     row["loaded_rss_bytes"] = process_memory()["rss"]
+    row["kernels"] = kernel_summary(model)
+    row["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     with torch.no_grad():
         model(**inputs)
         row["load_forward_peak_bytes"] = process_memory()["peak"]
@@ -556,23 +560,33 @@ def load_worker(folder: str | os.PathLike, class_name: str) -> dict:
     return row
 
 
+# A quantized checkpoint's further loads (issue #22), each in a fresh process with these environment variables: the
+# kernels chosen for memory (KERNEL_CHOICE "memory"), and the same with glibc told to map every allocation of 1 MiB or
+# more on its own, so that a freed activation or weight slice goes back to the system instead of staying in its heap
+# (docs/diffusers.md, "Running in about the memory of the files").
+MEMORY_LOADS = {
+    "memory_kernels": ("memory kernels", {"DIFFUSERS_PTQ_KERNEL_CHOICE": "memory"}),
+    "memory_kernels_mmap": ("memory kernels, MALLOC_MMAP_THRESHOLD_=1 MiB",
+                            {"DIFFUSERS_PTQ_KERNEL_CHOICE": "memory", "MALLOC_MMAP_THRESHOLD_": str(2**20)}),
+}
+
+
 def measure_load(model, inputs: dict, weight_bits: int | None, act_bits: int | None) -> dict:
     """Save the model (`save_footprint_checkpoint`) and load it and run it in a fresh process (`load_worker`):
-    memory and the checkpoint's file bytes; a quantized checkpoint a second time with the kernels chosen for memory
-    (KERNEL_CHOICE "memory": `memory_kernels`)."""
+    memory and the checkpoint's file bytes; a quantized checkpoint again once per MEMORY_LOADS entry."""
     import tempfile
 
-    def load(folder, choice=None):
-        env = {**os.environ, "DIFFUSERS_PTQ_KERNEL_CHOICE": choice} if choice else None
+    def load(folder, env=None):
         out = subprocess.run([sys.executable, "-m", "diffusers_ptq.harness.bench", "--load-worker", folder,
-                              type(model).__name__], capture_output=True, text=True, check=True, env=env)
+                              type(model).__name__], capture_output=True, text=True, check=True,
+                             env=None if env is None else {**os.environ, **env})
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     with tempfile.TemporaryDirectory() as folder:
         files = save_footprint_checkpoint(model, folder, inputs, weight_bits, act_bits)
         row = {"checkpoint_file_bytes": files, **load(folder)}
         if weight_bits is not None:
-            row["memory_kernels"] = load(folder, "memory")
+            row.update({key: load(folder, env) for key, (_, env) in MEMORY_LOADS.items()})
     return row
 
 
@@ -638,9 +652,8 @@ def footprint_table(rows: list[dict], title: str = "DiT-XL/2 (random weights)") 
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in loaded:
             files = r["load"]["checkpoint_file_bytes"]
-            runs = [(r["label"], r["load"])]
-            if r["load"].get("memory_kernels"):  # the same files, the kernels chosen for memory
-                runs.append((f"{r['label']} (memory kernels)", r["load"]["memory_kernels"]))
+            runs = [(r["label"], r["load"])] + [(f"{r['label']} ({name})", r["load"][key])  # the same files again
+                                                 for key, (name, _) in MEMORY_LOADS.items() if r["load"].get(key)]
             for label, load in runs:
                 imports, peak = load["imports_rss_bytes"], load["load_forward_peak_bytes"]
                 over = None if imports is None else peak - imports  # no current figure off Linux (process_memory)
