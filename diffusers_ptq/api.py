@@ -46,6 +46,11 @@ class QuantizationReport:
     calibration_seconds: float = 0.0
     rounding_seconds: float = 0.0
     total_seconds: float = 0.0
+    # block-sequential calibration: the sampling run that records the first block's inputs, and per block the
+    # seconds spent observing it (its replays, recalibration included), quantizing it (transform, rounding, packing)
+    # and replaying it into the next block's inputs, with the number of recorded calls it replayed
+    first_run_seconds: float = 0.0
+    block_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def activation_range(stats: LayerStats, scheme: QuantScheme) -> torch.Tensor:
@@ -346,7 +351,9 @@ def quantize_sequential(run: QuantRun) -> None:
                 folds.layers = {c: head.layers[c] for c in spanning}
                 for method in run.plan.methods:
                     method.transform(folds)
+            t0 = time.time()
             head.calibrate(subscribers=(recorder,))
+            run.report.first_run_seconds = time.time() - t0
         run.timesteps, run.shape = head.timesteps, head.shape
         float_inputs = cal.sequential_inputs == "float"
         if float_inputs:  # a method that observes again after its fold observes the float blocks, as in one pass
@@ -367,18 +374,24 @@ def _sequential_block(run: QuantRun, block: str, targets: dict, inputs: BlockInp
     attention = {n: p for n, p in run.attention.items() if n.startswith(block + ".")}
     floats = BlockInputs(cal.sequential_cache) if cal.sequential_inputs == "float" else None
     unit = run.unit(targets, cls=BlockRun, attention=attention, block=block, inputs=inputs, float_outputs=floats)
+    report, calls = run.report, len(inputs)
+    observed, t0 = report.calibration_seconds, time.time()
     try:
         if targets or attention:
             unit.calibrate()
             quantize_unit(unit)
             for processor in attention.values():
                 processor.freeze()
+        t1 = time.time()
         if floats is not None and len(floats):
             inputs.calls, floats.calls = floats.calls, inputs.calls  # the float block's outputs, recorded above
             inputs.folder, floats.folder = floats.folder, inputs.folder
         else:  # the quantized block (or a block without targets) on its inputs, call by call
             replay(module, inputs, run.adapter.block_outputs,
                    timestep_context=getattr(run.transformer, CONTEXT_ATTRIBUTE, None), into=inputs)
+        calibrate = report.calibration_seconds - observed
+        report.block_seconds[block] = {"calibrate": calibrate, "quantize": t1 - t0 - calibrate,
+                                       "replay": time.time() - t1, "calls": calls}
     finally:
         if floats is not None:
             floats.close()

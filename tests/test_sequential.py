@@ -64,13 +64,14 @@ def test_float_inputs_give_the_all_in_memory_checkpoint_bit_for_bit(tiny_transfo
 def test_quantized_inputs_are_what_the_quantized_blocks_feed(tiny_transformer):
     """Block 1's static input scales under sequential_inputs="quantized" are those of block 1's inputs when the
     QUANTIZED block 0 runs on the float model's block-0 inputs (recorded directly here, every call of the same
-    calibration run), and not the float model's; block 0's are the float model's."""
+    calibration run), and not the float model's; block 0's are the float model's. The report times every block
+    over the calls recorded here (scripts/sequential_wall_time.py derives wall times from it)."""
     from diffusers_ptq.api import activation_range
     from diffusers_ptq.calibration import LayerStats, calibrate
     from diffusers_ptq.methods import baselines
 
     model = tiny_transformer
-    sequential, _ = _quantized(model, sequential=True)
+    sequential, report = _quantized(model, sequential=True)
     one_pass, _ = _quantized(model)
     calls = []
     block0 = model.transformer_blocks[0]
@@ -79,6 +80,11 @@ def test_quantized_inputs_are_what_the_quantized_blocks_feed(tiny_transformer):
         calibrate(model, include=["proj_out_2"], progress=False, **CALIBRATION)
     finally:
         handle.remove()
+    blocks = [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+    assert list(report.block_seconds) == blocks
+    assert all(t["calls"] == len(calls) and min(t.values()) >= 0 for t in report.block_seconds.values())
+    timed = report.first_run_seconds + sum(sum(t.values()) - t["calls"] for t in report.block_seconds.values())
+    assert 0 < report.first_run_seconds and timed <= report.total_seconds
     quantized0 = sequential.transformer_blocks[0]
     seen: dict[str, torch.Tensor] = {}
 
