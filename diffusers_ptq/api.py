@@ -330,6 +330,8 @@ def quantize_sequential(run: QuantRun) -> None:
     after them with quantized ones (so that a method observing again after its fold, HTG, sees the same model as
     the blocks do). Smoothing targets whose consumers sit in several blocks (PixArt's caption projection) are folded
     first, from one more sampling run's statistics, before the run that records the first block's inputs."""
+    from tqdm.auto import tqdm
+
     model, adapter, cal = run.transformer, run.adapter, run.plan.calibration
     blocks = adapter.blocks(model)
     if not blocks:
@@ -359,7 +361,7 @@ def quantize_sequential(run: QuantRun) -> None:
         if float_inputs:  # a method that observes again after its fold observes the float blocks, as in one pass
             with paused_observation(model):
                 quantize_unit(head)
-        for b in blocks:
+        for b in tqdm(blocks, desc="sequential calibration (blocks)", disable=not run.progress):
             _sequential_block(run, b, {n: lin for n, lin in run.targets.items() if owner[n] == b}, inputs)
         if not float_inputs:  # after the blocks: observing again, a method sees what the quantized blocks feed
             quantize_unit(head)
