@@ -176,3 +176,19 @@ def test_speed_attention_rows(monkeypatch):
     text = attention_markdown(a, 1.0)
     assert text.count("\n| ") == len(expected) + 1  # the header and a row per variant
     assert ("`int8_bmm` (all heads), compiled" in text) == kernels.int_mm_exact("cpu")
+
+
+def test_machine_info_records_the_libraries_isa_limits(monkeypatch):
+    """A run with oneDNN / ATen / MKL held below the CPU's ISA (a proxy for an older CPU) says so in its record;
+    the CPU's own flags are unchanged."""
+    from diffusers_ptq.harness.utils import ISA_LIMITS, machine_info
+
+    for name in ISA_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    plain = machine_info()
+    assert "isa_limits" not in plain
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    limited = machine_info()
+    assert limited["isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    assert limited.get("cpu_flags_of_note") == plain.get("cpu_flags_of_note")

@@ -495,8 +495,10 @@ def speed_markdown(result: dict) -> str:
     c = result["ceiling"]
     lines = [f"# Integer speed at DiT-XL/2 shapes (batch {result['batch']} × {result['tokens']} tokens)", "",
              f"CPU: {m.get('cpu_model')}; {m['threads']} threads; torch {m['torch']}; ISA: "
-             f"{', '.join(m.get('cpu_flags_of_note', []))}; VNNI/AMX: {', '.join(m['vnni_flags']) or 'none'}; "
-             f"oneDNN full-range u8×s8 exact (measured): {m['onednn_full_range_exact']}. Load average at start "
+             f"{', '.join(m.get('cpu_flags_of_note', []))}; VNNI/AMX: {', '.join(m['vnni_flags']) or 'none'}"
+             + (f" (libraries restricted: {', '.join(f'{k}={v}' for k, v in m['isa_limits'].items())})"
+                if m.get("isa_limits") else "") +
+             f"; oneDNN full-range u8×s8 exact (measured): {m['onednn_full_range_exact']}. Load average at start "
              f"{result['load_at_start'][0]:.2f}, at end {result['load_at_end'][0]:.2f}. Each mode in its own process "
              f"(its peak memory), its forward timed {result['repeats']} times after one warm-up, interleaved with "
              "a float DiT-XL/2's forward in the same process: forward = median, speedup = median of the per-round "

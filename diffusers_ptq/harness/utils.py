@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import subprocess
@@ -25,6 +26,10 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:
     Image.fromarray(array[:, :, 0] if c == 1 else array).save(path)
 
 
+# environment variables that make oneDNN, ATen (and Inductor's generated code) and MKL use less than the CPU has
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def machine_info() -> dict:
     """CPU model and flags (lscpu), torch version and threads: recorded with every timing."""
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -37,6 +42,9 @@ def machine_info() -> dict:
         info["cpu_flags_of_note"] = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")))
     except (OSError, subprocess.CalledProcessError):
         info["cpu_model"] = platform.processor()
+    limits = {k: os.environ[k] for k in ISA_LIMITS if k in os.environ}
+    if limits:  # the flags above are the CPU's; these restrict what the libraries use of them
+        info["isa_limits"] = limits
     return info
 
 
