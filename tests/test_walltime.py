@@ -57,7 +57,14 @@ def test_a_tiny_measurement_end_to_end(tmp_path, monkeypatch):
     blocks = result["measured"]["block_seconds"]
     assert sorted(blocks) == ["single_transformer_blocks.0", "single_transformer_blocks.1", "transformer_blocks.0"]
     assert all(t["calls"] == 1 for t in blocks.values())  # 1 sample in one batch (the recipe's 4), 1 step
-    assert all(t["calls"] == 2 for t in result["validation"]["run"]["block_seconds"].values())
+    steps, depth = result["validation"]["twice the steps"], result["validation"]["twice the blocks"]
+    assert all(t["calls"] == 2 for t in steps["run"]["block_seconds"].values())
+    assert sorted(depth["run"]["block_seconds"]) == [f"single_transformer_blocks.{i}" for i in range(4)] + [
+        "transformer_blocks.0", "transformer_blocks.1"]
+    assert depth["depth"] == {"transformer_blocks": 2, "single_transformer_blocks": 4}
+    for check in (steps, depth):
+        assert check["measured_seconds"] == pytest.approx(walltime.sequential_seconds(check["run"]), rel=1e-12)
+        assert check["ratio"] == pytest.approx(check["predicted_seconds"] / check["measured_seconds"], rel=1e-12)
     one, eight = result["estimates"]
     assert (one["calls_per_process"], eight["calls_per_process"]) == (8 * 28, 28)  # 32 samples, batch 4, 28 steps
     assert eight["total_seconds"] < one["total_seconds"]

@@ -19,8 +19,10 @@ Derive, for the full depth (FLUX.1-dev: 19 double + 38 single blocks), the recip
 
 Not modelled: the collectives (each block's statistics and Hessians all-reduced across the processes before it is
 quantized), the text encoders, loading and saving. Every process rounds every block (the same result), so q_k does
-not shrink with N. `--validate` checks the model's linearity in the calls on the measured blocks: a second run with
-twice the steps against the first run's prediction for it.
+not shrink with N. An unrecorded 1-step run comes first (warm-up: measured on the CPU, the first run of a process
+gave the first block 1.35× its observation time and 1.9× its quantization time). `--validate` checks both
+extrapolations against runs of the same machinery: twice the steps on the measured blocks (linearity in the calls)
+and twice the blocks of each kind at the measured steps (the depth), each against what the first run predicts.
 """
 
 from __future__ import annotations
@@ -85,16 +87,34 @@ def wall_time(first_run_seconds: float, block_seconds: dict[str, dict[str, float
             "total_seconds": first + per_call_blocks + fixed}
 
 
+def _subject(model_name: str, depth_factor: int = 1):
+    """The few-block model of MMDIT_SPEED_MODELS (random weights) with `depth_factor` times its blocks of each kind,
+    and its calibration context (prompts as random embeddings)."""
+    import torch
+
+    from diffusers_ptq.harness.speed import _speed_subject
+
+    model, _, context = _speed_subject(model_name)
+    if depth_factor != 1:
+        config = dict(model.config)
+        for key in ("num_layers", "num_single_layers"):
+            if key in config:
+                config[key] *= depth_factor
+        torch.manual_seed(0)
+        model = type(model).from_config(config).eval()
+    return model, context
+
+
 def measure(model_name: str, recipe: str, steps: int, samples: int, batch_size: int, resolution: int | None,
-            device: str) -> dict:
-    """One block-sequential run of the few-block model `model_name` with `recipe`'s settings at the given size."""
+            device: str, depth_factor: int = 1) -> dict:
+    """One block-sequential run of the few-block model `model_name` (`depth_factor` times its blocks) with
+    `recipe`'s settings at the given size."""
     import torch
 
     from diffusers_ptq.api import quantize_transformer
     from diffusers_ptq.config import load_recipe
-    from diffusers_ptq.harness.speed import _speed_subject
 
-    model, _, context = _speed_subject(model_name)
+    model, context = _subject(model_name, depth_factor)
     model.to(device)
     overrides = dict(num_inference_steps=steps, num_samples=samples, batch_size=batch_size, sequential=True)
     if resolution is not None:
@@ -128,11 +148,38 @@ def _markdown(result: dict) -> str:
               f"{e['block_calls_seconds']:.0f} | {e['block_quantize_seconds']:.0f} | {e['total_seconds'] / 3600:.2f} |"
               for e in result["estimates"]]
     if result.get("validation"):
-        v = result["validation"]
-        lines += ["", f"Validation on the measured blocks, {v['steps']} steps: predicted {v['predicted_seconds']:.1f} s "
-                  f"(first run + blocks) from the {m['steps']}-step run, measured {v['measured_seconds']:.1f} s "
-                  f"({v['ratio']:.3f}×)."]
+        lines += ["", "Validation (first run + blocks, predicted from the run above against a run of it):", "",
+                  "| run | blocks | steps | predicted (s) | measured (s) | predicted / measured |", "|---|---|---|---|---|---|"]
+        lines += [f"| {what} | {', '.join(f'{n} {k}' for k, n in v['depth'].items())} | {v['steps']} | "
+                  f"{v['predicted_seconds']:.1f} | {v['measured_seconds']:.1f} | {v['ratio']:.3f} |"
+                  for what, v in result["validation"].items()]
     return "\n".join(lines) + "\n"
+
+
+def sequential_seconds(run: dict) -> float:
+    """What the formula covers in a measured run: the first sampling run and every block's three parts."""
+    return run["first_run_seconds"] + sum(t["calibrate"] + t["quantize"] + t["replay"]
+                                          for t in run["block_seconds"].values())
+
+
+def validate(measured: dict, model_name: str, recipe: str, resolution: int | None, device: str) -> dict:
+    """Twice the steps on the measured blocks, and twice the blocks of each kind at the measured steps: each run
+    against the wall time `measured` predicts for it (one process)."""
+    depth: dict[str, int] = {}
+    for name in measured["block_seconds"]:
+        depth[block_kind(name)] = depth.get(block_kind(name), 0) + 1
+    checks = {}
+    for what, steps, factor in (("twice the steps", 2 * measured["steps"], 1),
+                                ("twice the blocks", measured["steps"], 2)):
+        run = measure(model_name, recipe, steps, measured["samples"], measured["batch_size"], resolution, device,
+                      depth_factor=factor)
+        target = {k: n * factor for k, n in depth.items()}
+        predicted = wall_time(measured["first_run_seconds"], measured["block_seconds"], target, measured["samples"],
+                              measured["batch_size"], steps, 1)["total_seconds"]
+        actual = sequential_seconds(run)
+        checks[what] = {"depth": target, "steps": steps, "predicted_seconds": predicted, "measured_seconds": actual,
+                        "ratio": predicted / actual, "run": run}
+    return checks
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -145,7 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, help="samples of the measured run (default: the recipe's batch size)")
     parser.add_argument("--resolution", type=int, help="calibration pixels (default: the recipe's)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--validate", action="store_true", help="also run twice the steps and compare")
+    parser.add_argument("--validate", action="store_true",
+                        help="also run twice the steps and twice the blocks, each against its prediction")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the unrecorded 1-step run done first")
     parser.add_argument("--output", default="sequential-wall-time.json")
     args = parser.parse_args(argv)
 
@@ -158,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = read_recipe(recipe)["config"]
     batch = settings.get("batch_size", 1)
     samples = args.samples or batch
+    if not args.no_warmup:  # one-time costs (kernel and allocator set-up, lazy imports) would land in the first block
+        measure(args.model, recipe, 1, samples, batch, args.resolution, args.device)
     measured = measure(args.model, recipe, args.steps, samples, batch, args.resolution, args.device)
     depth = FULL_DEPTH[args.model][1]
     target = {"depth": depth, "samples": settings["num_samples"], "batch_size": batch,
@@ -168,17 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
               "machine": machine_info(), "measured": measured, "kinds": per_kind(measured["block_seconds"]),
               "target": target, "estimates": estimates}
     if args.validate:
-        second = measure(args.model, recipe, 2 * args.steps, samples, batch, args.resolution, args.device)
-        measured_depth = {}
-        for name in measured["block_seconds"]:
-            measured_depth[block_kind(name)] = measured_depth.get(block_kind(name), 0) + 1
-        predicted = wall_time(measured["first_run_seconds"], measured["block_seconds"], measured_depth, samples, batch,
-                              2 * args.steps, 1)
-        actual = second["first_run_seconds"] + sum(sum(t.values()) - t["calls"]
-                                                   for t in second["block_seconds"].values())
-        result["validation"] = {"steps": 2 * args.steps, "predicted_seconds": predicted["total_seconds"],
-                                "measured_seconds": actual, "ratio": predicted["total_seconds"] / actual,
-                                "run": second}
+        result["validation"] = validate(measured, args.model, recipe, args.resolution, args.device)
     Path(args.output).write_text(json.dumps(result, indent=2))
     Path(args.output).with_suffix(".md").write_text(_markdown(result))
     print(_markdown(result))
