@@ -177,7 +177,10 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, neg_shift: torch.
     """scale · code, plus neg_shift (= −shift) for quanto's affine 4-bit weights; scale and neg_shift hold one value
     per row of codes. The same float operations as quanto's dequantize (x + (−s) is the same float as x − s)."""
     w = scale * codes
-    return w if neg_shift is None else w + neg_shift
+    if neg_shift is None:
+        return w
+    # in place on the fresh product where that is the same float sum (same dtype and shape): one temporary fewer
+    return w.add_(neg_shift) if neg_shift.dtype == w.dtype and neg_shift.dim() <= w.dim() else w + neg_shift
 
 
 def integer_zero_points(scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor | None:
@@ -397,12 +400,13 @@ def _emulated_per_call(module, _state, x: torch.Tensor) -> torch.Tensor:
     costs its stored size; slower by the dequantization."""
     x = _emulated_input(module, x)
     rows = max(1, PER_CALL_SLICE_BYTES // (4 * module.in_features))
-    outputs, start = [], 0
+    # each slice's product written into the output as it comes: one slice's product alive at a time, no concatenation
+    out, start = x.new_empty(*x.shape[:-1], module.out_features), 0
     for weight in dequantized_slices(module.weight, module.out_features, module.in_features, rows):
         bias = None if module.bias is None else module.bias[start:start + weight.shape[0]]
-        outputs.append(F.linear(x, weight, bias=bias))
+        out[..., start:start + weight.shape[0]] = F.linear(x, weight, bias=bias)
         start += weight.shape[0]
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+    return out
 
 
 def _float_weight_bytes(module) -> int:
