@@ -179,7 +179,8 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, neg_shift: torch.
     w = scale * codes
     if neg_shift is None:
         return w
-    # in place on the fresh product where that is the same float sum (same dtype and shape): one temporary fewer
+    # in place on the fresh product where that is the same float sum (same dtype; the shift, one value a row,
+    # broadcasts over it): one temporary fewer
     return w.add_(neg_shift) if neg_shift.dtype == w.dtype and neg_shift.dim() <= w.dim() else w + neg_shift
 
 
