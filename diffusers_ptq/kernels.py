@@ -61,6 +61,7 @@ counters or keeps per-call caches, so `torch.inference_mode()`, `no_grad` and gr
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import platform
 import time
@@ -401,9 +402,13 @@ def _emulated_per_call(module, _state, x: torch.Tensor) -> torch.Tensor:
     costs its stored size; slower by the dequantization."""
     x = _emulated_input(module, x)
     rows = max(1, PER_CALL_SLICE_BYTES // (4 * module.in_features))
+    slices = dequantized_slices(module.weight, module.out_features, module.in_features, rows)
+    first = next(slices)
+    if first.shape[0] == module.out_features:  # the whole weight in one slice: its product is the output
+        return F.linear(x, first, bias=module.bias)
     # each slice's product written into the output as it comes: one slice's product alive at a time, no concatenation
     out, start = x.new_empty(*x.shape[:-1], module.out_features), 0
-    for weight in dequantized_slices(module.weight, module.out_features, module.in_features, rows):
+    for weight in itertools.chain((first,), slices):
         bias = None if module.bias is None else module.bias[start:start + weight.shape[0]]
         out[..., start:start + weight.shape[0]] = F.linear(x, weight, bias=bias)
         start += weight.shape[0]
