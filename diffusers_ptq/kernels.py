@@ -85,7 +85,8 @@ class Kernel:
     check(module) -> why it cannot run the module exactly here, or None; priority: the automatic choice takes the
     highest-priority kernel that can run a layer; devices: the device types on which the automatic choice may take
     it (None: any) — a kernel may run elsewhere when forced (`set_kernel`); state_bytes(module): the memory its
-    prepared state holds beside the stored weight (what KERNEL_CHOICE "memory" minimizes); automatic: False for a
+    prepared state holds beside the stored weight, weight-sized state only (what KERNEL_CHOICE "memory" minimizes;
+    a vector of one value per channel, 1/K of the weight, is not counted); automatic: False for a
     kernel that only the "memory" choice or `set_kernel` takes."""
 
     name: str
@@ -205,26 +206,34 @@ def dequantize_weight(weight) -> torch.Tensor:
     return dequantize_codes(codes, weight._scale, neg_shift).reshape(weight.shape)
 
 
-def dequantized_slices(weight, out_features: int, in_features: int, rows: int):
-    """The float weight [out, in] a quanto weight stands for (`dequantize_weight`), as consecutive slices of at most
-    `rows` output channels, each computed from that slice's codes, scales and shifts alone (a generator: one slice
-    exists at a time). 4-bit codes are read from the packed bytes directly: code rows [0, h) sit in a byte's low
-    bits and [h, R) in its high bits (`unpack_bits`), so the slices run through the low half, then the high half."""
+def code_slices(weight, out_features: int, rows: int):
+    """A quanto weight's stored codes as consecutive slices of at most `rows` output channels: (first channel, codes,
+    scale, neg_shift) with the codes as stored (int8 [r, in] for 8-bit, uint8 in [0, 15] for 4-bit, [r·groups,
+    group] in groups), that slice's scales and −shift (None for 8-bit). A generator: one slice exists at a time.
+    4-bit codes are read from the packed bytes directly: code rows [0, h) sit in a byte's low bits and [h, R) in its
+    high bits (`unpack_bits`), so the slices run through the low half, then the high half."""
     data = weight._data
     if data.dtype == torch.int8:
         for a in range(0, out_features, rows):
-            yield dequantize_codes(data[a:a + rows], weight._scale[a:a + rows])
+            yield a, data[a:a + rows], weight._scale[a:a + rows], None
         return
     packed, bits, total = data._data, data.bits, data.shape[0]
     per_channel, half = total // out_features, packed.shape[0]  # code rows per output channel (groups), rows a half
     if half % per_channel:  # an odd channel count in groups: one channel's groups straddle the two halves
-        yield dequantize_weight(weight)
+        yield 0, weight_codes(weight), weight._scale, -weight._shift
         return
     for part, (start, stop) in enumerate(((0, half), (half, total))):
         for a in range(start, stop, rows * per_channel):
             b = min(a + rows * per_channel, stop)
             codes = (packed[a - start:b - start] >> (bits * part)) & (2**bits - 1)
-            yield dequantize_codes(codes, weight._scale[a:b], -weight._shift[a:b]).reshape(-1, in_features)
+            yield a // per_channel, codes, weight._scale[a:b], -weight._shift[a:b]
+
+
+def dequantized_slices(weight, out_features: int, in_features: int, rows: int):
+    """The float weight [out, in] a quanto weight stands for (`dequantize_weight`), as consecutive slices of at most
+    `rows` output channels, each computed from that slice's codes, scales and shifts alone (`code_slices`)."""
+    for _, codes, scale, neg_shift in code_slices(weight, out_features, rows):
+        yield dequantize_codes(codes, scale, neg_shift).reshape(-1, in_features)
 
 
 def _prepared(module, kernel: Kernel):
@@ -689,6 +698,79 @@ register_kernel(Kernel("onednn", _onednn_linear, prepare=prepare_onednn, check=_
                        devices=("cpu",), state_bytes=lambda module: module.in_features * module.out_features))
 
 
+# ------------------------------------------------------------------------------------------------ int8 per call
+# Issue #22: an integer GEMM that keeps nothing beside the stored codes. `torch._int_mm` (int8 × int8 -> int32)
+# takes a plain int8 matrix, no prepacked copy: each call unpacks a slice of the stored codes to int8 (4-bit: a
+# shift and a mask of the packed bytes; 8-bit: the stored codes themselves) and multiplies it, so a W4A8 layer
+# costs its stored size in memory, at integer speed (measured: docs/kernels.md, "What runs where").
+
+INT8_SLICE_BYTES = 4 << 20  # int8 codes unpacked per slice: what a call allocates beside its input and output
+INT32_EXACT_TERMS = (2**31 - 1) // 2**14  # K products of codes within ±2^7 sum below 2^31
+
+
+def _int8_per_call_check(module) -> str | None:
+    if module.activation_qtype is None:
+        return "weight-only layer (A16): there is no integer input to multiply; use 'emulated-per-call'"
+    if module.activation_qtype.bits != 8:
+        return f"{module.activation_qtype.bits}-bit activations: torch._int_mm takes 8-bit ones"
+    bits = module.weight_qtype.bits
+    if bits == 4 and getattr(module, "weight_group_size", None) is not None:
+        return (f"4-bit weights in groups of {module.weight_group_size}: an int8 GEMM applies one scale per "
+                "output channel; grouped weights run on 'emulated-per-call'")
+    if bits not in (4, 8):
+        return f"{bits}-bit weights are not supported by the int8 kernels"
+    if module.in_features > INT32_EXACT_TERMS:
+        return f"K = {module.in_features} products of ±2^7 codes can overflow int32 (at most {INT32_EXACT_TERMS})"
+    if not int_mm_exact(module.weight.device.type):
+        return (f"torch._int_mm is not exact on {module.weight.device.type} here (measured: it does not run, or it "
+                "does not accumulate in int32)")
+    return None
+
+
+def _int8_per_call_prepare(module) -> torch.Tensor | None:
+    """The integer zero points z [N, 1] of an affine 4-bit weight that has them (then the GEMM multiplies code − z
+    and needs no shift term), else None: one int8 a channel, built once."""
+    w = module.weight
+    return None if module.weight_qtype.bits == 8 else integer_zero_points(w._scale, w._shift)
+
+
+def _int8_per_call(module, zero: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """y = x·Wᵀ + b with the input quantized as the emulation does (`QuantizedInput`'s rounding; per token for
+    dynamic scales) and each slice of the stored codes multiplied on `torch._int_mm`, int32 sums exact: y = s_x ·
+    s_w · Σ q·c (− s_x · Σ_i q_i · shift for an affine 4-bit weight without integer zero points) + b. With a
+    gradient wanted for the input it runs `emulated-per-call` (the same values to float rounding, and autograd's
+    straight-through rounding)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _emulated_per_call(module, None, x)
+    k, n = module.in_features, module.out_features
+    x2 = x.reshape(-1, k).to(torch.float32)
+    scale = per_token_scale(x2) if module.act_dynamic else module.input_scale.to(torch.float32)
+    q = torch.div(x2, scale)
+    q.round_().clamp_(-128, 127)
+    qi = q.to(torch.int8)
+    shift = module.weight_qtype.bits == 4 and zero is None  # the rank-1 epilogue of affine 4-bit weights
+    q_sums = q.sum(dim=-1, keepdim=True) * scale if shift else None  # integers (exact below 2^24), then scaled
+    bias = None if module.bias is None else module.bias.to(torch.float32)
+    del q, x2
+    out = qi.new_empty(qi.shape[0], n, dtype=torch.float32)
+    for start, codes, w_scale, neg_shift in code_slices(module.weight, n, max(1, INT8_SLICE_BYTES // k)):
+        stop = start + codes.shape[0]
+        codes = codes.view(torch.int8)  # 4-bit: uint8 codes in [0, 15], the same values as int8
+        if zero is not None:
+            codes = codes - zero[start:stop]  # in [-15, 15]
+        y = out[:, start:stop]  # the sums converted to float32 (one rounding) in the output, then scaled in place
+        y.copy_(torch._int_mm(qi, codes.T)).mul_(scale * w_scale.reshape(1, -1).to(torch.float32))
+        if shift:
+            y.addmm_(q_sums, neg_shift.reshape(1, -1).to(torch.float32))
+        if bias is not None:
+            y.add_(bias[start:stop])
+    return out.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+register_kernel(Kernel("int8-per-call", _int8_per_call, prepare=_int8_per_call_prepare, check=_int8_per_call_check,
+                       priority=-5, automatic=False))
+
+
 # ------------------------------------------------------------------------------------------------ choice
 
 
@@ -713,9 +795,11 @@ def available_kernels(module) -> list[str]:
 # "measured" times each on the layer (once per process and layer shape) and takes the fastest, so that a small
 # layer, where the integer GEMM's fixed costs outweigh its speed, runs the float emulation (exact too) and no
 # quantized model is slower than the kernels allow; "priority" takes the registry's highest priority (oneDNN);
-# "memory" (any device) the kernel whose prepared state is smallest (`Kernel.state_bytes`), then the highest
-# priority: on the CPU the weight dequantized per call, so that a loaded checkpoint runs in about its files' memory
-# at float speed (issue #22).
+# "memory" (any device) the kernels whose prepared state is smallest (`Kernel.state_bytes`), and among them the
+# faster on the CPU (measured as above; elsewhere the highest priority): on the CPU the codes multiplied per call on
+# `torch._int_mm` where it is exact (8-bit inputs, per-channel weights: "int8-per-call") or the weight dequantized
+# per call ("emulated-per-call"), so that a loaded checkpoint runs in about its files' memory (issue #22). Measured,
+# not assumed: without VNNI `torch._int_mm` may be exact but slow.
 KERNEL_CHOICES = ("measured", "priority", "memory")
 KERNEL_CHOICE = os.environ.get("DIFFUSERS_PTQ_KERNEL_CHOICE", "measured")
 MEASURE_ROWS = 256  # input rows of the timed calls (DiT-XL/2's batch of 2 × 256 tokens is 512; the bundled model's 320)
@@ -769,7 +853,8 @@ def choose_kernel(module) -> str:
     `devices` include the layer's device type and whose check passes: on the CPU the faster of them on this layer
     (`measured_kernel`, with KERNEL_CHOICE = "measured", the default), else the highest priority (on CUDA: quanto;
     on an x86 CPU, W8A8 and per-channel W4A8: oneDNN; elsewhere the float emulation); with KERNEL_CHOICE = "memory"
-    the one holding the least beside the stored weight (on the CPU: "emulated-per-call")."""
+    the faster of those holding the least beside the stored weight (on the CPU: "int8-per-call" or
+    "emulated-per-call")."""
     if KERNEL_CHOICE not in KERNEL_CHOICES:
         raise ValueError(f"kernel choice {KERNEL_CHOICE!r} (DIFFUSERS_PTQ_KERNEL_CHOICE) is not one of "
                          f"{list(KERNEL_CHOICES)}")
@@ -781,9 +866,10 @@ def choose_kernel(module) -> str:
                   and k.check(module) is None]
     if not candidates:
         raise KernelError(f"no registered kernel can run {module!r} on {device}")
-    if KERNEL_CHOICE == "memory":
-        return min(candidates, key=lambda k: k.state_bytes(module)).name  # ties: the higher priority (sorted)
-    if KERNEL_CHOICE == "measured" and device.type == "cpu" and len(candidates) > 1:
+    if KERNEL_CHOICE == "memory":  # the least state; among those, the faster on the CPU (else the higher priority)
+        least = min(k.state_bytes(module) for k in candidates)
+        candidates = [k for k in candidates if k.state_bytes(module) == least]
+    if KERNEL_CHOICE != "priority" and device.type == "cpu" and len(candidates) > 1:
         return measured_kernel(module, candidates)
     return candidates[0].name
 

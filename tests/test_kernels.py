@@ -115,7 +115,7 @@ LAYERS = {
                                                                                   "integer")),
     "w4a8-g32": lambda: quantize_linear(_linear(), 4, 0.02, group_size=32),
 }
-ALL_KERNELS = ["onednn", "emulated", "emulated-per-call", "quanto"]
+ALL_KERNELS = ["onednn", "emulated", "emulated-per-call", "int8-per-call", "quanto"]
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
@@ -476,23 +476,44 @@ def test_measured_choice_times_real_calls_and_leaves_the_statistics_alone(monkey
     assert layer.kernel == min(times, key=times.get) and kernels.ONEDNN_STATS == before
 
 
+INT_MM_EXACT = kernels.int_mm_exact("cpu")
+needs_int_mm = pytest.mark.skipif(not INT_MM_EXACT, reason="torch._int_mm is not exact on this CPU")
+PER_CALL_KERNELS = ("int8-per-call", "emulated-per-call")
+
+
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_memory_choice_keeps_nothing_beside_the_stored_weight(layer, monkeypatch):
-    """KERNEL_CHOICE "memory" (issue #22): on the CPU every layer takes "emulated-per-call", whose prepared state
-    is empty — the weight is dequantized at each call — and whose output is the cached emulation's bit for bit; the
-    automatic choices never take it."""
+    """KERNEL_CHOICE "memory" (issue #22): on the CPU a layer with 8-bit inputs and per-channel weights takes
+    "int8-per-call" where `torch._int_mm` is exact (an integer GEMM on codes unpacked at each call; its state at
+    most the integer zero points, one int8 a channel), every other layer "emulated-per-call" (the weight dequantized
+    at each call, no state), whose output is the cached emulation's bit for bit — where both can run, the faster
+    (timings faked here: each order once); the automatic choices take neither."""
     monkeypatch.setattr(kernels, "KERNEL_CHOICE", "memory")
+    speeds = {"int8-per-call": 1.0, "emulated-per-call": 2.0, "onednn": 1.0, "emulated": 2.0}
+    monkeypatch.setattr(kernels, "time_kernel", lambda kernel, module, x, repeats=3: speeds[kernel.name])
+    monkeypatch.setattr(kernels, "MEASURED", {})
     module = LAYERS[layer]()
-    assert module.kernel == "emulated-per-call" and module.__dict__["_kernel_state"][2] is None
+    integer = INT_MM_EXACT and layer != "w4a8-g32"
+    assert (kernel_problem(module, "int8-per-call") is None) == integer
+    state = module.__dict__["_kernel_state"][2]
+    assert module.kernel == ("int8-per-call" if integer else "emulated-per-call")
+    monkeypatch.setattr(kernels, "MEASURED", {})
+    speeds.update({"int8-per-call": 3.0})  # slower than the emulation (as `torch._int_mm` may be without VNNI)
+    assert choose_kernel(module) == "emulated-per-call"
+    if integer and layer == "w4a8-zi":
+        assert state.dtype == torch.int8 and state.shape == (module.out_features, 1)
+    else:
+        assert state is None
     torch.manual_seed(5)
     x = torch.randn(3, 7, module.in_features)
     with torch.no_grad():
+        module.kernel = "emulated-per-call"
         y = module(x)
         module.kernel = "emulated"
         assert torch.equal(y, module(x))
     for choice in ("measured", "priority"):
         monkeypatch.setattr(kernels, "KERNEL_CHOICE", choice)
-        assert choose_kernel(module) != "emulated-per-call"
+        assert choose_kernel(module) not in PER_CALL_KERNELS
     monkeypatch.setattr(kernels, "KERNEL_CHOICE", "smallest")
     with pytest.raises(ValueError, match="DIFFUSERS_PTQ_KERNEL_CHOICE"):
         choose_kernel(module)
@@ -512,6 +533,10 @@ def test_per_call_kernel_in_slices_equals_the_whole_weight(layer, monkeypatch):
     module = SLICED_LAYERS[layer]()
     slices = list(kernels.dequantized_slices(module.weight, module.out_features, module.in_features, 5))
     assert torch.equal(torch.cat(slices), kernels.dequantize_weight(module.weight))
+    codes = list(kernels.code_slices(module.weight, module.out_features, 5))
+    assert torch.equal(torch.cat([c for _, c, _, _ in codes]), kernels.weight_codes(module.weight))
+    if module.weight_group_size is None:  # each slice's first channel: the channels before it
+        assert [a for a, *_ in codes] == [sum(len(c) for _, c, _, _ in codes[:i]) for i in range(len(codes))]
     assert max(len(w) for w in slices) == (module.out_features if layer == "w4a8-g32-odd" else 5)  # that one whole
     monkeypatch.setattr(kernels, "PER_CALL_SLICE_BYTES", 5 * 4 * module.in_features)
     torch.manual_seed(6)
@@ -525,9 +550,88 @@ def test_per_call_kernel_in_slices_equals_the_whole_weight(layer, monkeypatch):
     assert float(((x.grad.double() - grad_y.double() @ w).abs() - bound).max()) <= 0
 
 
+@needs_int_mm
+@pytest.mark.parametrize("layer", sorted(SLICED_LAYERS))
+def test_int8_per_call_kernel_in_slices_equals_the_integer_reference(layer, monkeypatch):
+    """The integer per-call kernel (issue #22) on 5 output channels a slice (the slices' codes, scales, zero points
+    and shifts must line up with their channels) equals the integer reference to float rounding, random and
+    adversarial inputs; grouped 4-bit weights are refused with the reason."""
+    module = SLICED_LAYERS[layer]()
+    problem = kernel_problem(module, "int8-per-call")
+    if module.weight_group_size is not None:
+        assert "groups of 32" in problem
+        return
+    monkeypatch.setattr(kernels, "INT8_SLICE_BYTES", 5 * module.in_features)
+    torch.manual_seed(7)
+    assert_matches_integer_reference(module, torch.randn(2, 9, module.in_features) * 2.0, "int8-per-call")
+    assert_matches_integer_reference(module, _adversarial_inputs(module), "int8-per-call")
+
+
+@needs_int_mm
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int8_per_call_kernel_with_dynamic_per_token_scales(bits):
+    """Dynamic activations (Q-DiT): each token quantized with its own scale, as the emulation does, then the integer
+    GEMM; against int64 sums times the scales in float64, within float32 rounding of Σ|terms|."""
+    module = quantize_linear(_linear(), bits, None, act_dynamic=True)
+    torch.manual_seed(8)
+    x = torch.randn(2, 9, module.in_features)
+    x[0, :3] *= 100.0  # tokens of very different ranges
+    module.kernel = "int8-per-call"
+    with torch.no_grad():
+        y = module(x).double().reshape(-1, module.out_features)
+    x2 = x.reshape(-1, module.in_features)
+    s32 = kernels.per_token_scale(x2)
+    q = torch.clamp(torch.round(x2 / s32), -128, 127).long()
+    codes, scale, shift = _codes(module)
+    s = s32.double()
+    ref = s * (q @ codes.T).double() * scale.T + module.bias.double()
+    bound = s * (q.abs() @ codes.abs().T).double() * scale.T + module.bias.double().abs()
+    if shift is not None:
+        ref -= s * q.sum(1, keepdim=True).double() * shift.T
+        bound += s * q.abs().sum(1, keepdim=True).double() * shift.T.abs()
+    assert float(((y - ref).abs() - float_rounding_bound(module.in_features, bound)).max()) <= 0
+
+
+@needs_int_mm
+def test_int8_per_call_kernel_gradient_and_inference_mode():
+    """With a gradient wanted for the input the integer per-call kernel runs "emulated-per-call" (autograd's
+    straight-through rounding): the same input gradient; under inference_mode and no_grad it runs the integer GEMM,
+    the same output in both."""
+    module = LAYERS["w4a8"]()
+    torch.manual_seed(9)
+    x = torch.randn(2, 5, module.in_features, requires_grad=True)
+    grad_y = torch.randn(2, 5, module.out_features)
+    grads = []
+    for kernel in PER_CALL_KERNELS:
+        module.kernel = kernel
+        module(x).backward(grad_y)
+        grads.append(x.grad)
+        x.grad = None
+    assert torch.equal(*grads)
+    module.kernel = "int8-per-call"
+    with torch.inference_mode():
+        y_inference = module(x.detach())
+    with torch.no_grad():
+        assert torch.equal(y_inference, module(x.detach()))
+
+
+def test_int8_per_call_kernel_refuses_what_it_cannot_run_exactly(monkeypatch):
+    assert "weight-only" in kernel_problem(quantize_linear(_linear(), 8, None), "int8-per-call")
+    assert "groups of 32" in kernel_problem(LAYERS["w4a8-g32"](), "int8-per-call")
+    module = LAYERS["w8a8"]()
+    monkeypatch.setattr(kernels, "int_mm_exact", lambda device_type: False)
+    assert "torch._int_mm is not exact" in kernel_problem(module, "int8-per-call")
+    with pytest.raises(KernelError, match="not exact"):
+        set_kernel(module, "int8-per-call")
+    monkeypatch.setattr(kernels, "int_mm_exact", lambda device_type: True)
+    monkeypatch.setattr(kernels, "INT32_EXACT_TERMS", module.in_features - 1)
+    assert "overflow int32" in kernel_problem(module, "int8-per-call")
+
+
 def test_a_model_on_memory_kernels_compiles_and_trains_like_the_emulation(monkeypatch):
-    """A whole W4A8 model under KERNEL_CHOICE "memory": every layer on "emulated-per-call", torch.compile
-    (fullgraph) gives the eager output to float reassociation, and the input gradient flows (LoRA)."""
+    """A whole W4A8 model under KERNEL_CHOICE "memory": every layer on a per-call kernel ("int8-per-call" only where
+    `torch._int_mm` is exact); on each, torch.compile (fullgraph) gives the eager output to float reassociation, and
+    the input gradient flows (LoRA)."""
     from conftest import make_tiny_transformer, tiny_inputs
 
     from diffusers_ptq import BaselineConfig, quantize
@@ -537,17 +641,25 @@ def test_a_model_on_memory_kernels_compiles_and_trains_like_the_emulation(monkey
     model = make_tiny_transformer()
     quantize(model, BaselineConfig(weight_bits=4, act_bits=8, num_samples=2, num_inference_steps=2, batch_size=2),
              progress=False)
-    assert set(kernel_summary(model)) == {"emulated-per-call"}
-    with torch.no_grad():
-        eager = model(**tiny_inputs()).sample
-        set_kernel(model, "emulated")
-        assert torch.equal(eager, model(**tiny_inputs()).sample)  # the cached emulation, bit for bit
-        set_kernel(model, "emulated-per-call")
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True)(**tiny_inputs()).sample
-    # float reassociation only: a few units in the last place of the largest outputs, plus input codes that Inductor's
-    # fused rounding may flip at an exact tie (one step of the activation grid reaching the output)
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-3 * float(eager.abs().max()))
+    assert set(kernel_summary(model)) <= set(PER_CALL_KERNELS[0 if INT_MM_EXACT else 1:])  # the faster per shape
+    for kernel in PER_CALL_KERNELS[0 if INT_MM_EXACT else 1:]:
+        with torch.no_grad():
+            set_kernel(model, kernel)
+            eager = model(**tiny_inputs()).sample
+            set_kernel(model, "emulated")
+            emulated = model(**tiny_inputs()).sample
+            set_kernel(model, kernel)
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True)(**tiny_inputs()).sample
+        # float reassociation only: a few units in the last place of the largest outputs, plus input codes that a
+        # different summation order or Inductor's fused rounding may flip at an exact tie (one step of the activation
+        # grid reaching the output)
+        tolerance = {"rtol": 1e-4, "atol": 1e-3 * float(eager.abs().max())}
+        if kernel == "emulated-per-call":
+            assert torch.equal(eager, emulated)  # the cached emulation, bit for bit
+        else:
+            torch.testing.assert_close(eager, emulated, **tolerance)
+        torch.testing.assert_close(compiled, eager, **tolerance)
     x = tiny_inputs()["hidden_states"].requires_grad_(True)
     model(**{**tiny_inputs(), "hidden_states": x}).sample.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and float(x.grad.abs().sum()) > 0
