@@ -709,6 +709,8 @@ INT32_EXACT_TERMS = (2**31 - 1) // 2**14  # K products of codes within ±2^7 sum
 
 
 def _int8_per_call_check(module) -> str | None:
+    if module.weight.device.type != "cpu":  # untested elsewhere; on CUDA quanto's path keeps nothing beside the codes
+        return f"the int8 per-call kernel runs on CPU; this layer is on {module.weight.device}"
     if module.activation_qtype is None:
         return "weight-only layer (A16): there is no integer input to multiply; use 'emulated-per-call'"
     if module.activation_qtype.bits != 8:
@@ -721,9 +723,8 @@ def _int8_per_call_check(module) -> str | None:
         return f"{bits}-bit weights are not supported by the int8 kernels"
     if module.in_features > INT32_EXACT_TERMS:
         return f"K = {module.in_features} products of ±2^7 codes can overflow int32 (at most {INT32_EXACT_TERMS})"
-    if not int_mm_exact(module.weight.device.type):
-        return (f"torch._int_mm is not exact on {module.weight.device.type} here (measured: it does not run, or it "
-                "does not accumulate in int32)")
+    if not int_mm_exact("cpu"):
+        return "torch._int_mm is not exact on this CPU (measured: it does not run, or it does not accumulate in int32)"
     return None
 
 
@@ -768,7 +769,7 @@ def _int8_per_call(module, zero: torch.Tensor | None, x: torch.Tensor) -> torch.
 
 
 register_kernel(Kernel("int8-per-call", _int8_per_call, prepare=_int8_per_call_prepare, check=_int8_per_call_check,
-                       priority=-5, automatic=False))
+                       priority=-5, devices=("cpu",), automatic=False))
 
 
 # ------------------------------------------------------------------------------------------------ choice

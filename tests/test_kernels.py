@@ -618,9 +618,10 @@ def test_int8_per_call_kernel_gradient_and_inference_mode():
 def test_int8_per_call_kernel_refuses_what_it_cannot_run_exactly(monkeypatch):
     assert "weight-only" in kernel_problem(quantize_linear(_linear(), 8, None), "int8-per-call")
     assert "groups of 32" in kernel_problem(LAYERS["w4a8-g32"](), "int8-per-call")
+    assert "runs on CPU; this layer is on meta" in kernel_problem(LAYERS["w8a8"]().to("meta"), "int8-per-call")
     module = LAYERS["w8a8"]()
     monkeypatch.setattr(kernels, "int_mm_exact", lambda device_type: False)
-    assert "torch._int_mm is not exact" in kernel_problem(module, "int8-per-call")
+    assert "torch._int_mm is not exact on this CPU" in kernel_problem(module, "int8-per-call")
     with pytest.raises(KernelError, match="not exact"):
         set_kernel(module, "int8-per-call")
     monkeypatch.setattr(kernels, "int_mm_exact", lambda device_type: True)
