@@ -437,20 +437,26 @@ register_kernel(Kernel("emulated-per-call", _emulated_per_call, priority=-10, au
 # ------------------------------------------------------------------------------------------------ oneDNN
 
 
-def _onednn_check(module) -> str | None:
+def _int8_layer_problem(module, name: str, fallback: str) -> str | None:
+    """Why an int8 GEMM with one scale per output channel, on the CPU, cannot run `module` (the kernel `name`d in the
+    reason, and the `fallback` kernel to use), or None: the checks the oneDNN and int8 per-call kernels share."""
     if module.weight.device.type != "cpu":
-        return f"the oneDNN kernel runs on CPU; this layer is on {module.weight.device}"
+        return f"the {name} kernel runs on CPU; this layer is on {module.weight.device}"
     if module.activation_qtype is None:
-        return "weight-only layer (A16): there is no integer input to multiply; use 'emulated'"
+        return f"weight-only layer (A16): there is no integer input to multiply; use '{fallback}'"
     if module.activation_qtype.bits != 8:
-        return f"{module.activation_qtype.bits}-bit activations: the oneDNN kernel takes 8-bit ones"
+        return f"{module.activation_qtype.bits}-bit activations: the {name} kernel takes 8-bit ones"
     bits = module.weight_qtype.bits
     if bits == 4 and getattr(module, "weight_group_size", None) is not None:
         return (f"4-bit weights in groups of {module.weight_group_size}: an int8 GEMM applies one scale per "
-                "output channel; grouped weights run on 'emulated'")
+                f"output channel; grouped weights run on '{fallback}'")
     if bits not in (4, 8):
-        return f"{bits}-bit weights are not supported by the oneDNN kernel"
-    return onednn_probe(module.in_features).problem
+        return f"{bits}-bit weights are not supported by the {name} kernel"
+    return None
+
+
+def _onednn_check(module) -> str | None:
+    return _int8_layer_problem(module, "oneDNN", "emulated") or onednn_probe(module.in_features).problem
 
 
 @dataclass
@@ -709,23 +715,13 @@ INT32_EXACT_TERMS = (2**31 - 1) // 2**14  # K products of codes within ±2^7 sum
 
 
 def _int8_per_call_check(module) -> str | None:
-    if module.weight.device.type != "cpu":  # untested elsewhere; on CUDA quanto's path keeps nothing beside the codes
-        return f"the int8 per-call kernel runs on CPU; this layer is on {module.weight.device}"
-    if module.activation_qtype is None:
-        return "weight-only layer (A16): there is no integer input to multiply; use 'emulated-per-call'"
-    if module.activation_qtype.bits != 8:
-        return f"{module.activation_qtype.bits}-bit activations: torch._int_mm takes 8-bit ones"
-    bits = module.weight_qtype.bits
-    if bits == 4 and getattr(module, "weight_group_size", None) is not None:
-        return (f"4-bit weights in groups of {module.weight_group_size}: an int8 GEMM applies one scale per "
-                "output channel; grouped weights run on 'emulated-per-call'")
-    if bits not in (4, 8):
-        return f"{bits}-bit weights are not supported by the int8 kernels"
-    if module.in_features > INT32_EXACT_TERMS:
-        return f"K = {module.in_features} products of ±2^7 codes can overflow int32 (at most {INT32_EXACT_TERMS})"
-    if not int_mm_exact("cpu"):
-        return "torch._int_mm is not exact on this CPU (measured: it does not run, or it does not accumulate in int32)"
-    return None
+    # on the CPU only: untested elsewhere, and on CUDA quanto's path keeps nothing beside the codes either
+    problem = _int8_layer_problem(module, "int8 per-call", "emulated-per-call")
+    if problem is None and module.in_features > INT32_EXACT_TERMS:
+        problem = f"K = {module.in_features} products of ±2^7 codes can overflow int32 (at most {INT32_EXACT_TERMS})"
+    if problem is None and not int_mm_exact("cpu"):
+        problem = "torch._int_mm is not exact on this CPU (measured: it does not run, or it does not accumulate in int32)"
+    return problem
 
 
 def _int8_per_call_prepare(module) -> torch.Tensor | None:
