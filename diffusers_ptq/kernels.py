@@ -225,7 +225,8 @@ def code_slices(weight, out_features: int, rows: int):
     for part, (start, stop) in enumerate(((0, half), (half, total))):
         for a in range(start, stop, rows * per_channel):
             b = min(a + rows * per_channel, stop)
-            codes = (packed[a - start:b - start] >> (bits * part)) & (2**bits - 1)
+            byte = packed[a - start:b - start]  # one pass over the bytes: the low bits masked, the high ones shifted
+            codes = byte & (2**bits - 1) if part == 0 else byte >> bits  # (a logical shift: uint8)
             yield a // per_channel, codes, weight._scale[a:b], -weight._shift[a:b]
 
 
@@ -749,14 +750,21 @@ def _int8_per_call(module, zero: torch.Tensor | None, x: torch.Tensor) -> torch.
     q_sums = q.sum(dim=-1, keepdim=True) * scale if shift else None  # integers (exact below 2^24), then scaled
     bias = None if module.bias is None else module.bias.to(torch.float32)
     del q, x2
+    # integer zero points: Σ q·(c − z) = Σ q·c − z·Σq, exact in int32 either way; subtracted from the M × r sums when
+    # that is less work than from the r × K codes (fewer rows than inputs: DiT-XL/2's batch, the adaLN's M = 2)
+    on_sums = zero is not None and qi.shape[0] < k
+    q_int_sums = qi.sum(dim=-1, keepdim=True, dtype=torch.int32) if on_sums else None
     out = qi.new_empty(qi.shape[0], n, dtype=torch.float32)
     for start, codes, w_scale, neg_shift in code_slices(module.weight, n, max(1, INT8_SLICE_BYTES // k)):
         stop = start + codes.shape[0]
         codes = codes.view(torch.int8)  # 4-bit: uint8 codes in [0, 15], the same values as int8
-        if zero is not None:
+        if zero is not None and not on_sums:
             codes = codes - zero[start:stop]  # in [-15, 15]
+        sums = torch._int_mm(qi, codes.T)
+        if on_sums:
+            sums.sub_(q_int_sums * zero[start:stop].reshape(1, -1))
         y = out[:, start:stop]  # the sums converted to float32 (one rounding) in the output, then scaled in place
-        y.copy_(torch._int_mm(qi, codes.T)).mul_(scale * w_scale.reshape(1, -1).to(torch.float32))
+        y.copy_(sums).mul_(scale * w_scale.reshape(1, -1).to(torch.float32))
         if shift:
             y.addmm_(q_sums, neg_shift.reshape(1, -1).to(torch.float32))
         if bias is not None:

@@ -555,7 +555,7 @@ def test_per_call_kernel_in_slices_equals_the_whole_weight(layer, monkeypatch):
 def test_int8_per_call_kernel_in_slices_equals_the_integer_reference(layer, monkeypatch):
     """The integer per-call kernel (issue #22) on 5 output channels a slice (the slices' codes, scales, zero points
     and shifts must line up with their channels) equals the integer reference to float rounding, random and
-    adversarial inputs; grouped 4-bit weights are refused with the reason."""
+    adversarial inputs, fewer and more rows than inputs; grouped 4-bit weights are refused with the reason."""
     module = SLICED_LAYERS[layer]()
     problem = kernel_problem(module, "int8-per-call")
     if module.weight_group_size is not None:
@@ -565,6 +565,9 @@ def test_int8_per_call_kernel_in_slices_equals_the_integer_reference(layer, monk
     torch.manual_seed(7)
     assert_matches_integer_reference(module, torch.randn(2, 9, module.in_features) * 2.0, "int8-per-call")
     assert_matches_integer_reference(module, _adversarial_inputs(module), "int8-per-call")
+    # more rows than inputs: integer zero points come off the codes, not off the sums
+    assert_matches_integer_reference(module, torch.randn(1, module.in_features + 8, module.in_features) * 2.0,
+                                     "int8-per-call")
 
 
 @needs_int_mm
