@@ -707,8 +707,8 @@ register_kernel(Kernel("onednn", _onednn_linear, prepare=prepare_onednn, check=_
 
 # ------------------------------------------------------------------------------------------------ int8 per call
 # Issue #22: an integer GEMM that keeps nothing beside the stored codes. `torch._int_mm` (int8 × int8 -> int32)
-# takes a plain int8 matrix, no prepacked copy: each call unpacks a slice of the stored codes to int8 (4-bit: a
-# shift and a mask of the packed bytes; 8-bit: the stored codes themselves) and multiplies it, so a W4A8 layer
+# takes a plain int8 matrix, no prepacked copy: each call unpacks a slice of the stored codes to int8 (4-bit: the
+# packed bytes masked or shifted, `code_slices`; 8-bit: the stored codes themselves) and multiplies it, so a W4A8 layer
 # costs its stored size in memory, at integer speed (measured: docs/kernels.md, "What runs where").
 
 INT8_SLICE_BYTES = 4 << 20  # int8 codes unpacked per slice: what a call allocates beside its input and output
@@ -726,8 +726,8 @@ def _int8_per_call_check(module) -> str | None:
 
 
 def _int8_per_call_prepare(module) -> torch.Tensor | None:
-    """The integer zero points z [N, 1] of an affine 4-bit weight that has them (then the GEMM multiplies code − z
-    and needs no shift term), else None: one int8 a channel, built once."""
+    """The integer zero points z [N, 1] of an affine 4-bit weight that has them (then no float shift term: z comes
+    off in int32, `_int8_per_call`), else None: one int8 a channel, built once."""
     w = module.weight
     return None if module.weight_qtype.bits == 8 else integer_zero_points(w._scale, w._shift)
 
