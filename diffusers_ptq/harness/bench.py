@@ -40,7 +40,7 @@ from diffusers_ptq.harness.evaluation import (
     uses_mnist_classifier,
     write_json,
 )
-from diffusers_ptq.harness.speed import DIT_XL_2_256
+from diffusers_ptq.harness.speed import _dit_xl_model
 from diffusers_ptq.harness.utils import machine_info, process_memory, save_grid
 from diffusers_ptq.models import adapter_for
 from diffusers_ptq.models.dit import balanced_labels
@@ -499,13 +499,7 @@ def _footprint_subject(model_name: str):
         from diffusers_ptq.harness.speed import _speed_subject
 
         return _speed_subject(model_name)
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(**DIT_XL_2_256).eval()
-    first = model.transformer_blocks[0].norm1.emb.state_dict()
-    for block in model.transformer_blocks[1:]:
-        block.norm1.emb.load_state_dict(first)
+    model = _dit_xl_model()
     inputs = dict(hidden_states=torch.randn(2, 4, 32, 32), timestep=torch.tensor([500, 500]),
                   class_labels=torch.tensor([1, 1000]))
     return model, inputs, {}

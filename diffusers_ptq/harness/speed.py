@@ -130,13 +130,21 @@ def _paired(fns: dict, repeats: int) -> dict:
 
 
 def _dit_xl_model():
+    """DiT-XL/2 from its config, random weights, every block's timestep/class embedder a copy of block 0's, as in
+    converted DiT-XL/2 checkpoints (diffusers' conversion copies the one embedder of the original into each block):
+    the float model and the peers run 28 equal copies, a quantized model one (`api.quantize_transformer` ties
+    identical copies)."""
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
     config = DIT_XL_2_256
     if os.environ.get("DIFFUSERS_PTQ_SPEED_TINY"):  # a dry run of the machinery (tests), not a measurement
         config = {**DIT_XL_2_256, "num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 32}
-    return DiTTransformer2DModel(**config).eval()
+    model = DiTTransformer2DModel(**config).eval()
+    first = model.transformer_blocks[0].norm1.emb.state_dict()
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(first)
+    return model
 
 
 # SD3-medium, FLUX.1 and PixArt-Σ at full width (random weights, a few blocks so that CPU memory and time stay
