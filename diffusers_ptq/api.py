@@ -26,7 +26,7 @@ from diffusers_ptq.groupbias import CONTEXT_ATTRIBUTE, move_group_biases
 from diffusers_ptq.memory import return_freed_memory
 from diffusers_ptq.methods import Observations, baselines
 from diffusers_ptq.models import ModelAdapter, adapter_for
-from diffusers_ptq.modules import quantize_linear
+from diffusers_ptq.modules import fuse_feedforwards, quantize_linear
 from diffusers_ptq.rounding import HessianRecorder, RoundedWeight, nearest_round
 from diffusers_ptq.scheme import Plan, QuantScheme
 from diffusers_ptq.sequential import BlockInputRecorder, BlockInputs, onload, replay
@@ -461,5 +461,6 @@ def quantize_transformer(
     for processor in run.attention.values():
         if processor.observing:
             processor.freeze()
+    fuse_feedforwards(transformer)
     report.total_seconds = time.time() - t0
     return report

@@ -507,7 +507,7 @@ SPLIT = 64  # without int32 accumulation: |q| <= 64 goes in one exact GEMM (u = 
 FLOAT_COST = 2.5
 # counters for the benchmark: kernel calls, their rows and channels, and how many of those the split path's
 # residual had to cover
-ONEDNN_STATS = {"calls": 0, "rows": 0, "residual_rows": 0, "channels": 0, "residual_channels": 0}
+ONEDNN_STATS = {"calls": 0, "rows": 0, "residual_rows": 0, "channels": 0, "residual_channels": 0, "gelu_fused_calls": 0}
 
 
 def _u8(t: torch.Tensor) -> torch.Tensor:
@@ -634,6 +634,26 @@ def _(u, x_scale, packed, w_scales, w_zeros, bias):
     return u.new_empty((u.shape[0], w_scales.shape[0]), dtype=torch.float32)
 
 
+@torch.library.custom_op("diffusers_ptq::onednn_u8_linear_gelu", mutates_args=())
+def onednn_u8_linear_gelu_op(u: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor,
+                             w_zeros: torch.Tensor, bias: torch.Tensor | None, out_scale: torch.Tensor,
+                             approximate: str) -> torch.Tensor:
+    """fc1 → GELU → fc2's input quantization in one oneDNN call (its GELU post-op and a uint8 output): on an input
+    already quantized (u = q + 128), clamp(round(gelu(x_scale · w_scales · Σ q·w + bias) / out_scale), −128, 127)
+    + 128 as uint8 [M, N] — the next layer's input codes, zero point 128 (`onednn_gelu_codes`)."""
+    ONEDNN_STATS["calls"] += 1
+    ONEDNN_STATS["gelu_fused_calls"] += 1
+    ONEDNN_STATS["rows"] += u.shape[0]
+    ONEDNN_STATS["channels"] += u.shape[1]
+    return torch.ops.onednn.qlinear_pointwise(u, float(x_scale), 128, packed, w_scales, w_zeros, bias, float(out_scale),
+                                              128, torch.uint8, "gelu", [], approximate)
+
+
+@onednn_u8_linear_gelu_op.register_fake
+def _(u, x_scale, packed, w_scales, w_zeros, bias, out_scale, approximate):
+    return u.new_empty((u.shape[0], w_scales.shape[0]), dtype=torch.uint8)
+
+
 def traced_path(module, weight: OneDNNWeight, x: torch.Tensor) -> bool:
     """Whether a oneDNN layer takes the traced path: under `torch.compile`, for inference (no gradient to the
     input), with a static input scale and one full-range GEMM (int32 accumulation, or codes within ±64)."""
@@ -641,15 +661,19 @@ def traced_path(module, weight: OneDNNWeight, x: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 
+def _traced_input(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s): the input's codes q = clamp(round(x / s), −128, 127) as float32 [M, K] in plain torch ops (the same
+    ops as `QuantizedInput`) and its static scale s."""
+    scale = module.input_scale.to(torch.float32)
+    return torch.clamp(torch.round(x.reshape(-1, x.shape[-1]).to(torch.float32) / scale), -128, 127), scale
+
+
 def _onednn_linear_traced(module, weight: OneDNNWeight, x: torch.Tensor) -> torch.Tensor:
     """The oneDNN layer as torch.compile sees it (issue #21): the input quantization and the 4-bit epilogue are
     plain torch ops — the same ones as `QuantizedInput` and `onednn_linear_op` — so Inductor fuses them into the
     ops around them (the LayerNorm and modulation producing q/k/v's input, the GELU producing fc2's, the row sums
     into the same pass); only the integer GEMM is an opaque call (`onednn_u8_linear_op`)."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k).to(torch.float32)
-    scale = module.input_scale.to(torch.float32)
-    q = torch.clamp(torch.round(x2 / scale), -128, 127)
+    q, scale = _traced_input(module, x)
     bias = None if module.bias is None else module.bias.to(torch.float32)
     y = onednn_u8_linear_op((q + 128).to(torch.uint8), scale, weight.packed, weight.scales, weight.zeros, bias)
     if weight.epilogue:  # affine 4-bit: − s_x · (Σ_i q_i) · shift_o
@@ -689,6 +713,25 @@ def _onednn_linear_frozen(module, weight: OneDNNWeight, x: torch.Tensor) -> torc
         q_sums = u.to(torch.float32).sum(dim=-1, keepdim=True) - 128 * x.shape[-1]
         y = y + (q_sums * s) * weight.shift
     return y.to(x.dtype)
+
+
+def onednn_gelu_codes(module, x: torch.Tensor, out_scale: torch.Tensor, approximate: str) -> torch.Tensor | None:
+    """fc1 (`module`), then GELU, then the next layer's static input quantization (scale `out_scale`), as one oneDNN
+    call under `torch.compile` without freezing (issue #21, point 1; with freezing Inductor's own passes fuse them):
+    the next layer's input codes + 128 as uint8 [..., N]. None where `module` does not take the traced path (another
+    kernel, freezing, a gradient wanted, a dynamic or split input, an affine 4-bit epilogue before the GELU). The
+    GELU and the rounding run in oneDNN: a code may differ by one from eager's where gelu(y) / out_scale lies within
+    float rounding of a half-integer."""
+    if module.kernel != "onednn" or torch._inductor.config.freezing:
+        return None
+    weight = _prepared(module, KERNELS["onednn"])
+    if not traced_path(module, weight, x) or weight.epilogue:
+        return None
+    q, scale = _traced_input(module, x)
+    bias = None if module.bias is None else module.bias.to(torch.float32)
+    u = onednn_u8_linear_gelu_op((q + 128).to(torch.uint8), scale, weight.packed, weight.scales, weight.zeros, bias,
+                                 out_scale.to(torch.float32), approximate)
+    return u.reshape(*x.shape[:-1], u.shape[-1])
 
 
 def _onednn_linear(module, weight: OneDNNWeight, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,10 @@
 - a `copy.deepcopy` that copies quanto's weight tensors (quanto's own tensors do not support it) and leaves the
   kernel's in-memory state behind (the copy prepares its own).
 
+`fuse_feedforwards` gives diffusers' `FeedForward` (GELU → dropout → Linear) whose two Linears are quantized a
+forward that, under `torch.compile` without freezing, runs fc1, the GELU and fc2's input quantization as one oneDNN
+call (`FusedFeedForward`); eager runs diffusers' forward unchanged.
+
 4-bit codes are read with `kernels.unpack_bits` (torch ops): quanto's CPU `unpack` op, a C++ extension quanto
 JIT-compiles on first use, is never called by this package and stays as quanto registers it.
 """
@@ -21,6 +25,8 @@ import copy
 from typing import TYPE_CHECKING
 
 import torch
+from diffusers.models.activations import GELU
+from diffusers.models.attention import FeedForward
 from optimum.quanto import QLinear, qint4, qint8
 
 from diffusers_ptq.kernels import (
@@ -29,6 +35,7 @@ from diffusers_ptq.kernels import (
     default_kernel,
     dequantize_weight,
     kernel_problem,
+    onednn_gelu_codes,
     prepare_kernel,
     run_kernel,
     stored_data,
@@ -268,3 +275,50 @@ def kernel_summary(model: torch.nn.Module) -> dict[str, int]:
     for _, m in quant_linears(model):
         counts[m.kernel] = counts.get(m.kernel, 0) + 1
     return counts
+
+
+def _rerouted(module: torch.nn.Module) -> bool:
+    """Whether something else runs when `module` is called: hooks (HTG's group biases, accelerate's offload) or a
+    forward set on the instance."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
+
+
+class FusedFeedForward(FeedForward):
+    """diffusers' FeedForward (GELU → dropout → Linear) with both Linears quantized. Under `torch.compile` without
+    freezing, fc1, the GELU and fc2's input quantization run as one oneDNN call writing fc2's uint8 input codes
+    (`kernels.onednn_gelu_codes`; issue #21, point 1 — with freezing Inductor's own passes fuse them); fc2 gets
+    those codes times its input scale, which it rounds back to the same codes (|n·s/s − n| ≤ 128·2⁻²³ ≪ ½), and
+    Inductor fuses that pair of pointwise ops. Everywhere else (eager, a gradient wanted, another kernel, dynamic
+    activations, hooks on fc1) diffusers' forward, unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        codes = self._fused_codes(hidden_states) if torch.compiler.is_compiling() else None
+        if codes is None:
+            return super().forward(hidden_states, *args, **kwargs)
+        fc2 = self.net[2]
+        hidden_states = (codes.to(torch.float32) - 128) * fc2.input_scale.to(torch.float32)
+        for module in list(self.net)[1:]:
+            hidden_states = module(hidden_states)
+        return hidden_states
+
+    def _fused_codes(self, x: torch.Tensor) -> torch.Tensor | None:
+        act, dropout, fc2 = self.net[0], self.net[1], self.net[2]
+        fc1 = act.proj
+        if (not isinstance(fc1, QuantLinear) or not isinstance(fc2, QuantLinear) or fc2.activation_qtype is None
+                or fc2.act_dynamic or _rerouted(act) or _rerouted(fc1) or (dropout.training and dropout.p > 0)):
+            return None
+        return onednn_gelu_codes(fc1, x, fc2.input_scale, act.approximate)
+
+
+def fuse_feedforwards(model: torch.nn.Module) -> int:
+    """Make each diffusers `FeedForward` of `model` whose GELU's Linear and output Linear are QuantLinears a
+    `FusedFeedForward` (its class only: the same modules, parameters and state dict); returns how many."""
+    count = 0
+    for module in model.modules():
+        net = getattr(module, "net", None)
+        if (type(module) is FeedForward and len(net) >= 3 and type(net[0]) is GELU
+                and isinstance(net[1], torch.nn.Dropout) and isinstance(net[0].proj, QuantLinear)
+                and isinstance(net[2], QuantLinear)):
+            module.__class__ = FusedFeedForward
+            count += 1
+    return count

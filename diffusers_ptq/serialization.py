@@ -509,11 +509,12 @@ def rebuild_quantized_modules(model: nn.Module, metadata: dict, tensors: dict[st
         raise CheckpointError(f"tensors missing from the checkpoint: {left[:8]}")
     # each layer handed its stored codes back as it was built; reading the next layers' tensors mapped some of those
     # pages in again (Linux's fault-around maps up to 64 KB around a page read from a file), so once more, now
-    from diffusers_ptq.modules import quant_linears
+    from diffusers_ptq.modules import fuse_feedforwards, quant_linears
 
     for _, module in quant_linears(model):
         module.release_stored_pages()
     return_freed_memory()
+    fuse_feedforwards(model)
 
 
 def _retie(model: nn.Module, aliases: dict) -> None:

@@ -130,8 +130,16 @@ def test_dtype_casts_are_refused(quantized):
     assert model.to("cpu") is model  # a device move is fine
 
 
+def _feedforward_classes(model) -> set[str]:
+    from diffusers.models.attention import FeedForward
+
+    return {type(m).__name__ for m in model.modules() if isinstance(m, FeedForward)}
+
+
 def test_save_and_reload_bit_exact(quantized, tmp_path, monkeypatch):
-    reload_bit_exact(copy.deepcopy(quantized[3]), tmp_path / "q", monkeypatch)
+    reloaded = reload_bit_exact(copy.deepcopy(quantized[3]), tmp_path / "q", monkeypatch)
+    # both Linears of each FeedForward quantized: fused for torch.compile (modules.fuse_feedforwards), after a reload too
+    assert _feedforward_classes(quantized[3]) == _feedforward_classes(reloaded) == {"FusedFeedForward"}
     if quantized[0] == "htg-w4a8-attention":  # a freshly loaded model compiles (fullgraph) before any eager forward
         reloaded = DiTTransformer2DModel.from_pretrained(tmp_path / "q")
         torch._dynamo.reset()

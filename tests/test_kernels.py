@@ -227,6 +227,89 @@ def test_compiled_with_freezing_every_onednn_layer_of_a_model_is_lowered(bits, z
     torch._dynamo.reset()
 
 
+# fc1's GELU and fc2's input rounding in oneDNN against eager's torch GELU: two float GELUs (tanh approximations) that
+# differ by a few tens of float32 ulps at most; g / s is at most 128 in magnitude, so a code can differ only where
+# g / s lies within 64 ulps of 128 (64·128·2⁻²³ ≈ 1e-3) of a half-integer
+GELU_TIE = 64 * 128 * 2.0**-23
+
+
+def _quantized_feedforward(bits: int, zero_point: str):
+    """diffusers' FeedForward (64 → 256 → 64, tanh GELU) with both Linears quantized on oneDNN and fused
+    (`fuse_feedforwards`), and an input; skips where fc1 would need the split path."""
+    from diffusers.models.attention import FeedForward
+
+    from diffusers_ptq.modules import FusedFeedForward, fuse_feedforwards
+
+    torch.manual_seed(5)
+    ff = FeedForward(64, mult=4, activation_fn="gelu-approximate").eval()
+
+    def quantized(linear, scale):
+        rounded = nearest_round(linear.weight.detach(), 4, None, "integer") if zero_point == "integer" else None
+        return quantize_linear(linear, bits, scale, rounded=rounded)
+
+    ff.net[0].proj, ff.net[2] = quantized(ff.net[0].proj, 0.02), quantized(ff.net[2], 0.01)
+    set_kernel(ff, "onednn")
+    assert fuse_feedforwards(ff) == 1 and type(ff) is FusedFeedForward
+    if not kernels._prepared(ff.net[0].proj, kernels.KERNELS["onednn"]).full_range:
+        pytest.skip("8-bit codes beyond ±64 without int32 accumulation: the split path, not fused")
+    torch._dynamo.reset()
+    return ff, torch.randn(2, 40, 64) * 2.0
+
+
+@needs_onednn
+@pytest.mark.parametrize("bits,zero_point", [(8, "float"), (4, "integer")])
+def test_plain_compile_runs_fc1_gelu_and_fc2_input_rounding_as_one_onednn_call(bits, zero_point):
+    """Under torch.compile without freezing, a quantized FeedForward runs fc1, the GELU and fc2's input quantization
+    as one oneDNN call (issue #21, point 1): fc2's input codes equal eager's — round(gelu(fc1(x)) / s) — except by
+    one where that quotient lies within float rounding of a half-integer, and the compiled output is fc2's integer
+    reference on those codes."""
+    import torch.nn.functional as F
+
+    ff, x = _quantized_feedforward(bits, zero_point)
+    fc1, fc2 = ff.net[0].proj, ff.net[2]
+    before = kernels.ONEDNN_STATS["gelu_fused_calls"]
+    with torch.no_grad():
+        codes = torch.compile(ff._fused_codes, fullgraph=True)(x)
+        out = torch.compile(ff, fullgraph=True)(x)
+        r = F.gelu(fc1(x), approximate="tanh") / fc2.input_scale
+    assert kernels.ONEDNN_STATS["gelu_fused_calls"] - before == 2
+    eager = torch.clamp(torch.round(r), -128, 127) + 128
+    diff = codes.long() - eager.long()
+    assert int(diff.abs().max()) <= 1 and float((diff != 0).float().mean()) < 1e-2
+    flipped = r[diff != 0]
+    assert not flipped.numel() or float((flipped - flipped.floor() - 0.5).abs().max()) <= GELU_TIE
+    ref, bound = integer_reference(fc2, (codes.float() - 128) * fc2.input_scale)
+    assert float(((out.double() - ref).abs() - float_rounding_bound(fc2.in_features, bound)).max()) <= 0
+    torch._dynamo.reset()
+
+
+@needs_onednn
+def test_fused_feedforward_runs_diffusers_forward_where_it_cannot_fuse():
+    """Eager, a compile with freezing (Inductor's own passes fuse there), a gradient wanted, or a hook on fc1 (HTG's
+    group biases, offload): the FeedForward runs diffusers' forward, and the fused call is not made."""
+    from diffusers.models.attention import FeedForward
+
+    ff, x = _quantized_feedforward(4, "integer")
+    before = kernels.ONEDNN_STATS["gelu_fused_calls"]
+    with torch.no_grad():
+        assert torch.equal(ff(x), FeedForward.forward(ff, x))
+        with torch._inductor.config.patch(freezing=True):
+            torch.compile(ff, fullgraph=True)(x)
+    torch._dynamo.reset()
+    xg = x.clone().requires_grad_(True)
+    torch.compile(ff, fullgraph=True)(xg).sum().backward()
+    assert xg.grad is not None
+    torch._dynamo.reset()
+    hook = ff.net[0].proj.register_forward_hook(lambda _m, _a, y: y + 1.0)
+    with torch.no_grad():
+        expected = ff(x)
+        torch.testing.assert_close(torch.compile(ff, fullgraph=True)(x), expected, rtol=1e-4,
+                                   atol=1e-3 * float(expected.abs().max()))
+    hook.remove()
+    assert kernels.ONEDNN_STATS["gelu_fused_calls"] == before
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 @pytest.mark.parametrize("kernel", ["onednn", "emulated", "emulated-per-call"])
 def test_input_gradient_is_that_of_the_dequantized_weight(layer, kernel):
