@@ -227,21 +227,21 @@ def test_compiled_with_freezing_every_onednn_layer_of_a_model_is_lowered(bits, z
     torch._dynamo.reset()
 
 
-# fc1's GELU and fc2's input rounding in oneDNN against eager's torch GELU: two float GELUs (tanh approximations) that
-# differ by a few tens of float32 ulps at most; g / s is at most 128 in magnitude, so a code can differ only where
+# fc1's GELU and fc2's input rounding in oneDNN against eager's torch GELU: two float implementations (tanh or erf)
+# that differ by a few tens of float32 ulps at most; g / s is at most 128 in magnitude, so a code can differ only where
 # g / s lies within 64 ulps of 128 (64·128·2⁻²³ ≈ 1e-3) of a half-integer
 GELU_TIE = 64 * 128 * 2.0**-23
 
 
-def _quantized_feedforward(bits: int, zero_point: str):
-    """diffusers' FeedForward (64 → 256 → 64, tanh GELU) with both Linears quantized on oneDNN and fused
+def _quantized_feedforward(bits: int, zero_point: str, activation: str = "gelu-approximate"):
+    """diffusers' FeedForward (64 → 256 → 64, GELU: tanh or erf) with both Linears quantized on oneDNN and fused
     (`fuse_feedforwards`), and an input; skips where fc1 would need the split path."""
     from diffusers.models.attention import FeedForward
 
     from diffusers_ptq.modules import FusedFeedForward, fuse_feedforwards
 
     torch.manual_seed(5)
-    ff = FeedForward(64, mult=4, activation_fn="gelu-approximate").eval()
+    ff = FeedForward(64, mult=4, activation_fn=activation).eval()
 
     def quantized(linear, scale):
         rounded = nearest_round(linear.weight.detach(), 4, None, "integer") if zero_point == "integer" else None
@@ -257,21 +257,22 @@ def _quantized_feedforward(bits: int, zero_point: str):
 
 
 @needs_onednn
-@pytest.mark.parametrize("bits,zero_point", [(8, "float"), (4, "integer")])
-def test_plain_compile_runs_fc1_gelu_and_fc2_input_rounding_as_one_onednn_call(bits, zero_point):
+@pytest.mark.parametrize("bits,zero_point,activation", [(8, "float", "gelu-approximate"),
+                                                       (4, "integer", "gelu-approximate"), (8, "float", "gelu")])
+def test_plain_compile_runs_fc1_gelu_and_fc2_input_rounding_as_one_onednn_call(bits, zero_point, activation):
     """Under torch.compile without freezing, a quantized FeedForward runs fc1, the GELU and fc2's input quantization
     as one oneDNN call (issue #21, point 1): fc2's input codes equal eager's — round(gelu(fc1(x)) / s) — except by
     one where that quotient lies within float rounding of a half-integer, and the compiled output is fc2's integer
     reference on those codes."""
     import torch.nn.functional as F
 
-    ff, x = _quantized_feedforward(bits, zero_point)
+    ff, x = _quantized_feedforward(bits, zero_point, activation)
     fc1, fc2 = ff.net[0].proj, ff.net[2]
     before = kernels.ONEDNN_STATS["gelu_fused_calls"]
     with torch.no_grad():
         codes = torch.compile(ff._fused_codes, fullgraph=True)(x)
         out = torch.compile(ff, fullgraph=True)(x)
-        r = F.gelu(fc1(x), approximate="tanh") / fc2.input_scale
+        r = F.gelu(fc1(x), approximate=ff.net[0].approximate) / fc2.input_scale
     assert kernels.ONEDNN_STATS["gelu_fused_calls"] - before == 2
     eager = torch.clamp(torch.round(r), -128, 127) + 128
     diff = codes.long() - eager.long()
