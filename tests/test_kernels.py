@@ -262,25 +262,29 @@ def _quantized_feedforward(bits: int, zero_point: str, activation: str = "gelu-a
 def test_plain_compile_runs_fc1_gelu_and_fc2_input_rounding_as_one_onednn_call(bits, zero_point, activation):
     """Under torch.compile without freezing, a quantized FeedForward runs fc1, the GELU and fc2's input quantization
     as one oneDNN call (issue #21, point 1): fc2's input codes equal eager's — round(gelu(fc1(x)) / s) — except by
-    one where that quotient lies within float rounding of a half-integer, and the compiled output is fc2's integer
-    reference on those codes."""
+    one where that quotient lies within float rounding of a half-integer, and the compiled output (no_grad and
+    inference_mode) is fc2's integer reference on those codes."""
     import torch.nn.functional as F
 
     ff, x = _quantized_feedforward(bits, zero_point, activation)
     fc1, fc2 = ff.net[0].proj, ff.net[2]
     before = kernels.ONEDNN_STATS["gelu_fused_calls"]
+    compiled = torch.compile(ff, fullgraph=True)
     with torch.no_grad():
         codes = torch.compile(ff._fused_codes, fullgraph=True)(x)
-        out = torch.compile(ff, fullgraph=True)(x)
+        out = compiled(x)
         r = F.gelu(fc1(x), approximate=ff.net[0].approximate) / fc2.input_scale
-    assert kernels.ONEDNN_STATS["gelu_fused_calls"] - before == 2
+    with torch.inference_mode():
+        out_inference = compiled(x)
+    assert kernels.ONEDNN_STATS["gelu_fused_calls"] - before == 3
     eager = torch.clamp(torch.round(r), -128, 127) + 128
     diff = codes.long() - eager.long()
     assert int(diff.abs().max()) <= 1 and float((diff != 0).float().mean()) < 1e-2
     flipped = r[diff != 0]
     assert not flipped.numel() or float((flipped - flipped.floor() - 0.5).abs().max()) <= GELU_TIE
     ref, bound = integer_reference(fc2, (codes.float() - 128) * fc2.input_scale)
-    assert float(((out.double() - ref).abs() - float_rounding_bound(fc2.in_features, bound)).max()) <= 0
+    for y in (out, out_inference):
+        assert float(((y.double() - ref).abs() - float_rounding_bound(fc2.in_features, bound)).max()) <= 0
     torch._dynamo.reset()
 
 
