@@ -303,9 +303,16 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available()
 
 
-def _qlinear(u: torch.Tensor, x_scale: float, zero_point: int, packed, w_scales, w_zeros, bias) -> torch.Tensor:
-    return torch.ops.onednn.qlinear_pointwise(u, x_scale, zero_point, packed, w_scales, w_zeros, bias, 1.0, 0,
-                                              torch.float32, "none", [], "")
+def _qlinear(u: torch.Tensor, x_scale: float, zero_point: int, packed, w_scales, w_zeros, bias,
+             gelu_to_codes: tuple[float, str] | None = None) -> torch.Tensor:
+    """oneDNN's u8×s8 linear: float32 out, or with `gelu_to_codes` = (scale, approximate) its GELU post-op and the
+    result quantized at that scale to uint8 codes with zero point 128."""
+    if gelu_to_codes is None:
+        return torch.ops.onednn.qlinear_pointwise(u, x_scale, zero_point, packed, w_scales, w_zeros, bias, 1.0, 0,
+                                                  torch.float32, "none", [], "")
+    out_scale, approximate = gelu_to_codes
+    return torch.ops.onednn.qlinear_pointwise(u, x_scale, zero_point, packed, w_scales, w_zeros, bias, out_scale, 128,
+                                              torch.uint8, "gelu", [], approximate)
 
 
 @dataclass(frozen=True)
@@ -618,14 +625,19 @@ def _onednn_backward(ctx, grad):
 onednn_linear_op.register_autograd(_onednn_backward, setup_context=_onednn_setup_context)
 
 
+def _count_u8_call(u: torch.Tensor) -> None:
+    """ONEDNN_STATS for one call of the compiled path's u8 GEMM on an already quantized input [M, K]."""
+    ONEDNN_STATS["calls"] += 1
+    ONEDNN_STATS["rows"] += u.shape[0]
+    ONEDNN_STATS["channels"] += u.shape[1]
+
+
 @torch.library.custom_op("diffusers_ptq::onednn_u8_linear", mutates_args=())
 def onednn_u8_linear_op(u: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor,
                         w_zeros: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """oneDNN's u8×s8 GEMM alone, on an input already quantized: u = q + 128 (uint8 [M, K]); returns
     x_scale · w_scales · Σ q·w + bias (float32 [M, N]). The compiled path's opaque call (`_onednn_linear_traced`)."""
-    ONEDNN_STATS["calls"] += 1
-    ONEDNN_STATS["rows"] += u.shape[0]
-    ONEDNN_STATS["channels"] += u.shape[1]
+    _count_u8_call(u)
     return _qlinear(u, float(x_scale), 128, packed, w_scales, w_zeros, bias)
 
 
@@ -641,12 +653,9 @@ def onednn_u8_linear_gelu_op(u: torch.Tensor, x_scale: torch.Tensor, packed: tor
     """fc1 → GELU → fc2's input quantization in one oneDNN call (its GELU post-op and a uint8 output): on an input
     already quantized (u = q + 128), clamp(round(gelu(x_scale · w_scales · Σ q·w + bias) / out_scale), −128, 127)
     + 128 as uint8 [M, N] — the next layer's input codes, zero point 128 (`onednn_gelu_codes`)."""
-    ONEDNN_STATS["calls"] += 1
+    _count_u8_call(u)
     ONEDNN_STATS["gelu_fused_calls"] += 1
-    ONEDNN_STATS["rows"] += u.shape[0]
-    ONEDNN_STATS["channels"] += u.shape[1]
-    return torch.ops.onednn.qlinear_pointwise(u, float(x_scale), 128, packed, w_scales, w_zeros, bias, float(out_scale),
-                                              128, torch.uint8, "gelu", [], approximate)
+    return _qlinear(u, float(x_scale), 128, packed, w_scales, w_zeros, bias, (float(out_scale), approximate))
 
 
 @onednn_u8_linear_gelu_op.register_fake
@@ -661,11 +670,12 @@ def traced_path(module, weight: OneDNNWeight, x: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 
-def _traced_input(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, s): the input's codes q = clamp(round(x / s), −128, 127) as float32 [M, K] in plain torch ops (the same
-    ops as `QuantizedInput`) and its static scale s."""
+def _traced_input(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q, s, bias): the input's codes q = clamp(round(x / s), −128, 127) as float32 [M, K] in plain torch ops (the
+    same ops as `QuantizedInput`), its static scale s, and the layer's bias in float32 (or None)."""
     scale = module.input_scale.to(torch.float32)
-    return torch.clamp(torch.round(x.reshape(-1, x.shape[-1]).to(torch.float32) / scale), -128, 127), scale
+    q = torch.clamp(torch.round(x.reshape(-1, x.shape[-1]).to(torch.float32) / scale), -128, 127)
+    return q, scale, None if module.bias is None else module.bias.to(torch.float32)
 
 
 def _onednn_linear_traced(module, weight: OneDNNWeight, x: torch.Tensor) -> torch.Tensor:
@@ -673,8 +683,7 @@ def _onednn_linear_traced(module, weight: OneDNNWeight, x: torch.Tensor) -> torc
     plain torch ops — the same ones as `QuantizedInput` and `onednn_linear_op` — so Inductor fuses them into the
     ops around them (the LayerNorm and modulation producing q/k/v's input, the GELU producing fc2's, the row sums
     into the same pass); only the integer GEMM is an opaque call (`onednn_u8_linear_op`)."""
-    q, scale = _traced_input(module, x)
-    bias = None if module.bias is None else module.bias.to(torch.float32)
+    q, scale, bias = _traced_input(module, x)
     y = onednn_u8_linear_op((q + 128).to(torch.uint8), scale, weight.packed, weight.scales, weight.zeros, bias)
     if weight.epilogue:  # affine 4-bit: − s_x · (Σ_i q_i) · shift_o
         y = y + (q.sum(dim=-1, keepdim=True) * scale) * weight.shift
@@ -727,8 +736,7 @@ def onednn_gelu_codes(module, x: torch.Tensor, out_scale: torch.Tensor, approxim
     weight = _prepared(module, KERNELS["onednn"])
     if not traced_path(module, weight, x) or weight.epilogue:
         return None
-    q, scale = _traced_input(module, x)
-    bias = None if module.bias is None else module.bias.to(torch.float32)
+    q, scale, bias = _traced_input(module, x)
     u = onednn_u8_linear_gelu_op((q + 128).to(torch.uint8), scale, weight.packed, weight.scales, weight.zeros, bias,
                                  out_scale.to(torch.float32), approximate)
     return u.reshape(*x.shape[:-1], u.shape[-1])
