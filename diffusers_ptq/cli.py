@@ -89,7 +89,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         output = "speed.json" if args.output == "results.json" else args.output
         result = run_speed_benchmark(output, repeats=args.speed_repeats, modes=args.only, freezing=args.freezing,
-                                     sampling=not args.freezing)
+                                     sampling=not args.freezing, head_to_head=args.head_to_head)
         print(Path(output).with_suffix(".md").read_text())
         print(f"written: {output} and {Path(output).with_suffix('.md')} ({result['total_seconds']:.0f} s)")
         return 0
@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--freezing", action="store_true",
                        help="with --speed: compile every mode with torch._inductor.config.freezing = True (Inductor "
                        "then lowers W8A8 layers with fused neighbours, docs/kernels.md); no sampling rows")
+    bench.add_argument("--head-to-head", action="store_true",
+                       help="with --speed: also time our quantized modes against torchao's int8-dynamic peer in one "
+                       "process, compiled, interleaved rounds (the direct ratio; needs torchao)")
     bench.add_argument("--footprint", action="store_true",
                        help="instead: DiT-XL/2's state dict, checkpoint size by part and peak memory per mode (random "
                        "weights, one process per mode), and each mode's checkpoint loaded and run in a fresh process; "

@@ -162,6 +162,38 @@ def test_speed_benchmark_refuses_an_unknown_mode_before_running_anything(tmp_pat
     assert not (tmp_path / "speed.json").exists()
 
 
+def test_head_to_head_times_the_modes_against_the_last(monkeypatch):
+    """The one-process comparison's machinery on a shrunken DiT-XL/2 (eager: a dry run, not a measurement): each
+    mode built from the same subject, their forwards in interleaved rounds, each ratio the median of the per-round
+    ratios to the last mode's."""
+    import statistics
+
+    from diffusers_ptq.harness.speed import FREEZING_ENV, head_to_head_markdown, head_to_head_worker
+
+    monkeypatch.setenv("DIFFUSERS_PTQ_SPEED_TINY", "1")
+    monkeypatch.delenv(FREEZING_ENV, raising=False)
+    row = head_to_head_worker(["W8A8", "W4A8", "FP32"], repeats=3, compiled=False)
+    assert [m["label"] for m in row["modes"]] == ["W8A8", "W4A8", "FP32"] and row["reference"] == "FP32"
+    modes = {m["label"]: m for m in row["modes"]}
+    assert modes["FP32"]["kernels"] == {} and sum(modes["W8A8"]["kernels"].values()) > 0
+    reference = modes["FP32"]["all_seconds"]
+    for m in row["modes"]:
+        assert len(m["all_seconds"]) == 3 and m["seconds"] == statistics.median(m["all_seconds"])
+        assert m["vs_reference"] == statistics.median(r / s for r, s in zip(reference, m["all_seconds"]))
+    assert modes["FP32"]["vs_reference"] == 1.0
+    assert "| W4A8 |" in head_to_head_markdown(row) and "eager" in head_to_head_markdown(row)
+    with pytest.raises(ValueError, match="two or more distinct"):
+        head_to_head_worker(["W8A8"], repeats=1, compiled=False)
+
+
+def test_head_to_head_needs_one_of_our_modes_and_the_peer(tmp_path):
+    from diffusers_ptq.harness.speed import run_speed_benchmark
+
+    with pytest.raises(ValueError, match="head to head"):  # refused before any worker runs
+        run_speed_benchmark(tmp_path / "speed.json", modes=["FP32", "torchao-int8dyn"], head_to_head=True)
+    assert not (tmp_path / "speed.json").exists()
+
+
 def test_speed_attention_rows(monkeypatch):
     """bench --speed's attention core timings (issue #21 point 2: attention's share of the forward) and their table,
     on the shrunken DiT-XL/2: a dry run, not a measurement."""

@@ -9,6 +9,8 @@
   epilogue), all calls of a shape in one timed loop, fastest of 5: Σ float / Σ int8 is the kernel's ceiling on
   these shapes; with the forward's non-Linear time
   added unchanged (Amdahl) it is the forward's ceiling.
+- With `--head-to-head`: our quantized modes and torchao's int8-dynamic peer compiled in one process, timed against
+  each other in interleaved rounds (`head_to_head_worker`).
 - The 50-step sampling time of the bundled pipeline (10 labels, guidance 1.5): FP vs W8A8 vs W4A8 (and W8A8
   forced onto the float emulation, for comparison).
 Writes JSON (every number, CPU model, ISA flags, load average) and a Markdown table.
@@ -253,24 +255,23 @@ def modulation_multiply_worker(repeats: int = 5) -> dict:
 FREEZING_ENV = "DIFFUSERS_PTQ_SPEED_FREEZING"  # set by run_speed_benchmark(freezing=True) for its worker processes
 
 
-def forward_worker(label: str, repeats: int = 3, compiled: bool = True, model_name: str = "dit-xl-2") -> dict:
-    """In this process: DiT-XL/2 (or `model_name` of MMDIT_SPEED_MODELS; random weights) in mode `label`; its peak
-    memory; then its forward timed `repeats` times, interleaved with the same model under `torch.compile`
-    (`compiled`) and a float twin's eager forward (built after the memory was read): speedups are medians of the
-    per-round ratios."""
-    from diffusers_ptq import kernels
+def _freezing_from_env() -> dict:
+    """`bench --speed --freezing`: every mode compiled with Inductor's freezing, set here in the worker process;
+    {"freezing": True} for its row, or {}."""
+    if not os.environ.get(FREEZING_ENV):
+        return {}
+    from torch._inductor import config as inductor_config
+
+    inductor_config.freezing = True
+    return {"freezing": True}
+
+
+def _apply_mode(label: str, model: torch.nn.Module, inputs: dict, context: dict) -> None:
+    """Turn the float speed subject into mode `label`, in place: a peer's quantization, or ours (a 1-sample, 2-step
+    calibration, as `footprint_worker` does); FP32 stays float."""
     from diffusers_ptq.api import quantize_transformer
-    from diffusers_ptq.attention import MEASURED_ATTENTION, QuantAttnProcessor
     from diffusers_ptq.config import QuantConfig
 
-    model, inputs, context = _speed_subject(model_name)
-    row = {"label": label, "model": model_name, "threads": torch.get_num_threads(), "load_before": os.getloadavg()}
-    if os.environ.get(FREEZING_ENV):  # `bench --speed --freezing`: every mode compiled with Inductor's freezing
-        from torch._inductor import config as inductor_config
-
-        inductor_config.freezing = True
-        row["freezing"] = True
-    t0 = time.time()
     if label in PEER_MODES:
         PEER_MODES[label](model, inputs)
     elif SPEED_MODES[label] is not None:
@@ -278,6 +279,21 @@ def forward_worker(label: str, repeats: int = 3, compiled: bool = True, model_na
                                                 batch_size=1), context=context, progress=False)
         if label.endswith("-w7"):
             to_seven_bit_codes(model)
+
+
+def forward_worker(label: str, repeats: int = 3, compiled: bool = True, model_name: str = "dit-xl-2") -> dict:
+    """In this process: DiT-XL/2 (or `model_name` of MMDIT_SPEED_MODELS; random weights) in mode `label`; its peak
+    memory; then its forward timed `repeats` times, interleaved with the same model under `torch.compile`
+    (`compiled`) and a float twin's eager forward (built after the memory was read): speedups are medians of the
+    per-round ratios."""
+    from diffusers_ptq import kernels
+    from diffusers_ptq.attention import MEASURED_ATTENTION, QuantAttnProcessor
+
+    model, inputs, context = _speed_subject(model_name)
+    row = {"label": label, "model": model_name, "threads": torch.get_num_threads(), "load_before": os.getloadavg(),
+           **_freezing_from_env()}
+    t0 = time.time()
+    _apply_mode(label, model, inputs, context)
     row["quantize_seconds"] = time.time() - t0
     row["kernels"] = {f"{label.split('-')[0]} (peer)": len(_peer_targets(model))} if label in PEER_MODES \
         else kernel_summary(model)
@@ -328,6 +344,48 @@ def forward_worker(label: str, repeats: int = 3, compiled: bool = True, model_na
         row["speedup"] = 1.0
     row["load_after"] = os.getloadavg()
     return row
+
+
+HEAD_TO_HEAD_REFERENCE = "torchao-int8dyn"
+
+
+def head_to_head_worker(labels: list[str], repeats: int = 5, compiled: bool = True) -> dict:
+    """In this process, the direct comparison: DiT-XL/2 in each mode of `labels` (built one after another from the
+    same float subject), each under `torch.compile` (with freezing when the benchmark asks, `_freezing_from_env`),
+    their forwards on the same inputs timed in `repeats` interleaved rounds after one warm-up round (which compiles
+    them). No float twin: the last label is the reference, and each mode's ratio is the median of the per-round
+    ratios reference seconds / mode seconds. `compiled=False`: eager (a dry run of the machinery)."""
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise ValueError(f"head to head needs two or more distinct modes, the reference last; got {labels}")
+    row = {"labels": list(labels), "reference": labels[-1], "threads": torch.get_num_threads(),
+           "compiled": compiled, "load_before": os.getloadavg(), **_freezing_from_env()}
+    fns, kernels = {}, {}
+    with torch.no_grad():
+        for label in labels:
+            model, inputs, context = _speed_subject("dit-xl-2")
+            _apply_mode(label, model, inputs, context)
+            kernels[label] = {f"{label.split('-')[0]} (peer)": len(_peer_targets(model))} if label in PEER_MODES \
+                else kernel_summary(model)
+            run = torch.compile(model) if compiled else model
+            fns[label] = functools.partial(lambda run, inputs: run(**inputs), run, inputs)
+        t0 = time.time()
+        times = _paired(fns, repeats)
+    reference = times[labels[-1]]
+    row.update(timing_seconds=time.time() - t0, load_after=os.getloadavg(), modes=[
+        {"label": label, "kernels": kernels[label], "seconds": statistics.median(times[label]),
+         "all_seconds": times[label],
+         "vs_reference": statistics.median(r / s for r, s in zip(reference, times[label]))} for label in labels])
+    return row
+
+
+def head_to_head_markdown(h2h: dict) -> str:
+    how = "compiled with freezing" if h2h.get("freezing") else ("compiled" if h2h["compiled"] else "eager")
+    lines = [f"Head to head, one process ({how}; {len(h2h['modes'][0]['all_seconds'])} interleaved rounds after a "
+             f"warm-up; ratio = median of the per-round ratios {h2h['reference']} seconds / mode seconds; load "
+             f"{h2h['load_before'][0]:.2f} → {h2h['load_after'][0]:.2f}):", "",
+             f"| mode | forward (s) | vs {h2h['reference']} |", "|---|---|---|"]
+    lines += [f"| {m['label']} | {m['seconds']:.3f} | {m['vs_reference']:.3f}× |" for m in h2h["modes"]]
+    return "\n".join(lines) + "\n"
 
 
 def attention_times(repeats: int = 5) -> dict:
@@ -447,11 +505,13 @@ def sampling_times(num_inference_steps: int = 50, guidance_scale: float = 1.5, l
 
 
 def run_speed_benchmark(output: str | os.PathLike, repeats: int = 3, modes=None, sampling: bool = True,
-                        freezing: bool = False) -> dict:
+                        freezing: bool = False, head_to_head: bool = False) -> dict:
     """`bench --speed`: `modes` (default: every SPEED_MODES entry and the installed peers) each in its own process,
     the bare-kernel ceiling, the bundled pipeline's sampling time; JSON + Markdown at `output`. `freezing`: every
     mode's compiled forward with `torch._inductor.config.freezing = True` (weights constant to Inductor: its x86
-    quantization passes then lower our W8A8 layers and fuse their neighbours, kernels.py), peers included."""
+    quantization passes then lower our W8A8 layers and fuse their neighbours, kernels.py), peers included.
+    `head_to_head`: then our quantized modes and torchao's peer compiled in one more process, timed against each
+    other (`head_to_head_worker`)."""
     from diffusers_ptq import kernels
     from diffusers_ptq.harness.utils import machine_info
 
@@ -470,6 +530,10 @@ def run_speed_benchmark(output: str | os.PathLike, repeats: int = 3, modes=None,
             raise ValueError(f"unknown speed mode(s) {unknown}; the modes: {[*SPEED_MODES, *PEER_MODES]}")
         modes = ["FP32", *(m for m in modes if m != "FP32")]
     modes = [*SPEED_MODES, *available_peers()] if modes is None else modes
+    ours = [m for m in modes if m != "FP32" and m not in PEER_MODES]
+    if head_to_head and (HEAD_TO_HEAD_REFERENCE not in available_peers() or not ours):
+        raise ValueError(f"head to head compares our quantized modes with {HEAD_TO_HEAD_REFERENCE}: it needs torchao "
+                         "(`pip install diffusers-ptq[peers]`) and one of our modes among --only")
     forward = [_run_worker("--forward", label, str(repeats)) for label in modes]
     fp = next(r for r in forward if r["label"] == "FP32")
     ceiling = _run_worker("--ceiling", json.dumps(fp["linear_calls"]))
@@ -487,6 +551,8 @@ def run_speed_benchmark(output: str | os.PathLike, repeats: int = 3, modes=None,
                 r["overhead_fraction"] = r["overhead_seconds"] / seconds
                 r["fraction_of_ceiling"] = r["speedup"] / ceiling["forward_speedup"]
     result.update(forward=forward, ceiling=ceiling)
+    if head_to_head:
+        result["head_to_head"] = _run_worker("--head-to-head", ",".join([*ours, HEAD_TO_HEAD_REFERENCE]), str(repeats))
     if sampling:
         result["sampling"] = sampling_times()
     result["load_at_end"] = os.getloadavg()
@@ -531,6 +597,8 @@ def speed_markdown(result: dict) -> str:
                   "(eager or compiled): " + ", ".join(
                       f"{r['label']} {r['speedup'] * max(1.0, r.get('compiled_vs_eager', 1.0)) / best:.2f}×"
                       for r in result["forward"] if r["label"] not in ("FP32", "torchao-int8dyn")) + "."]
+    if "head_to_head" in result:
+        lines += ["", head_to_head_markdown(result["head_to_head"]).rstrip("\n")]
     if c.get("kernel_speedup"):
         lines += ["", f"Ceiling (bare oneDNN u8×s8 GEMM on pre-quantized inputs vs bare fp32 GEMM, every Linear call "
                   f"of the forward): Linear time {c['fp32_linear_seconds']:.2f} s → {c['int8_linear_seconds']:.2f} s "
@@ -676,10 +744,24 @@ if __name__ == "__main__":
         Path(sys.argv[2]).write_text(json.dumps({"machine": machine_info(), "rows": rows,
                                                  "modulation_multiply": multiply}, indent=2) + "\n")
         Path(sys.argv[2]).with_suffix(".md").write_text(mmdit_speed_markdown(rows, multiply))
+    elif len(sys.argv) >= 3 and sys.argv[1] == "--head-to-head":  # LABEL,...,REFERENCE [REPEATS [OUTPUT]]
+        h2h = head_to_head_worker(sys.argv[2].split(","), int(sys.argv[3]) if len(sys.argv) > 3 else 5)
+        if len(sys.argv) > 4:  # on its own: JSON with the machine, and the Markdown table beside it
+            from diffusers_ptq import kernels
+            from diffusers_ptq.harness.utils import machine_info
+
+            h2h["machine"] = {**machine_info(), **kernels.machine_kernel_info()}
+            Path(sys.argv[4]).write_text(json.dumps(h2h, indent=2) + "\n")
+            m = h2h["machine"]
+            Path(sys.argv[4]).with_suffix(".md").write_text(
+                f"CPU: {m.get('cpu_model')}; {m['threads']} threads; torch {m['torch']}; ISA: "
+                f"{', '.join(m.get('cpu_flags_of_note', []))}; VNNI/AMX: {', '.join(m['vnni_flags']) or 'none'}. "
+                f"DiT-XL/2 from its config (random weights), batch 2 × 256 tokens.\n\n" + head_to_head_markdown(h2h))
+        print(json.dumps(h2h))
     elif len(sys.argv) == 3 and sys.argv[1] == "--ceiling":
         print(json.dumps(ceiling_worker(json.loads(sys.argv[2]))))
     elif len(sys.argv) >= 2 and sys.argv[1] == "--w8a8-quality":
         print(json.dumps(w8a8_range_quality(output=sys.argv[2] if len(sys.argv) > 2 else None), indent=2))
     else:
         raise SystemExit("usage: python -m diffusers_ptq.harness.speed --forward LABEL [REPEATS [--eager-only [MODEL]]] "
-                         "| --ceiling JSON | --w8a8-quality [OUTPUT] | --mmdit OUTPUT [REPEATS [MODEL,...]]")
+                         "| --head-to-head LABEL,...,REFERENCE [REPEATS [OUTPUT]] | --ceiling JSON | --w8a8-quality [OUTPUT] | --mmdit OUTPUT [REPEATS [MODEL,...]]")
